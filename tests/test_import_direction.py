@@ -1,0 +1,84 @@
+"""Enforces the one-way dependency rule of the design (README "Package layout").
+
+diffusion <- layers <- models <- train; the cascade is assembled only in pipeline;
+nothing imports experiments/; only main/cli import train/; `import unclip_jax` and the
+model/diffusion modules load neither torch nor tensorflow.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "unclip_jax"
+
+# For each part of the package: the other parts of unclip_jax it may import.
+ALLOWED = {
+    "diffusion": {"diffusion"},
+    "layers": {"layers"},
+    "models": {"layers", "models"},
+    "convert": {"convert", "models", "layers"},
+    "input": {"input", "models", "layers", "parallel"},
+    "parallel": {"parallel", "layers"},
+    "train": {"train", "diffusion", "layers", "models", "input", "parallel", "convert", "checkpoints"},
+    "checkpoints": {"checkpoints"},
+    "pipeline": {"pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "checkpoints"},
+    "evaluate": {"evaluate", "pipeline", "models", "layers", "convert", "input", "parallel", "checkpoints", "diffusion"},
+}
+# Modules at the top of the package that may import anything (the entry points).
+ENTRY_POINTS = {"main", "cli", "demo", "bench", "__init__"}
+# Third-party frameworks that the pure parts must not import.
+FORBIDDEN_THIRD_PARTY = {"diffusion": {"flax", "optax", "torch", "tensorflow"}}
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def test_every_part_imports_only_what_the_design_allows():
+    violations = []
+    for path in sorted(PKG.rglob("*.py")):
+        part = _part(path)
+        for mod in _imports(path):
+            top = mod.split(".")[0]
+            if top == "experiments":
+                violations.append(f"{path.relative_to(PKG)} imports experiments ({mod})")
+            if top in FORBIDDEN_THIRD_PARTY.get(part, set()):
+                violations.append(f"{path.relative_to(PKG)} imports {mod}")
+            if top != "unclip_jax" or mod == "unclip_jax":
+                continue
+            target = mod.split(".")[1]
+            if part in ENTRY_POINTS:
+                continue
+            if part not in ALLOWED:
+                violations.append(f"{path.relative_to(PKG)}: part {part!r} is not in the design table")
+            elif target not in ALLOWED[part]:
+                violations.append(f"{path.relative_to(PKG)} ({part}) imports {mod}")
+    assert not violations, "\n".join(violations)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, unclip_jax, unclip_jax.diffusion, unclip_jax.layers, unclip_jax.models; "
+        "import pkgutil, importlib\n"
+        "for sub in ('diffusion', 'layers', 'models'):\n"
+        "    pkg = importlib.import_module('unclip_jax.' + sub)\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(f'unclip_jax.{sub}.{m.name}')\n"
+        "heavy = [m for m in ('torch', 'tensorflow', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,1 @@
+"""unCLIP in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Weight bridge between PyTorch-keyed safetensors folders (diffusers, transformers) and Flax params."""

@@ -1,0 +1,137 @@
+"""Reading and writing PyTorch-keyed safetensors folders (diffusers / transformers layout).
+
+A component folder holds ``config.json`` and one weights file
+(``diffusion_pytorch_model.safetensors`` for diffusers, ``model.safetensors`` for
+transformers). Only safetensors are read: never pickle, never remote code.
+
+Writes are atomic at the folder level: everything is written into a temporary sibling
+folder which is renamed into place only once complete, so an interrupted export never
+leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class ConversionError(ValueError):
+    """A weight folder does not match what the architecture expects."""
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Reads ``folder/config.json``; a missing or unparsable file is a ConversionError."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing (every component folder needs a config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+
+
+def require_fields(config: Mapping[str, Any], fields: list[str], where: str) -> None:
+    """Raises a ConversionError naming every field of ``fields`` missing from ``config``."""
+    missing = [f for f in fields if f not in config]
+    if missing:
+        raise ConversionError(f"{where}: config.json lacks required field(s) {missing}")
+
+
+def find_weights(folder: str | os.PathLike) -> Path:
+    """Returns the single safetensors weights file of a component folder."""
+    folder = Path(folder)
+    for name in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return folder / found[0]
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" (found pickle files {pickles}; convert them to safetensors first: pickle is never loaded)" if pickles else ""
+    raise ConversionError(f"{folder}: expected one safetensors weights file, found {found or 'none'}{hint}")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads every tensor of a safetensors file as float32/int numpy arrays (bf16 -> f32)."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for k in f.keys():
+                out[k] = np.asarray(f.get_tensor(k))
+    except Exception as e:  # safetensors raises its own error types
+        if "bfloat16" in str(e) or "BF16" in str(e):
+            return _read_bf16(path)
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
+    return out
+
+
+def _read_bf16(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a safetensors file that holds bf16 tensors (numpy has no bf16) as float32."""
+    import ml_dtypes
+
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+    out = {}
+    for k, v in header.items():
+        a, b = v["data_offsets"]
+        arr = np.frombuffer(raw[8 + n + a : 8 + n + b], dtype=dtypes[v["dtype"]]).reshape(v["shape"])
+        out[k] = arr.astype(np.float32) if v["dtype"] in ("BF16", "F16") else arr.copy()
+    return out
+
+
+def write_folder(
+    folder: str | os.PathLike,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    weights_name: str = DIFFUSERS_WEIGHTS,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Atomically writes ``config.json`` + a safetensors file (``format: pt``) to ``folder``.
+
+    The folder is assembled in a temporary sibling and renamed into place; an existing
+    folder at the destination is replaced only after the new one is complete.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        save_file(arrays, str(tmp / weights_name), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Moves the complete folder ``src`` to ``dst``, replacing ``dst`` if it exists."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)

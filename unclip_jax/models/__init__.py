@@ -1,0 +1,1 @@
+"""unclip_jax.models"""
