@@ -25,7 +25,17 @@ ALLOWED = {
     "train": {"train", "diffusion", "layers", "models", "input", "parallel", "convert", "checkpoints"},
     "checkpoints": {"checkpoints"},
     "pipeline": {"pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "checkpoints"},
-    "evaluate": {"evaluate", "pipeline", "models", "layers", "convert", "input", "parallel", "checkpoints", "diffusion"},
+    "evaluate": {
+        "evaluate",
+        "pipeline",
+        "models",
+        "layers",
+        "convert",
+        "input",
+        "parallel",
+        "checkpoints",
+        "diffusion",
+    },
 }
 # Modules at the top of the package that may import anything (the entry points).
 ENTRY_POINTS = {"main", "cli", "demo", "bench", "__init__"}

@@ -58,40 +58,24 @@ def find_weights(folder: str | os.PathLike) -> Path:
     if len(found) == 1:
         return folder / found[0]
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-    hint = f" (found pickle files {pickles}; convert them to safetensors first: pickle is never loaded)" if pickles else ""
+    hint = (
+        f" (found pickle files {pickles}; convert them to safetensors first: pickle is never loaded)" if pickles else ""
+    )
     raise ConversionError(f"{folder}: expected one safetensors weights file, found {found or 'none'}{hint}")
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads every tensor of a safetensors file as float32/int numpy arrays (bf16 -> f32)."""
+    """Loads every tensor of a safetensors file as numpy; bf16/f16 tensors are upcast to float32."""
     from safetensors import safe_open
 
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
             for k in f.keys():
-                out[k] = np.asarray(f.get_tensor(k))
+                a = np.asarray(f.get_tensor(k))
+                out[k] = a.astype(np.float32) if a.dtype.name in ("bfloat16", "float16") else a
     except Exception as e:  # safetensors raises its own error types
-        if "bfloat16" in str(e) or "BF16" in str(e):
-            return _read_bf16(path)
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
-    return out
-
-
-def _read_bf16(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a safetensors file that holds bf16 tensors (numpy has no bf16) as float32."""
-    import ml_dtypes
-
-    raw = Path(path).read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    header.pop("__metadata__", None)
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
-    out = {}
-    for k, v in header.items():
-        a, b = v["data_offsets"]
-        arr = np.frombuffer(raw[8 + n + a : 8 + n + b], dtype=dtypes[v["dtype"]]).reshape(v["shape"])
-        out[k] = arr.astype(np.float32) if v["dtype"] in ("BF16", "F16") else arr.copy()
     return out
 
 

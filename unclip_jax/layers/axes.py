@@ -54,9 +54,7 @@ ALL = (
 # Rule sets: tuples of (logical name, mesh axis or tuple of mesh axes or None).
 # Pure data parallel: parameters replicated, batch split over every mesh axis that
 # carries data.
-DATA_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    (BATCH, ("data", "fsdp")),
-)
+DATA_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = ((BATCH, ("data", "fsdp")),)
 # ZeRO-3 style: parameters split along their width over ``fsdp``.
 FSDP_RULES = (
     (BATCH, ("data", "fsdp")),
