@@ -1,0 +1,122 @@
+"""CLIP towers: shapes, EOT pooling, bf16, preprocessing, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.models import clip
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _inputs(module: clip.CLIP, b: int = 2):
+    v = module.vision
+    ids = np.zeros((b, module.text["context_length"]), np.int32)
+    ids[:, 0] = 49406
+    ids[:, 1:4] = [[320, 1125, 539]] * b
+    ids[:, 4] = 49407
+    img = np.random.default_rng(0).normal(size=(b, v["image_size"], v["image_size"], 3)).astype(np.float32)
+    return jnp.asarray(ids), jnp.asarray(img)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    module = clip.build("test")
+    ids, img = _inputs(module)
+    variables = jax.jit(module.init)(jax.random.key(0), ids, img)
+    return module, variables, ids, img
+
+
+def test_forward_shapes_and_logit_scale(setup):
+    module, variables, ids, img = setup
+    out = jax.jit(module.apply)(variables, ids, img)
+    p = module.projection_dim
+    assert out["text_embeds"].shape == (2, p) and out["image_embeds"].shape == (2, p)
+    assert out["last_hidden_state"].shape == (2, ids.shape[1], module.text["width"])
+    np.testing.assert_allclose(float(out["logit_scale"]), math.log(1 / 0.07), rtol=1e-6)
+    t = module.apply(variables, ids, method="encode_text")
+    np.testing.assert_array_equal(np.asarray(t["text_embeds"]), np.asarray(out["text_embeds"]))
+    v = module.apply(variables, img, method="encode_image")
+    np.testing.assert_array_equal(np.asarray(v["image_embeds"]), np.asarray(out["image_embeds"]))
+
+
+def test_text_embeds_pool_at_end_token(setup):
+    module, variables, ids, _ = setup
+    enc = jax.jit(lambda v, i: module.apply(v, i, method="encode_text"))
+    base = enc(variables, ids)
+    # Tokens after the end token (padding, '!' or eos) cannot change the causal, EOT-pooled output.
+    padded = ids.at[:, 5:].set(49407)
+    out = enc(variables, padded)
+    np.testing.assert_allclose(np.asarray(out["text_embeds"]), np.asarray(base["text_embeds"]), atol=1e-5)
+    # The pooled vector is the final-LN hidden state at the end token.
+    np.testing.assert_allclose(np.asarray(base["pooled_output"]), np.asarray(base["last_hidden_state"][:, 4]), atol=0)
+    changed = enc(variables, ids.at[:, 2].set(2368))
+    assert not np.allclose(np.asarray(changed["text_embeds"]), np.asarray(base["text_embeds"]), atol=1e-4)
+
+
+def test_bf16_compute_runs(setup):
+    _, variables, ids, img = setup
+    out = jax.jit(clip.build("test", dtype=jnp.bfloat16).apply)(variables, ids, img)
+    assert out["image_embeds"].dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(out["text_embeds"].astype(jnp.float32))))
+
+
+def test_towers_standalone_share_the_layout(setup):
+    module, variables, ids, img = setup
+    text = clip.build_text("test")
+    out = text.apply({"params": variables["params"]["text_model"]}, ids)
+    ref = module.apply(variables, ids, method="encode_text")
+    np.testing.assert_array_equal(np.asarray(out["text_embeds"]), np.asarray(ref["text_embeds"]))
+    vision = clip.build_vision("test")
+    with pytest.raises(ValueError, match="NHWC"):
+        vision.apply({"params": variables["params"]["vision_model"]}, jnp.moveaxis(img, -1, 1))
+
+
+def test_preprocess_images():
+    img = np.full((2, 48, 64, 3), 255, np.uint8)
+    out = clip.preprocess_images(jnp.asarray(img), 32)
+    assert out.shape == (2, 32, 32, 3)
+    want = (1.0 - np.asarray(clip.CLIP_MEAN)) / np.asarray(clip.CLIP_STD)
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(want, out.shape), atol=1e-4)
+
+
+def _counts(variant):
+    text, vision = clip.build_text(variant), clip.build_vision(variant)
+    t = nn.unbox(jax.eval_shape(lambda: text.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))))
+    s = vision.image_size
+    v = nn.unbox(jax.eval_shape(lambda: vision.init(jax.random.key(0), jnp.zeros((1, s, s, 3)))))
+    return _count(t), _count(v)
+
+
+def test_param_counts_of_large_variants():
+    karlo, paper = _counts("karlo"), _counts("paper")
+    print("clip parameter counts (text, vision): karlo", karlo, "paper", paper)
+    assert 1.2e8 < karlo[0] < 1.3e8 and 3.0e8 < karlo[1] < 3.1e8  # ViT-L/14: 123M text + 304M vision
+    assert 3.3e8 < paper[0] < 3.6e8 and 6.2e8 < paper[1] < 6.5e8  # ViT-H/16: ~632M vision
+
+
+@pytest.mark.torch
+def test_karlo_counts_equal_transformers(torch_threads):
+    torch = torch_threads
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from unclip_jax.convert.clip import text_config_from_module, vision_config_from_module
+
+    with torch.device("meta"):
+        t = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_from_module(clip.build_text("karlo"))))
+        v = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config_from_module(clip.build_vision("karlo"))))
+    want = (sum(p.numel() for p in t.parameters()), sum(p.numel() for p in v.parameters()))
+    assert _counts("karlo") == want

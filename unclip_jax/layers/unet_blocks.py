@@ -1,0 +1,445 @@
+"""U-Net building blocks of the unCLIP decoder and upsamplers (ADM / GLIDE), NHWC.
+
+The numerics are those of the diffusers modules the Karlo weights load into, which in
+turn follow OpenAI's guided-diffusion ADM U-Net (Dhariwal & Nichol 2021, "Diffusion
+Models Beat GANs", section 3) and GLIDE (Nichol et al. 2021, section 2.3 / appendix):
+
+- :class:`ResBlock` = diffusers ``ResnetBlock2D`` = ADM ``ResBlock``: GroupNorm, SiLU,
+  optional nearest-up / average-pool-down of both branches (ADM ``resblock_updown``),
+  3x3 conv, timestep conditioning either additive (``default``) or by adaptive group
+  norm ``norm(h) * (1 + scale) + shift`` (``scale_shift``, ADM ``use_scale_shift_norm``),
+  SiLU, dropout, 3x3 conv, 1x1 shortcut when the width changes.
+- :class:`AddedKVAttention` = diffusers ``Attention`` with ``AttnAddedKVProcessor`` =
+  GLIDE ``AttentionBlock`` with ``encoder_channels``: the projected context supplies extra
+  keys/values that are concatenated *before* the spatial self-attention keys/values.
+- :class:`DownBlock` / :class:`MidBlock` / :class:`UpBlock` = diffusers
+  ``ResnetDownsampleBlock2D`` / ``SimpleCrossAttnDownBlock2D``,
+  ``UNetMidBlock2D`` / ``UNetMidBlock2DSimpleCrossAttn``, ``ResnetUpsampleBlock2D`` /
+  ``SimpleCrossAttnUpBlock2D`` (attention on or off).
+
+Parameter names mirror the diffusers module names (``resnets_0/norm1``,
+``attentions_0/to_q``, ``downsamplers_0``...) so the weight bridge is a renaming.
+Initialisation follows guided-diffusion: the last conv of each residual branch, the
+attention output projection (and the U-Nets' final conv) start at zero (``zero_module``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.layers import axes
+from unclip_jax.layers.transformer import dense
+
+Dtype = Any
+
+SPATIAL = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED)
+
+# diffusers builds every ``Attention`` of the SimpleCrossAttn blocks with its default eps.
+ATTENTION_NORM_EPS = 1e-5
+# Additive logit bias of masked context tokens (diffusers UNet2DConditionModel: (1 - mask) * -10000).
+MASK_BIAS = -10000.0
+
+
+def constrain_spatial(x: jnp.ndarray) -> jnp.ndarray:
+    """Logical sharding constraint of a [B, H, W, C] activation."""
+    return nn.with_logical_constraint(x, SPATIAL)
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
+    """GroupNorm over channels (torch ``nn.GroupNorm`` numerics: two-pass variance, float32 statistics)."""
+    return nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.NORM,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.NORM,)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    kernel_size: int = 3,
+    strides: int = 1,
+    zero_init: bool = False,
+) -> nn.Conv:
+    """kxk convolution with 'same' zero padding (torch ``Conv2d(padding=k//2)``), NHWC, HWIO kernel."""
+    init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+    pad = kernel_size // 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            init, (axes.KERNEL_SPATIAL, axes.KERNEL_SPATIAL, axes.CONV_IN, axes.CONV_OUT)
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)),
+        name=name,
+    )
+
+
+def upsample_nearest(x: jnp.ndarray) -> jnp.ndarray:
+    """Nearest-neighbour x2 upsampling (torch ``F.interpolate(scale_factor=2, mode='nearest')``).
+
+    Args:
+      x: [B, H, W, C].
+
+    Returns:
+      [B, 2H, 2W, C].
+    """
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def downsample_avg(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2 average pooling with stride 2 (torch ``AvgPool2d(2)``, ADM ``avg_pool_nd``).
+
+    Args:
+      x: [B, H, W, C] with even H and W.
+
+    Returns:
+      [B, H/2, W/2, C].
+    """
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"downsample_avg: spatial size {h}x{w} is not even")
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class Downsample(nn.Module):
+    """ADM ``Downsample`` / diffusers ``Downsample2D``: stride-2 3x3 conv (``use_conv``) or 2x2 average pool.
+
+    Attributes:
+      use_conv: learnable strided conv (parameter ``conv``) instead of average pooling.
+      out_channels: conv output width (default: input width).
+    """
+
+    use_conv: bool = False
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[B, H, W, C] -> [B, H/2, W/2, C']."""
+        if not self.use_conv:
+            return downsample_avg(x)
+        return conv(self.out_channels or x.shape[-1], self.dtype, self.param_dtype, "conv", strides=2)(x)
+
+
+class Upsample(nn.Module):
+    """ADM ``Upsample`` / diffusers ``Upsample2D``: nearest x2, then an optional 3x3 conv (``use_conv``).
+
+    Attributes:
+      use_conv: apply a 3x3 conv (parameter ``conv``) after the interpolation.
+      out_channels: conv output width (default: input width).
+    """
+
+    use_conv: bool = False
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[B, H, W, C] -> [B, 2H, 2W, C']."""
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = conv(self.out_channels or x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    """Residual block with timestep conditioning (ADM ``ResBlock``; diffusers ``ResnetBlock2D``).
+
+    ``out = shortcut(x') + conv2(drop(act(cond(norm2, conv1(act(norm1(x))')))))`` where ``'``
+    is the optional up/down-sampling applied to both branches (ADM ``resblock_updown``),
+    and ``cond`` is ``norm2(h) * (1 + scale) + shift`` for ``scale_shift`` or ``norm2(h + t)``
+    for ``default``, with ``t = time_emb_proj(silu(temb))``.
+
+    Attributes:
+      out_channels: output width (default: input width).
+      time_embedding_norm: "scale_shift" (ADM use_scale_shift_norm) or "default" (additive).
+      groups: GroupNorm groups of both norms.
+      eps: GroupNorm epsilon (diffusers ``norm_eps``).
+      up: nearest x2 upsampling inside the block.
+      down: 2x2 average-pool downsampling inside the block.
+      dropout: dropout before ``conv2``.
+      output_scale_factor: the sum is divided by it (diffusers ``output_scale_factor``).
+    """
+
+    out_channels: int | None = None
+    time_embedding_norm: str = "scale_shift"
+    groups: int = 32
+    eps: float = 1e-5
+    up: bool = False
+    down: bool = False
+    dropout: float = 0.0
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+        """Applies the block.
+
+        Args:
+          x: [B, H, W, Cin].
+          temb: [B, T] timestep (+ conditioning) embedding.
+          deterministic: disables dropout (needs the ``dropout`` rng when False).
+
+        Returns:
+          [B, H', W', out_channels] with H' = 2H (up), H/2 (down) or H.
+        """
+        if self.time_embedding_norm not in ("scale_shift", "default"):
+            raise ValueError(
+                f"ResBlock.time_embedding_norm={self.time_embedding_norm!r}: expected 'scale_shift' or 'default'"
+            )
+        if self.up and self.down:
+            raise ValueError("ResBlock: up and down are exclusive")
+        cin = x.shape[-1]
+        cout = self.out_channels or cin
+        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm1")(x))
+        if self.up:
+            x, h = upsample_nearest(x), upsample_nearest(h)
+        elif self.down:
+            x, h = downsample_avg(x), downsample_avg(h)
+        h = conv(cout, self.dtype, self.param_dtype, "conv1")(h)
+        t_feat = 2 * cout if self.time_embedding_norm == "scale_shift" else cout
+        t = dense(t_feat, axes.EMBED, axes.CONV_OUT, self.dtype, self.param_dtype, "time_emb_proj")(nn.silu(temb))
+        t = t[:, None, None, :]
+        norm2 = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm2")
+        if self.time_embedding_norm == "scale_shift":
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = norm2(h) * (1 + scale) + shift
+        else:
+            h = norm2(h + t)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(cout, self.dtype, self.param_dtype, "conv2", zero_init=True)(h)
+        if cin != cout:
+            x = dense(cout, axes.CONV_IN, axes.CONV_OUT, self.dtype, self.param_dtype, "conv_shortcut")(x)
+        out = x.astype(h.dtype) + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return constrain_spatial(out)
+
+
+class AddedKVAttention(nn.Module):
+    """GLIDE attention over the image with the context as extra keys/values (diffusers ``AttnAddedKVProcessor``).
+
+    ``h = GroupNorm(x)``; queries from ``h``; keys/values are
+    ``[add_k_proj(context); to_k(h)]`` / ``[add_v_proj(context); to_v(h)]`` (context first);
+    logits scaled by ``head_dim ** -0.5`` and soft-maxed in float32; ``x + to_out(attn)``.
+    The context is not normalised here (``cross_attention_norm`` None); padded context
+    tokens get the additive bias -10000 (diffusers' ``attention_mask`` handling).
+
+    Attributes:
+      head_dim: channels per head (diffusers ``attention_head_dim``); heads = C // head_dim.
+      groups: GroupNorm groups (the block's ``resnet_groups``).
+      eps: GroupNorm epsilon (1e-5 in diffusers whatever ``norm_eps`` is).
+    """
+
+    head_dim: int = 64
+    groups: int = 32
+    eps: float = ATTENTION_NORM_EPS
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jnp.ndarray, context: jnp.ndarray, context_mask: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        """Applies the attention block.
+
+        Args:
+          x: [B, H, W, C].
+          context: [B, S, Dc] (unCLIP: 4 CLIP tokens + projected caption states).
+          context_mask: optional [B, S] bool, True = attend.
+
+        Returns:
+          [B, H, W, C].
+        """
+        b, hh, ww, c = x.shape
+        if c % self.head_dim:
+            raise ValueError(f"AddedKVAttention: width {c} is not a multiple of head_dim {self.head_dim}")
+        nh = c // self.head_dim
+        h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "group_norm")(x)
+        h = h.reshape(b, hh * ww, c)
+
+        def proj(name, inp):
+            y = dense(c, axes.EMBED, axes.HEADS, self.dtype, self.param_dtype, name)(inp)
+            return y.reshape(b, inp.shape[1], nh, self.head_dim)
+
+        q = proj("to_q", h)
+        k = jnp.concatenate([proj("add_k_proj", context), proj("to_k", h)], axis=1)
+        v = jnp.concatenate([proj("add_v_proj", context), proj("to_v", h)], axis=1)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (self.head_dim**-0.5)
+        if context_mask is not None:
+            bias = jnp.where(context_mask.astype(bool), 0.0, MASK_BIAS).astype(jnp.float32)
+            bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))
+            logits = logits + bias[:, None, None, :]
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hh * ww, c)
+        out = nn.Dense(
+            c,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.HEADS, axes.EMBED)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EMBED,)),
+            name="to_out",
+        )(out)
+        return constrain_spatial(x.astype(out.dtype) + out.reshape(b, hh, ww, c))
+
+
+class _UNetBlock(nn.Module):
+    """Fields shared by the U-Net stages (see :class:`DownBlock`)."""
+
+    out_channels: int = 0
+    num_layers: int = 1
+    attention: bool = False
+    head_dim: int = 64
+    time_embedding_norm: str = "scale_shift"
+    groups: int = 32
+    eps: float = 1e-5
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def resblock(self, name: str, **kw) -> ResBlock:
+        cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        return cls(
+            out_channels=kw.pop("out_channels", self.out_channels),
+            time_embedding_norm=self.time_embedding_norm,
+            groups=self.groups,
+            eps=self.eps,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+            **kw,
+        )
+
+    def attn(self, name: str) -> AddedKVAttention:
+        cls = nn.remat(AddedKVAttention) if self.remat else AddedKVAttention
+        return cls(
+            head_dim=self.head_dim, groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+
+    def _check_context(self, context: jnp.ndarray | None) -> None:
+        if self.attention and context is None:
+            raise ValueError(f"{type(self).__name__} {self.name}: attention needs a context [B, S, Dc]")
+
+
+class DownBlock(_UNetBlock):
+    """One encoder level: ``num_layers`` x (ResBlock [+ attention]) then an optional down-sampling ResBlock.
+
+    diffusers ``ResnetDownsampleBlock2D`` (attention False) / ``SimpleCrossAttnDownBlock2D``
+    (attention True); ADM ``input_blocks`` of one level with ``resblock_updown=True``.
+
+    Attributes:
+      out_channels: width of the level.
+      num_layers: residual blocks (ADM ``num_res_blocks``).
+      attention: GLIDE attention after every residual block.
+      add_downsample: end with a ``down=True`` ResBlock (``downsamplers_0``).
+    """
+
+    add_downsample: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        temb: jnp.ndarray,
+        context: jnp.ndarray | None = None,
+        context_mask: jnp.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jnp.ndarray, list[jnp.ndarray]]:
+        """[B, H, W, Cin] -> ([B, H', W', C], skip activations for the decoder side)."""
+        self._check_context(context)
+        skips = []
+        for i in range(self.num_layers):
+            x = self.resblock(f"resnets_{i}")(x, temb, deterministic)
+            if self.attention:
+                x = self.attn(f"attentions_{i}")(x, context, context_mask)
+            skips.append(x)
+        if self.add_downsample:
+            x = self.resblock("downsamplers_0", down=True)(x, temb, deterministic)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(_UNetBlock):
+    """The middle: ResBlock, [attention], ResBlock at constant width.
+
+    diffusers ``UNetMidBlock2DSimpleCrossAttn`` (attention True) / ``UNetMidBlock2D``
+    with ``add_attention=False`` (attention False); ADM ``middle_block``.
+    """
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        temb: jnp.ndarray,
+        context: jnp.ndarray | None = None,
+        context_mask: jnp.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> jnp.ndarray:
+        """[B, H, W, C] -> [B, H, W, C]."""
+        self._check_context(context)
+        c = x.shape[-1]
+        x = self.resblock("resnets_0", out_channels=c)(x, temb, deterministic)
+        if self.attention:
+            x = self.attn("attentions_0")(x, context, context_mask)
+        return self.resblock("resnets_1", out_channels=c)(x, temb, deterministic)
+
+
+class UpBlock(_UNetBlock):
+    """One decoder level: ``num_layers`` x (concat skip, ResBlock [+ attention]), optional up-sampling ResBlock.
+
+    diffusers ``ResnetUpsampleBlock2D`` / ``SimpleCrossAttnUpBlock2D``; ADM ``output_blocks``
+    of one level (``num_layers`` = ``num_res_blocks + 1``) with ``resblock_updown=True``.
+
+    Attributes:
+      add_upsample: end with an ``up=True`` ResBlock (``upsamplers_0``).
+    """
+
+    add_upsample: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        skips: list[jnp.ndarray],
+        temb: jnp.ndarray,
+        context: jnp.ndarray | None = None,
+        context_mask: jnp.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> jnp.ndarray:
+        """Consumes ``skips`` from the last; [B, H, W, Cin] -> [B, H', W', C]."""
+        self._check_context(context)
+        if len(skips) != self.num_layers:
+            raise ValueError(f"UpBlock {self.name}: got {len(skips)} skip activations, expected {self.num_layers}")
+        skips = list(skips)
+        for i in range(self.num_layers):
+            x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
+            x = self.resblock(f"resnets_{i}")(x, temb, deterministic)
+            if self.attention:
+                x = self.attn(f"attentions_{i}")(x, context, context_mask)
+        if self.add_upsample:
+            x = self.resblock("upsamplers_0", up=True)(x, temb, deterministic)
+        return x

@@ -1,0 +1,414 @@
+"""The CLIP-conditioned decoder of unCLIP (paper section 2.1): text projection + GLIDE/ADM U-Net.
+
+Three modules:
+
+- :class:`UnCLIPTextProj` (diffusers ``UnCLIPTextProjModel`` numerics): turns the CLIP image
+  embedding z_i, the CLIP text embedding z_t and the caption hidden states into (a) an
+  additive time embedding ``embedding_proj(z_t) + clip_image_embeddings_project_to_time_embeddings(z_i)``
+  and (b) the attention context ``[4 tokens from z_i ; LayerNorm(proj(caption states))]``.
+  The 4 tokens come from one Dense of width ``4 * C`` whose output is read as [C, 4]
+  (diffusers: ``reshape(B, -1, 4).permute(0, 2, 1)``), i.e. token j, channel c is output
+  ``c * 4 + j``; the parameter keeps that memory order so Karlo weights load unchanged.
+  ``learned_classifier_free_guidance_embeddings`` replaces z_i for the unconditional branch
+  (section 2.1: "randomly setting the CLIP embeddings to zero (or a learned embedding) 10%
+  of the time").
+- :class:`Decoder` (diffusers ``UNet2DConditionModel`` numerics in the Karlo configuration):
+  the ADM U-Net with scale-shift norm, resblock up/down-sampling, GLIDE attention whose
+  keys/values include the context, and ``class_labels`` added to the timestep embedding
+  (diffusers ``class_embed_type="identity"``). Output: 6 channels = eps and the
+  learned-range variance interpolation v (improved DDPM, Nichol & Dhariwal 2021).
+- :class:`UnCLIPDecoder`: both together, with the classifier-free-guidance dropouts of
+  training (CLIP embedding -> learned embedding, caption -> a given null caption).
+
+Configuration names are guided-diffusion's: ``model_channels`` x ``channel_mult`` give
+diffusers' ``block_out_channels``; ``num_res_blocks`` is ``layers_per_block``;
+``attention_resolutions`` are *downsampling factors* (1 = the input resolution, 2 = the
+first downsampled level, ...; the paper's "32,16,8" at 64x64 is (2, 4, 8));
+``num_head_channels`` is diffusers' ``attention_head_dim``; ``context_dim`` is
+``cross_attention_dim``. Inputs are NHWC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from unclip_jax.layers import axes
+from unclip_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
+from unclip_jax.layers.transformer import dense, layer_norm
+from unclip_jax.layers.unet_blocks import DownBlock, MidBlock, UpBlock, constrain_spatial, conv, group_norm
+
+Dtype = Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Compiles and runs in seconds on CPU; pairs with clip.VARIANTS["test"] (CLIP width 32).
+    "test": dict(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        num_head_channels=16,
+        context_dim=32,
+        norm_num_groups=8,
+        clip_embeddings_dim=32,
+        sample_size=16,
+    ),
+    # Benchmark size (64x64): block channels (64, 128, 192, 256), attention in the 3 inner levels.
+    "bench": dict(
+        model_channels=64,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=2,
+        attention_resolutions=(2, 4, 8),
+        num_head_channels=32,
+        context_dim=256,
+        clip_embeddings_dim=256,
+        sample_size=64,
+    ),
+    # kakaobrain/karlo-v1-alpha decoder + text_proj (diffusers config), ~900M parameters.
+    "karlo": dict(
+        model_channels=320,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_resolutions=(2, 4, 8),
+        num_head_channels=64,
+        context_dim=1536,
+        clip_embeddings_dim=768,
+        sample_size=64,
+    ),
+    # Appendix C: 512 channels, mult 1,2,3,4, 3 res blocks, attention at 32,16,8, 64 channels per head,
+    # caption context width 2048, 1024-dim CLIP (ViT-H/16), dropout 0.1 (GLIDE 3.5B class).
+    "paper": dict(
+        model_channels=512,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_resolutions=(2, 4, 8),
+        num_head_channels=64,
+        context_dim=2048,
+        clip_embeddings_dim=1024,
+        dropout=0.1,
+        sample_size=64,
+    ),
+}
+
+
+class UnCLIPTextProj(nn.Module):
+    """CLIP embeddings -> decoder conditioning (diffusers ``UnCLIPTextProjModel``; Karlo ``text_seq_proj`` etc.).
+
+    Attributes:
+      clip_embeddings_dim: size of z_i, z_t and of the caption hidden states.
+      time_embed_dim: size of the U-Net's timestep embedding.
+      cross_attention_dim: context width of the U-Net.
+      clip_extra_context_tokens: number of tokens made from z_i (4).
+      layer_norm_eps: eps of ``text_encoder_hidden_states_norm`` (torch default 1e-5).
+    """
+
+    clip_embeddings_dim: int = 768
+    time_embed_dim: int = 1280
+    cross_attention_dim: int = 1536
+    clip_extra_context_tokens: int = 4
+    layer_norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        image_embeds: jnp.ndarray,
+        text_embeds: jnp.ndarray,
+        text_hidden_states: jnp.ndarray,
+        do_classifier_free_guidance: bool = False,
+        drop_image_embeds: jnp.ndarray | None = None,
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Builds the decoder context and the additive time embedding.
+
+        Args:
+          image_embeds: [B, D] CLIP image embeddings z_i (or [B/2, D] with
+            ``do_classifier_free_guidance``: the learned embedding is prepended for the
+            unconditional half, as diffusers does).
+          text_embeds: [B, D] CLIP text embeddings z_t.
+          text_hidden_states: [B, L, D] CLIP caption hidden states.
+          do_classifier_free_guidance: prepend B/2 copies of the learned embedding.
+          drop_image_embeds: optional [B] bool; True replaces z_i by the learned embedding
+            (training-time classifier-free-guidance dropout, paper section 2.1).
+
+        Returns:
+          context [B, 4 + L, cross_attention_dim] and additive time embedding [B, time_embed_dim].
+        """
+        cf = self.param(
+            "learned_classifier_free_guidance_embeddings",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.EMBED,)),
+            (self.clip_embeddings_dim,),
+            self.param_dtype,
+        )
+        image_embeds = image_embeds.astype(self.dtype)
+        if drop_image_embeds is not None:
+            image_embeds = jnp.where(drop_image_embeds[:, None], cf.astype(self.dtype)[None], image_embeds)
+        if do_classifier_free_guidance:
+            uncond = jnp.broadcast_to(cf.astype(self.dtype)[None], image_embeds.shape)
+            image_embeds = jnp.concatenate([uncond, image_embeds], axis=0)
+        b = text_embeds.shape[0]
+        if image_embeds.shape[0] != b:
+            raise ValueError(f"UnCLIPTextProj: {image_embeds.shape[0]} image embeddings for {b} text embeddings")
+
+        def proj(features, name):
+            return dense(features, axes.EMBED, axes.MLP, self.dtype, self.param_dtype, name)
+
+        time_emb = proj(self.time_embed_dim, "embedding_proj")(text_embeds) + proj(
+            self.time_embed_dim, "clip_image_embeddings_project_to_time_embeddings"
+        )(image_embeds)
+        n, c = self.clip_extra_context_tokens, self.cross_attention_dim
+        tokens = proj(n * c, "clip_extra_context_tokens_proj")(image_embeds)
+        tokens = tokens.reshape(b, c, n).transpose(0, 2, 1)
+        states = proj(c, "encoder_hidden_states_proj")(text_hidden_states)
+        states = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "text_encoder_hidden_states_norm")(
+            states
+        )
+        context = jnp.concatenate([tokens.astype(states.dtype), states], axis=1)
+        context = nn.with_logical_constraint(context, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        return context, time_emb
+
+
+class Decoder(nn.Module):
+    """The CLIP-conditioned ADM/GLIDE U-Net (diffusers ``UNet2DConditionModel``, Karlo decoder family).
+
+    Attributes:
+      in_channels: image channels (3).
+      out_channels: 6 = eps and the learned-range variance interpolation.
+      model_channels: width of the first level (diffusers ``block_out_channels[0]``).
+      channel_mult: width multipliers per level (``block_out_channels = model_channels * mult``).
+      num_res_blocks: residual blocks per encoder level (decoder levels get one more).
+      attention_resolutions: downsampling factors (1, 2, 4, ...) of the levels that attend
+        (the middle block always attends: ``UNetMidBlock2DSimpleCrossAttn``).
+      num_head_channels: channels per attention head (diffusers ``attention_head_dim``).
+      context_dim: width of the attention context (diffusers ``cross_attention_dim``).
+      use_scale_shift_norm: ``scale_shift`` (True) or additive (False) time conditioning.
+      time_embed_dim: timestep embedding width (default ``4 * model_channels``).
+      norm_num_groups, norm_eps: GroupNorm of the residual blocks and the output norm.
+      flip_sin_to_cos, freq_shift: sinusoidal timestep features (diffusers ``Timesteps``).
+      dropout: dropout inside the residual blocks.
+      sample_size: nominal image size (diffusers config; any multiple of
+        ``2 ** (len(channel_mult) - 1)`` runs).
+      remat: rematerialise residual and attention blocks.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 6
+    model_channels: int = 320
+    channel_mult: Sequence[int] = (1, 2, 3, 4)
+    num_res_blocks: int = 3
+    attention_resolutions: Sequence[int] = (2, 4, 8)
+    num_head_channels: int = 64
+    context_dim: int = 1536
+    use_scale_shift_norm: bool = True
+    time_embed_dim: int | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dropout: float = 0.0
+    sample_size: int = 64
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def temb_dim(self) -> int:
+        return self.time_embed_dim or 4 * self.model_channels
+
+    def level_attends(self, level: int) -> bool:
+        """Whether encoder level ``level`` (and its mirror decoder level) has attention."""
+        return 2**level in tuple(self.attention_resolutions)
+
+    @nn.compact
+    def __call__(
+        self,
+        x_t: jnp.ndarray,
+        t: jnp.ndarray,
+        context: jnp.ndarray,
+        class_labels: jnp.ndarray | None = None,
+        context_mask: jnp.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> jnp.ndarray:
+        """Predicts eps and the variance interpolation for a noisy image.
+
+        Args:
+          x_t: [B, H, W, in_channels] noisy images; H, W multiples of 2 ** (levels - 1).
+          t: [B] timesteps (integer or float).
+          context: [B, S, context_dim] attention context (4 CLIP tokens + caption states).
+          class_labels: optional [B, time_embed_dim] added to the timestep embedding
+            (the CLIP-derived additive embedding of :class:`UnCLIPTextProj`).
+          context_mask: optional [B, S] bool, True = real token.
+          deterministic: disables dropout.
+
+        Returns:
+          [B, H, W, out_channels] in the compute dtype.
+        """
+        levels = len(self.channel_mult)
+        factor = 2 ** (levels - 1)
+        if x_t.ndim != 4 or x_t.shape[1] % factor or x_t.shape[2] % factor:
+            raise ValueError(f"Decoder: input {x_t.shape} must be [B, H, W, C] with H, W multiples of {factor}")
+        t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
+        t_feat = timestep_embedding(t, self.model_channels, self.flip_sin_to_cos, self.freq_shift)
+        temb = TimestepEmbedding(self.temb_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="time_embedding")(
+            t_feat.astype(self.dtype)
+        )
+        if class_labels is not None:
+            temb = temb + class_labels.astype(temb.dtype)
+        context = context.astype(self.dtype)
+        common = dict(
+            head_dim=self.num_head_channels,
+            time_embedding_norm="scale_shift" if self.use_scale_shift_norm else "default",
+            groups=self.norm_num_groups,
+            eps=self.norm_eps,
+            dropout=self.dropout,
+            remat=self.remat,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        chans = self.block_out_channels
+        h = constrain_spatial(conv(chans[0], self.dtype, self.param_dtype, "conv_in")(x_t.astype(self.dtype)))
+        skips = [h]
+        for i in range(levels):
+            h, s = DownBlock(
+                out_channels=chans[i],
+                num_layers=self.num_res_blocks,
+                attention=self.level_attends(i),
+                add_downsample=i < levels - 1,
+                name=f"down_blocks_{i}",
+                **common,
+            )(h, temb, context, context_mask, deterministic)
+            skips += s
+        h = MidBlock(out_channels=chans[-1], attention=True, name="mid_block", **common)(
+            h, temb, context, context_mask, deterministic
+        )
+        for i in range(levels):
+            level = levels - 1 - i
+            n = self.num_res_blocks + 1
+            res, skips = skips[-n:], skips[:-n]
+            h = UpBlock(
+                out_channels=chans[level],
+                num_layers=n,
+                attention=self.level_attends(level),
+                add_upsample=level > 0,
+                name=f"up_blocks_{i}",
+                **common,
+            )(h, res, temb, context, context_mask, deterministic)
+        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, "conv_norm_out")(h))
+        return conv(self.out_channels, self.dtype, self.param_dtype, "conv_out", zero_init=True)(h)
+
+
+class UnCLIPDecoder(nn.Module):
+    """Text projection + U-Net: the whole trainable decoder of unCLIP (paper section 2.1).
+
+    Parameters live under ``text_proj`` (:class:`UnCLIPTextProj`) and ``unet``
+    (:class:`Decoder`); the fields are the U-Net's plus ``clip_embeddings_dim`` and
+    ``clip_extra_context_tokens``.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 6
+    model_channels: int = 320
+    channel_mult: Sequence[int] = (1, 2, 3, 4)
+    num_res_blocks: int = 3
+    attention_resolutions: Sequence[int] = (2, 4, 8)
+    num_head_channels: int = 64
+    context_dim: int = 1536
+    use_scale_shift_norm: bool = True
+    time_embed_dim: int | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dropout: float = 0.0
+    sample_size: int = 64
+    clip_embeddings_dim: int = 768
+    clip_extra_context_tokens: int = 4
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs of the :class:`Decoder` inside."""
+        names = [f.name for f in Decoder.__dataclass_fields__.values() if f.name not in ("parent", "name")]
+        return {n: getattr(self, n) for n in names}
+
+    def text_proj_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs of the :class:`UnCLIPTextProj` inside."""
+        return dict(
+            clip_embeddings_dim=self.clip_embeddings_dim,
+            time_embed_dim=self.time_embed_dim or 4 * self.model_channels,
+            cross_attention_dim=self.context_dim,
+            clip_extra_context_tokens=self.clip_extra_context_tokens,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def setup(self):
+        self.text_proj = UnCLIPTextProj(**self.text_proj_kwargs())
+        self.unet = Decoder(**self.unet_kwargs())
+
+    def __call__(
+        self,
+        x_t: jnp.ndarray,
+        t: jnp.ndarray,
+        image_embeds: jnp.ndarray,
+        text_embeds: jnp.ndarray,
+        text_hidden_states: jnp.ndarray,
+        text_mask: jnp.ndarray | None = None,
+        drop_image_embeds: jnp.ndarray | None = None,
+        drop_caption: jnp.ndarray | None = None,
+        null_caption: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None,
+        deterministic: bool = True,
+    ) -> jnp.ndarray:
+        """Predicts eps and the variance interpolation given CLIP conditioning.
+
+        Args:
+          x_t: [B, H, W, 3] noisy images.
+          t: [B] timesteps.
+          image_embeds: [B, D] CLIP image embeddings z_i.
+          text_embeds: [B, D] CLIP text embeddings z_t.
+          text_hidden_states: [B, L, D] CLIP caption hidden states.
+          text_mask: optional [B, L] bool caption mask (True = real token); the 4 CLIP
+            tokens are always visible.
+          drop_image_embeds: optional [B] bool: use the learned null embedding for z_i
+            (classifier-free guidance training, 10% in the paper).
+          drop_caption: optional [B] bool: use ``null_caption`` instead of the caption
+            (50% in the paper).
+          null_caption: (text_embeds [1|B, D], text_hidden_states [1|B, L, D], text_mask
+            [1|B, L]) of the empty caption (what the sampler's unconditional branch
+            uses: the CLIP encoding of ""). Required with ``drop_caption``.
+          deterministic: disables dropout.
+
+        Returns:
+          [B, H, W, out_channels].
+        """
+        b, length = text_hidden_states.shape[:2]
+        if text_mask is None:
+            text_mask = jnp.ones((b, length), bool)
+        if drop_caption is not None:
+            if null_caption is None:
+                raise ValueError("UnCLIPDecoder: drop_caption needs null_caption=(text_embeds, hidden_states, mask)")
+            n_emb, n_states, n_mask = null_caption
+            d = drop_caption.astype(bool)
+            text_embeds = jnp.where(d[:, None], n_emb.astype(text_embeds.dtype), text_embeds)
+            text_hidden_states = jnp.where(d[:, None, None], n_states.astype(text_hidden_states.dtype), text_hidden_states)
+            text_mask = jnp.where(d[:, None], n_mask.astype(bool), text_mask.astype(bool))
+        context, time_emb = self.text_proj(
+            image_embeds, text_embeds, text_hidden_states, drop_image_embeds=drop_image_embeds
+        )
+        mask = jnp.concatenate([jnp.ones((b, self.clip_extra_context_tokens), bool), text_mask.astype(bool)], axis=1)
+        return self.unet(x_t, t, context, class_labels=time_emb, context_mask=mask, deterministic=deterministic)
+
+
+def build(variant: str, **overrides: Any) -> UnCLIPDecoder:
+    """Builds an :class:`UnCLIPDecoder` (text projection + U-Net) from :data:`VARIANTS` with overrides."""
+    if variant not in VARIANTS:
+        raise ValueError(f"decoder variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    return UnCLIPDecoder(**{**VARIANTS[variant], **overrides})
