@@ -76,7 +76,11 @@ def test_learned_null_text_replaces_caption(setup):
     drop = jnp.array([True, True, False])
     fwd = jax.jit(lambda v, kw, drop: module.apply(v, **kw, drop_text=drop))
     out = fwd(variables, inputs, drop)
-    other = {**inputs, "proj_embedding": inputs["proj_embedding"] * 3, "encoder_hidden_states": -inputs["encoder_hidden_states"]}
+    other = {
+        **inputs,
+        "proj_embedding": inputs["proj_embedding"] * 3,
+        "encoder_hidden_states": -inputs["encoder_hidden_states"],
+    }
     out2 = fwd(variables, other, drop)
     np.testing.assert_allclose(np.asarray(out[:2]), np.asarray(out2[:2]), atol=1e-5)
     assert not np.allclose(np.asarray(out[2]), np.asarray(out2[2]), atol=1e-3)

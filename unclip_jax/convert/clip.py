@@ -169,8 +169,7 @@ def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
         "hidden_act": m.act,
         "layer_norm_eps": m.layer_norm_eps,
         "eos_token_id": m.eos_token_id,
-        "bos_token_id": 49406 if m.eos_token_id != 2 else 0,
-        "pad_token_id": 1,
+        **({"bos_token_id": 49406, "pad_token_id": 1} if m.vocab_size == 49408 and m.eos_token_id != 2 else {}),
         "attention_dropout": 0.0,
         "dtype": "float32",
     }

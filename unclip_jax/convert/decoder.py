@@ -208,8 +208,6 @@ def _scale_shift(config: dict[str, Any], where: str) -> bool:
 
 def _block_types(module: Decoder) -> tuple[list[str], list[str]]:
     n = len(module.channel_mult)
-    if any(2**i not in range(1, 2**n) or r & (r - 1) for i, r in enumerate([0] * 0)):  # pragma: no cover
-        pass
     bad = [r for r in module.attention_resolutions if r not in [2**i for i in range(n)]]
     if bad:
         raise io.ConversionError(

@@ -135,9 +135,23 @@ def load_native(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise io.ConversionError(f"{weights}: missing")
-    tensors = io.read_safetensors(weights)
-    variables = unflatten({tuple(k.split("/")): jnp.asarray(v) for k, v in tensors.items()})
+    tensors = io.read_safetensors(weights)  # bf16/f16 come back as float32: restore the stored dtypes
+    stored = _stored_dtypes(weights)
+    variables = unflatten(
+        {tuple(k.split("/")): jnp.asarray(v, dtype=stored.get(k, v.dtype)) for k, v in tensors.items()}
+    )
     return module, variables
+
+
+def _stored_dtypes(path: Path) -> dict[str, Any]:
+    """The half-precision dtypes recorded in a safetensors header ({key: dtype})."""
+    import json
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    half = {"BF16": jnp.bfloat16, "F16": jnp.float16}
+    return {k: half[v["dtype"]] for k, v in header.items() if k != "__metadata__" and v["dtype"] in half}
 
 
 def resolve_component_folder(folder: str | os.PathLike, component: str) -> Path:

@@ -104,6 +104,7 @@ def ddim_reverse_sample(
     x: jax.Array,
     t: jax.Array,
     cond: Mapping[str, Any] | None = None,
+    fixed_point_iters: int = 0,
 ) -> dict[str, jax.Array]:
     """One deterministic DDIM inversion step from level ``abar_prev[t]`` up to ``abar[t]`` (the inverse of
     `ddim_sample` at eta=0 up to where the network is evaluated).
@@ -117,14 +118,23 @@ def ddim_reverse_sample(
     Returns:
         dict(sample at level abar[t], pred_xstart).
     """
-    model_output = denoise_fn(x, diffusion.model_timesteps(t, x.shape[0]), **(cond or {}))
-    mean_output, _ = diffusion.split_model_output(model_output, x)
-    _, eps = diffusion.output_to_xstart_eps(mean_output, x, t)
+    t_model = diffusion.model_timesteps(t, x.shape[0])
     abar_prev = diffusion._take(diffusion.alphas_cumprod_prev, t, x)
     abar = diffusion._take(diffusion.alphas_cumprod, t, x)
-    pred_xstart = (x - jnp.sqrt(1.0 - abar_prev) * eps) / jnp.sqrt(abar_prev)
-    sample = jnp.sqrt(abar) * pred_xstart + jnp.sqrt(1.0 - abar) * eps
-    return dict(sample=sample.astype(x.dtype), pred_xstart=pred_xstart)
+
+    def eps_at(z):
+        mean_output, _ = diffusion.split_model_output(denoise_fn(z, t_model, **(cond or {})), z)
+        return diffusion.output_to_xstart_eps(mean_output, z, t)[1]
+
+    def up(eps):
+        pred_xstart = (x - jnp.sqrt(1.0 - abar_prev) * eps) / jnp.sqrt(abar_prev)
+        return (jnp.sqrt(abar) * pred_xstart + jnp.sqrt(1.0 - abar) * eps).astype(x.dtype), pred_xstart
+
+    sample, pred_xstart = up(eps_at(x))
+    if fixed_point_iters > 0:
+        # Solve x_next = up(eps(x_next)): then the DDIM step from x_next returns x exactly.
+        sample, pred_xstart = jax.lax.fori_loop(0, fixed_point_iters, lambda _, c: up(eps_at(c[0])), (sample, pred_xstart))
+    return dict(sample=sample, pred_xstart=pred_xstart)
 
 
 def _init(shape: Sequence[int] | None, key: jax.Array, x_T: jax.Array | None, dtype: Any):
@@ -219,6 +229,7 @@ def ddim_reverse_loop(
     x_start: jax.Array,
     *,
     cond: Mapping[str, Any] | None = None,
+    fixed_point_iters: int = 0,
     return_intermediates: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """DDIM inversion: clean ``x_start`` -> x_T at the last index of ``diffusion`` (deterministic, no key).
@@ -232,7 +243,7 @@ def ddim_reverse_loop(
     """
 
     def body(x, t):
-        out = ddim_reverse_sample(diffusion, denoise_fn, x, t, cond)
+        out = ddim_reverse_sample(diffusion, denoise_fn, x, t, cond, fixed_point_iters)
         ys = None
         if return_intermediates:
             ys = dict(x=out["sample"], pred_xstart=out["pred_xstart"], t=diffusion.model_timesteps(t))

@@ -281,6 +281,9 @@ class CocoSource(_ImageChecks, Source):
     Args:
       split: a key of :data:`COCO_SPLITS` or any tfds split string.
       data_dir: tfds data dir (None: tfds default).
+      skip_decoding: read JPEG bytes and decode them here (default). False lets tfds
+        decode (needed under ``tfds.testing.mock_data``, whose random sequences break
+        with custom decoders); a corrupt JPEG then stops the stream instead of being counted.
     """
 
     def __init__(
@@ -293,16 +296,21 @@ class CocoSource(_ImageChecks, Source):
         min_size: int = DEFAULT_MIN_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+        skip_decoding: bool = True,
     ):
         import tensorflow_datasets as tfds
 
+        self.skip_decoding = skip_decoding
         if captions not in ("all", "first"):
             raise ValueError(f"CocoSource captions={captions!r}: expected 'all' or 'first'")
         _ImageChecks.__init__(self, image_size, min_size, max_pixels, max_caption_chars)
         self.split = COCO_SPLITS.get(split, split)
         self.captions, self.data_dir, self.tfds_name = captions, data_dir, name
         self.builder = tfds.builder(name, data_dir=data_dir)
-        self._len = int(self.builder.info.splits[self.split].num_examples)
+        try:
+            self._len = int(self.builder.info.splits[self.split].num_examples)
+        except KeyError:  # no split metadata (tfds mock data): count the records once
+            self._len = sum(1 for _ in self._stream())
         self.name = f"coco({self.split})"
         self._it = None
         self._pos = 0
@@ -313,9 +321,8 @@ class CocoSource(_ImageChecks, Source):
     def _stream(self):
         import tensorflow_datasets as tfds
 
-        ds = self.builder.as_dataset(
-            split=self.split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-        )
+        decoders = {"image": tfds.decode.SkipDecoding()} if self.skip_decoding else None
+        ds = self.builder.as_dataset(split=self.split, shuffle_files=False, decoders=decoders)
         return iter(tfds.as_numpy(ds))
 
     def iter_items(self, start: int, stop: int) -> Iterator[tuple[int, Item]]:
@@ -338,6 +345,8 @@ class CocoSource(_ImageChecks, Source):
         image_id = int(rec["image/id"])
         texts = list(rec["captions"]["text"])
         cap_ids = [int(c) for c in rec["captions"]["id"]]
+        if len(cap_ids) != len(texts) or len(set(cap_ids)) != len(cap_ids):  # ids are only for naming
+            cap_ids = list(range(len(texts)))
         if not texts:
             return BadInput("empty_caption", f"coco image {image_id}: no captions")
         if self.captions == "first":

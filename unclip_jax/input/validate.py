@@ -247,13 +247,26 @@ def center_crop_arr(arr: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def load_example_image(
-    data: bytes | None,
+    data: bytes | np.ndarray | None,
     image_size: int | None,
     *,
     min_size: int = DEFAULT_MIN_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     where: str = "",
 ) -> np.ndarray:
-    """:func:`decode_image` then :func:`center_crop_arr` (if ``image_size`` is given)."""
+    """:func:`decode_image` then :func:`center_crop_arr` (if ``image_size`` is given).
+
+    ``data`` may also be an already decoded uint8 [H, W, C] array (C = 1, 3 or 4); it
+    gets the same size checks.
+    """
+    if isinstance(data, np.ndarray) and data.ndim == 3:
+        h, w = data.shape[:2]
+        if h * w > max_pixels:
+            raise BadInput("decompression_bomb", f"{where}: {w}x{h} > {max_pixels} pixels")
+        if min(h, w) < min_size:
+            raise BadInput("too_small", f"{where}: {w}x{h}, shorter side < {min_size}")
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[data.shape[-1]]
+        arr = to_rgb_array(Image.fromarray(np.asarray(data[..., 0] if mode == "L" else data, np.uint8), mode))
+        return arr if image_size is None else center_crop_arr(arr, image_size)
     arr = decode_image(data, min_size=min_size, max_pixels=max_pixels, where=where)
     return arr if image_size is None else center_crop_arr(arr, image_size)

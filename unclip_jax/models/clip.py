@@ -276,7 +276,9 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        common = dict(projection_dim=self.projection_dim, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(
+            projection_dim=self.projection_dim, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         self.text_model = CLIPTextModel(**{**dict(self.text or {}), **common})
         self.vision_model = CLIPVisionModel(**{**dict(self.vision or {}), **common})
         self.logit_scale = self.param(

@@ -77,15 +77,15 @@ def resize_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
     """
     if mode not in RESIZE_MODES:
         raise ValueError(f"inception resize mode {mode!r}: expected one of {RESIZE_MODES}")
-    scale = in_size / out_size
-    dst = np.arange(out_size, dtype=np.float64)
     if mode == "tf_legacy":
-        src = np.clip(dst * scale, 0.0, in_size - 1)
+        src = np.clip(np.arange(out_size, dtype=np.float64) * (in_size / out_size), 0.0, in_size - 1)
     else:
-        src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+        # PyTorch's upsample_bilinear2d: float32 scale, source index as one fused multiply-add rounded to float32.
+        scale = np.float64(np.float32(in_size) / np.float32(out_size))
+        src = np.maximum((scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32), np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    l1 = src - i0
+    l1 = np.clip(src - src.dtype.type(i0), 0, 1).astype(np.float64)
     m = np.zeros((out_size, in_size), np.float64)
     np.add.at(m, (np.arange(out_size), i0), 1.0 - l1)
     np.add.at(m, (np.arange(out_size), i1), l1)

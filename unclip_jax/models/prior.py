@@ -222,7 +222,12 @@ class PriorTransformer(nn.Module):
         timestep = jnp.broadcast_to(jnp.asarray(timestep), (b,))
         t_feat = timestep_embedding(timestep, width, flip_sin_to_cos=True, downscale_freq_shift=0.0)
         time_emb = TimestepEmbedding(
-            self.time_embed_dim or width, width, self.time_embed_act_fn, self.dtype, self.param_dtype, name="time_embedding"
+            self.time_embed_dim or width,
+            width,
+            self.time_embed_act_fn,
+            self.dtype,
+            self.param_dtype,
+            name="time_embedding",
         )(t_feat.astype(self.dtype))
 
         if self.embedding_proj_norm_type == "layer":

@@ -1,0 +1,49 @@
+"""python -m unclip_jax.main --config=experiments/clip.py:tiny --workdir=workdirs/clip --config.data.folder=DATA/prepare
+
+A CLIP trained from scratch with the symmetric contrastive loss and a learned temperature
+(Radford et al. 2021), for the built-in demo; for real data import a pretrained CLIP with
+``unclip convert`` instead. ``data.folder`` is a "prepare" shard folder (the clip
+pipeline tokenises the captions).
+
+Variants: test (32x32, seconds on CPU), tiny (64x64 demo CLIP), bench, karlo (ViT-L/14
+shape), paper (ViT-H/16 shape). Optimiser after CLIP's paper (AdamW, b2 0.98, eps 1e-6,
+weight decay 0.2, cosine schedule).
+"""
+
+from unclip_jax.train.defaults import base_config
+
+VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
+
+
+def get_config(arg: str = "test"):
+    if arg not in VARIANTS:
+        raise ValueError(f"experiments/clip.py:{arg}: expected one of {VARIANTS}")
+    c = base_config("clip")
+    c.optim.b2, c.optim.eps, c.optim.weight_decay = 0.98, 1e-6, 0.2
+    c.optim.schedule = "cosine"
+    c.ema.decay = 0.999
+    if arg == "test":
+        c.model.variant = "test"
+        c.data.image_size = 32
+        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
+        c.optim.lr, c.optim.schedule = 1e-3, "constant"
+        c.ema.decay = 0.99
+        c.checkpoint.every = 10
+        c.data.read_threads, c.data.prefetch_batches = 1, 0
+    elif arg in ("tiny", "bench"):
+        c.model.variant = "tiny"
+        c.data.image_size = 64
+        c.batch_size, c.total_steps, c.log_every = 64, 2000, 50
+        c.optim.lr, c.optim.warmup_steps = 5e-4, 100
+        c.checkpoint.every = 500
+        if arg == "bench":
+            c.total_steps, c.export.at_end = 100, False
+    else:
+        c.model.variant = arg
+        c.data.image_size = 224 if arg == "karlo" else 256
+        c.batch_size, c.total_steps = 32768, 400_000
+        c.optim.lr, c.optim.warmup_steps = 5e-4, 2000
+        c.model.dtype = "bfloat16"
+        c.mesh.rules, c.mesh.data, c.mesh.fsdp = "fsdp", 1, -1
+        c.checkpoint.every = 5000
+    return c

@@ -1,0 +1,49 @@
+"""python -m unclip_jax.main --config=experiments/decoder.py:tiny --workdir=workdirs/decoder --config.data.folder=DATA/embed
+
+The 64x64 decoder (paper section 2.1): GLIDE-style U-Net conditioned on the CLIP image
+embedding (4 extra context tokens + additive time embedding) and the caption; hybrid loss
+with learned-range variance (Improved DDPM); CLIP embedding dropped 10% (learned
+embedding) and caption dropped 50%, independently, for classifier-free guidance.
+
+Variants: test (16x16, pairs with clip ``test``), tiny (the CPU demo: decoder ``bench``
+size at 64x64, pairs with clip ``tiny``), bench, karlo (fine-tune Karlo's decoder),
+paper (appendix C table 3).
+"""
+
+from unclip_jax.train.defaults import apply_table3, base_config
+
+VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
+
+
+def get_config(arg: str = "test"):
+    if arg not in VARIANTS:
+        raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS}")
+    c = base_config("decoder")
+    c.diffusion.mean_type = "epsilon"
+    c.diffusion.var_type = "learned_range"
+    c.diffusion.loss_type = "hybrid"
+    c.diffusion.clip_denoised = 1.0
+    if arg == "test":
+        c.model.variant = "test"
+        c.data.image_size = 16
+        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
+        c.optim.lr = 1e-3
+        c.ema.decay = 0.99
+        c.diffusion.sample_steps = "unclip8"
+        c.checkpoint.every = 10
+        c.data.read_threads, c.data.prefetch_batches = 1, 0
+    elif arg in ("tiny", "bench"):
+        c.model.variant = "bench"
+        c.data.image_size = 64
+        c.batch_size, c.total_steps, c.log_every = 32, 3000, 50
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
+        c.ema.decay, c.ema.warmup = 0.999, True
+        c.diffusion.sample_steps = "unclip25"
+        c.checkpoint.every = 500
+        c.preview_every = 1000
+        if arg == "bench":
+            c.total_steps, c.export.at_end = 100, False
+    else:
+        apply_table3(c, "decoder")
+        c.model.variant = arg
+    return c

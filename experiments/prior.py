@@ -1,0 +1,54 @@
+"""python -m unclip_jax.main --config=experiments/prior.py:tiny --workdir=workdirs/prior --config.data.folder=DATA/embed
+
+The diffusion prior (paper section 2.2): x0-prediction on normalised CLIP image
+embeddings, caption dropped 10% for classifier-free guidance. ``data.folder`` is an
+"embed" shard folder of :mod:`unclip_jax.input.precompute` (its ``image_embed_stats.npz``
+normalises the targets).
+
+Variants (``:arg``): test (seconds on CPU, pairs with clip ``test``), tiny (the CPU demo:
+prior ``bench`` size, pairs with clip ``tiny``), bench (throughput), karlo (fine-tune the
+Karlo prior: CLIP ViT-L/14, the empty caption as null input), paper (appendix C table 3).
+"""
+
+from unclip_jax.train.defaults import apply_table3, base_config
+
+VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
+
+
+def get_config(arg: str = "test"):
+    if arg not in VARIANTS:
+        raise ValueError(f"experiments/prior.py:{arg}: expected one of {VARIANTS}")
+    c = base_config("prior")
+    c.diffusion.mean_type = "x_start"
+    c.diffusion.var_type = "fixed_small_log"
+    c.diffusion.clip_denoised = 5.0  # Karlo's prior clip_sample_range
+    c.model.overrides.learned_null_text = True
+    c.optim.weight_decay = 6.0e-2
+    c.optim.b2 = 0.96
+    c.optim.eps = 1e-6
+    if arg == "test":
+        c.model.variant = "test"
+        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
+        c.optim.lr = 1e-3
+        c.ema.decay = 0.99
+        c.diffusion.sample_steps = "unclip8"
+        c.checkpoint.every = 10
+        c.data.read_threads, c.data.prefetch_batches = 1, 0
+    elif arg in ("tiny", "bench"):
+        c.model.variant = "bench"
+        c.batch_size, c.total_steps, c.log_every = 64, 3000, 50
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
+        c.ema.decay, c.ema.warmup = 0.999, True
+        c.diffusion.sample_steps = "unclip25"
+        c.checkpoint.every = 500
+        c.preview_every = 1000
+        if arg == "bench":
+            c.total_steps, c.export.at_end = 100, False
+    elif arg == "karlo":
+        apply_table3(c, "prior")
+        c.model.variant = "karlo"
+        c.model.overrides.learned_null_text = False  # Karlo: CLIP("") is the unconditional input
+    else:
+        apply_table3(c, "prior")
+        c.model.variant = "paper"
+    return c

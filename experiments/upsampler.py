@@ -1,0 +1,53 @@
+"""python -m unclip_jax.main --config=experiments/upsampler.py:tiny --workdir=workdirs/upsampler --config.data.folder=DATA/prepare
+
+The super-resolution U-Nets (paper section 2.1, appendix C), trained on random crops with
+eps MSE. ``arg`` is a variant, optionally with ``_1024`` for the second stage:
+
+- stage 1 (64 -> 256): Gaussian-blur degradation, cosine schedule, DDIM 27 for previews;
+- stage 2 (256 -> 1024, ``experiments/upsampler_1024.py`` or ``:<variant>_1024``): BSR
+  degradation, linear schedule, DDIM 15.
+
+Variants: test (tiny crops, seconds on CPU), tiny (the CPU demo), bench, karlo, paper.
+"""
+
+from unclip_jax.train.defaults import apply_table3, base_config
+
+VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
+
+
+def get_config(arg: str = "test"):
+    variant, stage2 = (arg[: -len("_1024")], True) if arg.endswith("_1024") else (arg, False)
+    if variant not in VARIANTS:
+        raise ValueError(f"experiments/upsampler.py:{arg}: expected one of {VARIANTS} (optionally + '_1024')")
+    c = base_config("upsampler")
+    c.diffusion.mean_type = "epsilon"
+    c.diffusion.var_type = "fixed_small_log"
+    c.diffusion.clip_denoised = 1.0
+    c.diffusion.schedule = "linear" if stage2 else "cosine"
+    c.diffusion.sample_steps = "ddim15" if stage2 else "ddim27"
+    c.data.degradation = "bsr" if stage2 else "blur"
+    c.data.target_size = 1024 if stage2 else 256
+    c.data.crop_fraction = 0.25
+    c.data.low_res_factor = 4
+    if variant == "test":
+        c.model.variant = "test"
+        c.data.target_size, c.data.crop_fraction = 32, 0.5  # 16x16 crops of 4x4 low-res
+        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
+        c.optim.lr = 1e-3
+        c.ema.decay = 0.99
+        c.diffusion.sample_steps = "ddim5"
+        c.checkpoint.every = 10
+        c.data.read_threads, c.data.prefetch_batches = 1, 0
+    elif variant in ("tiny", "bench"):
+        c.model.variant = "bench"
+        c.batch_size, c.total_steps, c.log_every = 16, 3000, 50
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
+        c.ema.decay, c.ema.warmup = 0.999, True
+        c.checkpoint.every = 500
+        c.preview_every = 1000
+        if variant == "bench":
+            c.total_steps, c.export.at_end = 100, False
+    else:
+        apply_table3(c, "upsampler_1024" if stage2 else "upsampler")
+        c.model.variant = "paper_1024" if stage2 and variant == "paper" else variant
+    return c

@@ -1,0 +1,212 @@
+"""The unCLIP decoder (models/decoder.py): parity with diffusers UNet2DConditionModel + UnCLIPTextProjModel,
+classifier-free-guidance dropouts, bf16, and parameter counts of the big variants."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.convert import decoder as cd
+from unclip_jax.models import decoder
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _inputs(m: decoder.UnCLIPDecoder, b: int, size: tuple[int, int], length: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    d = m.clip_embeddings_dim
+    mask = np.ones((b, length), bool)
+    mask[0, length // 2 :] = False
+    return dict(
+        x_t=rng.standard_normal((b, *size, m.in_channels)).astype(np.float32),
+        t=rng.integers(0, 1000, b).astype(np.int32),
+        image_embeds=rng.standard_normal((b, d)).astype(np.float32),
+        text_embeds=rng.standard_normal((b, d)).astype(np.float32),
+        text_hidden_states=rng.standard_normal((b, length, d)).astype(np.float32),
+        text_mask=mask,
+    )
+
+
+def _perturb_flax(params, scale=0.05, seed=1):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def test_model():
+    """The 'test' variant with perturbed (non-zero everywhere) params, and its jitted apply."""
+    m = decoder.build("test")
+    inp = _inputs(m, 2, (16, 16), 5)
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), **inp))
+    return m, _perturb_flax(params), inp, jax.jit(m.apply)
+
+
+def test_shapes_and_guidance_dropouts(test_model):
+    m, params, inp, apply = test_model
+    out = apply(params, **inp)
+    assert out.shape == (2, 16, 16, 6) and bool(jnp.isfinite(out).all())
+    # Dropping z_i == feeding the learned classifier-free-guidance embedding as z_i.
+    cf = params["params"]["text_proj"]["learned_classifier_free_guidance_embeddings"]
+    dropped = apply(params, **inp, drop_image_embeds=jnp.array([True, False]))
+    fed = apply(params, **{**inp, "image_embeds": jnp.stack([cf, inp["image_embeds"][1]])})
+    np.testing.assert_allclose(dropped, fed, atol=1e-6)
+    assert float(jnp.abs(dropped[0] - out[0]).max()) > 1e-3
+    np.testing.assert_allclose(dropped[1], out[1], atol=1e-6)
+    # Dropping the caption == calling with the null caption.
+    d = m.clip_embeddings_dim
+    null = (jnp.full((1, d), 0.5), jnp.full((1, 5, d), -0.25), jnp.array([[True, False, False, False, False]]))
+    dropped = apply(params, **inp, drop_caption=jnp.array([False, True]), null_caption=null)
+    swapped = dict(inp)
+    for key, value in zip(("text_embeds", "text_hidden_states", "text_mask"), null):
+        swapped[key] = np.stack([inp[key][0], np.asarray(value[0])])
+    direct = apply(params, **swapped)
+    np.testing.assert_allclose(dropped, direct, atol=1e-6)
+    with pytest.raises(ValueError, match="null_caption"):
+        m.apply(params, **inp, drop_caption=jnp.array([False, True]))
+
+
+def test_bf16_and_other_sizes(test_model):
+    m, params, inp, _ = test_model
+    m16 = decoder.build("test", dtype=jnp.bfloat16)
+    small = _inputs(m, 3, (8, 24), 2, seed=3)  # any multiple of the downsampling factor, other batch/length
+    out16 = jax.jit(m16.apply)(params, **small)
+    out32 = jax.jit(m.apply)(params, **small)
+    assert out16.dtype == jnp.bfloat16 and out16.shape == (3, 8, 24, 6)
+    assert float(jnp.abs(out16.astype(jnp.float32) - out32).max()) < 0.1 * float(jnp.abs(out32).max())
+    with pytest.raises(ValueError, match="multiples of 2"):
+        m.apply(params, **{**small, "x_t": small["x_t"][:, :7]})
+
+
+# Two parity configurations derived from the 'test' variant: they vary block channels, blocks per level,
+# which levels attend, head dim, time conditioning, context length, image size and batch.
+PARITY = {
+    "A": (
+        dict(
+            channel_mult=(1, 2, 3),
+            attention_resolutions=(2, 4),
+            context_dim=48,
+            clip_embeddings_dim=24,
+        ),
+        dict(b=2, size=(16, 16), length=5),
+    ),
+    "B": (
+        dict(
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=2,
+            attention_resolutions=(1, 2),
+            num_head_channels=8,
+            use_scale_shift_norm=False,
+            context_dim=32,
+            clip_embeddings_dim=16,
+            norm_num_groups=4,
+        ),
+        dict(b=3, size=(8, 12), length=3),
+    ),
+}
+
+
+def _torch_reference(torch, m: decoder.UnCLIPDecoder, folder):
+    """Random diffusers decoder + text_proj with the config our exporter writes for ``m``, saved to ``folder``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    unet = UNet2DConditionModel.from_config(cd.decoder_config(decoder.Decoder(**m.unet_kwargs())))
+    proj = UnCLIPTextProjModel.from_config(cd.text_proj_config(decoder.UnCLIPTextProj(**m.text_proj_kwargs())))
+    with torch.no_grad():
+        for p in [*unet.parameters(), *proj.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    unet.eval().save_pretrained(folder / "decoder")
+    proj.eval().save_pretrained(folder / "text_proj")
+    return unet, proj
+
+
+def _torch_forward(torch, unet, proj, inp, cfg_guidance=False):
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inp.items()}
+    with torch.no_grad():
+        ctx, add = proj(
+            image_embeddings=t["image_embeds"],
+            prompt_embeds=t["text_embeds"],
+            text_encoder_hidden_states=t["text_hidden_states"],
+            do_classifier_free_guidance=cfg_guidance,
+        )
+        mask = torch.nn.functional.pad(t["text_mask"], (proj.clip_extra_context_tokens, 0), value=True)
+        x = t["x_t"].permute(0, 3, 1, 2)
+        out = unet(x, t["t"], encoder_hidden_states=ctx, class_labels=add, attention_mask=mask).sample
+    return out.permute(0, 2, 3, 1).numpy(), ctx.numpy(), add.numpy()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", sorted(PARITY))
+def test_matches_diffusers(torch_threads, tmp_path, name):
+    torch = torch_threads
+    overrides, shape = PARITY[name]
+    m = decoder.build("test", **overrides)
+    unet, proj = _torch_reference(torch, m, tmp_path)
+    module, variables = cd.load_unclip_decoder(tmp_path)
+    assert module == m
+    inp = _inputs(m, shape["b"], shape["size"], shape["length"], seed=5)
+    want, _, _ = _torch_forward(torch, unet, proj, inp)
+    got = np.asarray(jax.jit(module.apply)(variables, **inp))
+    diff = float(np.abs(got - want).max())
+    print(f"decoder parity {name}: max abs diff {diff:.2e} (output max {np.abs(want).max():.2f})")
+    assert diff <= 1e-4, diff
+    if name == "A":
+        # diffusers' sampling-time CFG path: the learned embedding is prepended for the unconditional half.
+        half = {k: v[:1] for k, v in inp.items() if k == "image_embeds"}
+        tp = decoder.UnCLIPTextProj(**m.text_proj_kwargs())
+        ctx, add = tp.apply(
+            {"params": variables["params"]["text_proj"]},
+            half["image_embeds"],
+            inp["text_embeds"],
+            inp["text_hidden_states"],
+            do_classifier_free_guidance=True,
+        )
+        _, want_ctx, want_add = _torch_forward(torch, unet, proj, {**inp, **half}, cfg_guidance=True)
+        assert max(np.abs(ctx - want_ctx).max(), np.abs(add - want_add).max()) <= 1e-5
+
+
+@pytest.mark.torch
+def test_parameter_counts(torch_threads):
+    torch = torch_threads
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    counts = {}
+    for variant in ("karlo", "paper"):
+        m = decoder.build(variant)
+        d = m.clip_embeddings_dim
+        shapes = jax.eval_shape(
+            lambda m=m, d=d: m.init(
+                jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)), jnp.zeros((1, d)), jnp.zeros((1, d)),
+                jnp.zeros((1, 77, d)),
+            )
+        )
+        counts[variant] = _count(nn.unbox(shapes)["params"])
+        print(f"decoder {variant}: {counts[variant] / 1e6:.1f}M parameters (U-Net + text projection)")
+    # Karlo: the same config in diffusers (meta device: no memory) has the same number of parameters.
+    karlo = decoder.build("karlo")
+    cfg = cd.decoder_config(decoder.Decoder(**karlo.unet_kwargs()))
+    assert cfg["block_out_channels"] == [320, 640, 960, 1280] and cfg["layers_per_block"] == 3
+    assert cfg["down_block_types"] == ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3
+    assert cfg["up_block_types"] == ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"]
+    assert (cfg["cross_attention_dim"], cfg["attention_head_dim"]) == (1536, 64)
+    with torch.device("meta"):
+        ref = sum(p.numel() for p in UNet2DConditionModel.from_config(cfg).parameters())
+        ref += sum(
+            p.numel()
+            for p in UnCLIPTextProjModel.from_config(
+                cd.text_proj_config(decoder.UnCLIPTextProj(**karlo.text_proj_kwargs()))
+            ).parameters()
+        )
+    assert counts["karlo"] == ref
+    assert 0.85e9 < counts["karlo"] < 0.95e9  # "decoder 900M" (Karlo model card)
+    # Paper: the U-Net (+ CLIP projections) of GLIDE's 3.5B model; its 24x2048 caption transformer (~1.2B) is
+    # the rest of the 3.5B.
+    assert 2.0e9 < counts["paper"] < 2.5e9

@@ -1,0 +1,87 @@
+"""Training entry point (absl flags + ml_collections config files).
+
+    python -m unclip_jax.main --config=experiments/decoder.py:test --workdir=DIR --config.optim.lr=1e-4
+    python -m unclip_jax.main --config=experiments/decoder.py:test --workdir=DIR --mode=export [--export_dir=OUT]
+    unclip train --config=... --workdir=...          # the same, through the `unclip` command
+
+``--mode=train`` (default) trains, resuming from ``DIR/checkpoints`` when present;
+``--mode=export`` writes the EMA params of the latest checkpoint as a params-only native
+folder (:func:`unclip_jax.convert.native.load_native` reads it). An unknown config field,
+a value of the wrong type, or a mesh that does not divide the devices is an error naming
+the field. Multi-host: set ``--config.distributed.coordinator_address=HOST:PORT``,
+``--config.distributed.num_processes=N`` and ``--config.distributed.process_id=I`` (or
+``--config.distributed.auto=True`` on TPU pods / SLURM) on every process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file(
+    "config", None, "experiment file, e.g. experiments/decoder.py:test", flag_values=FLAGS, lock_config=True
+)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics, previews and exports go here", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "mode", "train", ["train", "export"], "train, or export the latest checkpoint's EMA params", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "export_dir", None, "--mode=export: output folder (default WORKDIR/export/ema_<step>)", flag_values=FLAGS
+)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run saved a checkpoint and should be restarted
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("unclip_jax").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv`` (argv[0] is the program name) and runs; returns the exit code.
+
+    Returns 0 when training finished, 143 when it stopped on SIGTERM after saving a
+    checkpoint, 2 on a usage error, 1 on a non-finite loss.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        FLAGS.unparse_flags()
+        FLAGS(argv)
+    except flags.Error as e:
+        print(f"{argv[0] if argv else 'unclip_jax.main'}: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.config is None or FLAGS.workdir is None:
+        print(
+            "usage: --config=experiments/<stage>.py:<variant> --workdir=DIR [--config.<field>=value ...]",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_logging()
+    config = FLAGS.config
+
+    from unclip_jax import parallel
+
+    parallel.initialize_distributed(config.get("distributed"))
+
+    from unclip_jax.train import loop, metrics
+
+    if FLAGS.mode == "export":
+        out = loop.export_from_checkpoint(config, FLAGS.workdir, FLAGS.export_dir)
+        print(out)
+        return 0
+    try:
+        result = loop.train_and_evaluate(config, FLAGS.workdir)
+    except metrics.NonFiniteLossError as e:
+        logging.getLogger("unclip_jax.train").error("%s", e)
+        return 1
+    return EXIT_PREEMPTED if result.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

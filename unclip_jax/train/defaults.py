@@ -1,0 +1,138 @@
+"""The fields every experiment config has, with their defaults (experiments/<stage>.py start from here).
+
+Experiments are ``ml_collections.ConfigDict`` s; the command line overrides any field
+(``--config.optim.lr=1e-4``) and an unknown field or a wrong type is an error naming it.
+Fields that may be "unset" use typed empty values ('' / 0) instead of None so that
+overrides keep their types.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("prior", "decoder", "upsampler", "clip")
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    """Defaults for ``stage``; see each sub-dict's module for the meaning of its fields."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 64  # global, over all processes
+    c.log_every = 50
+    c.preview_every = 0  # 0 = no previews
+    c.preview_count = 4
+
+    # unclip_jax.train.tasks
+    c.task = ml_collections.ConfigDict()
+    c.task.name = stage
+    c.task.drop_text_prob = 0.1  # prior: caption dropped 10% (section 2.2)
+    c.task.drop_image_prob = 0.1  # decoder: CLIP embedding -> learned embedding 10% (section 2.1)
+    c.task.drop_caption_prob = 0.5  # decoder: caption dropped 50% (section 2.1)
+    c.task.stats = ""  # prior: .npz with mean/std; '' = <data.folder>/image_embed_stats.npz if present
+    c.task.null_caption = ""  # .npz of CLIP(""): text_embeds/text_hidden_states/text_mask; '' = data folder's
+
+    # unclip_jax.models.<stage>.build(variant, **overrides)
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "test"
+    c.model.dtype = "float32"  # compute dtype ('bfloat16' for mixed precision)
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+    c.model.overrides = ml_collections.ConfigDict()
+
+    # unclip_jax.diffusion (unused by clip)
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.steps = 1000
+    c.diffusion.schedule = "cosine"
+    c.diffusion.mean_type = "epsilon"
+    c.diffusion.var_type = "fixed_small_log"
+    c.diffusion.loss_type = "mse"
+    c.diffusion.clip_denoised = 1.0  # <= 0: no clipping
+    c.diffusion.vlb_weight = 0.001
+    c.diffusion.sample_steps = "unclip25"  # previews
+
+    # unclip_jax.train.optim
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.optim.decay_steps = 0
+    c.optim.end_lr_factor = 0.0
+    c.optim.grad_clip_norm = 1.0
+    c.optim.grad_accum_steps = 1
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.9999
+    c.ema.warmup = False
+
+    # unclip_jax.parallel
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = "data"
+    c.mesh.rules_override = ()
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # '' = single process (or UNCLIP_COORDINATOR)
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.auto = False  # TPU pods / SLURM: jax.distributed.initialize() detects everything
+
+    # unclip_jax.input.pipelines.PipelineConfig fields + the shard folder
+    c.data = ml_collections.ConfigDict()
+    c.data.folder = ""
+    c.data.shuffle = True
+    c.data.image_size = 64
+    c.data.target_size = 256
+    c.data.crop_fraction = 0.25
+    c.data.low_res_factor = 4
+    c.data.degradation = "blur"
+    c.data.read_threads = 4
+    c.data.read_buffer = 64
+    c.data.prefetch_batches = 2
+    c.data.worker_count = 0
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.at_end = True
+    return c
+
+
+def apply_table3(c: ml_collections.ConfigDict, column: str) -> ml_collections.ConfigDict:
+    """Paper appendix C table 3 hyperparameters of one column (AdamW beta1 = 0.9 throughout).
+
+    Columns: 'prior' (diffusion prior), 'decoder' (64), 'upsampler' (64->256), 'upsampler_1024'.
+    Warm-up, schedule, clipping and precision are not stated in the paper; the values here
+    are ours (10k warm-up steps, constant, clip 1.0, bfloat16 compute with float32 params).
+    """
+    table = {
+        # steps, schedule, batch, iters, lr, b2, eps, wd, ema, sample steps
+        "prior": (1000, "cosine", 4096, 600_000, 1.1e-4, 0.96, 1e-6, 6.0e-2, 0.9999, "unclip64"),
+        "decoder": (1000, "cosine", 2048, 800_000, 1.2e-4, 0.999, 1e-8, 0.0, 0.9999, "250"),
+        "upsampler": (1000, "cosine", 1024, 1_000_000, 1.2e-4, 0.999, 1e-8, 0.0, 0.9999, "ddim27"),
+        "upsampler_1024": (1000, "linear", 512, 1_000_000, 1.0e-4, 0.999, 1e-8, 0.0, 0.9999, "ddim15"),
+    }
+    steps, sched, batch, iters, lr, b2, eps, wd, ema, sample = table[column]
+    c.diffusion.steps, c.diffusion.schedule, c.diffusion.sample_steps = steps, sched, sample
+    c.batch_size, c.total_steps = batch, iters
+    c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay = lr, 0.9, b2, eps, wd
+    c.optim.warmup_steps, c.optim.schedule, c.optim.grad_clip_norm = 10_000, "constant", 1.0
+    c.ema.decay = ema
+    c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+    c.mesh.rules = "fsdp"
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.checkpoint.every = 5000
+    c.log_every = 100
+    c.preview_every = 10_000
+    return c

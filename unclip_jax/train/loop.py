@@ -1,0 +1,434 @@
+"""The one train loop for every stage: ``train_and_evaluate(config, workdir)``.
+
+Flow (flax lm1b / big_vision style):
+
+1. mesh + logical rules from ``config.mesh`` (:mod:`unclip_jax.parallel`);
+2. the task (``config.task.name``) and its model / diffusion (:mod:`unclip_jax.train.tasks`);
+3. the stage's grain pipeline (:mod:`unclip_jax.input.pipelines`), each process loading
+   its own share of the global batch;
+4. abstract-first state: ``jax.eval_shape(init)`` -> logical specs -> ``NamedSharding`` s
+   -> either ``jit(init, out_shardings)`` or, when ``WORKDIR/checkpoints`` has one, an
+   Orbax restore onto those shardings (automatic resume, any mesh);
+5. ``train_step(state, batch) -> (state, metrics)``: pure, ``jit`` with in/out shardings
+   and the state donated; the step's RNG is ``fold_in(PRNGKey(config.seed), step)``;
+   gradient accumulation scans over ``config.optim.grad_accum_steps`` microbatches;
+6. host work only every ``config.log_every`` steps (metrics, NaN check, progress line),
+   ``config.checkpoint.every`` steps (async save with the iterator state) and
+   ``config.preview_every`` steps (``task.sample`` -> PNG grid / preview metrics);
+7. at the end (or on SIGTERM) a final checkpoint; at the end also the params-only export
+   of the EMA weights to ``WORKDIR/export/ema``.
+
+A non-finite loss raises :class:`~unclip_jax.train.metrics.NonFiniteLossError` naming the
+first bad step; states from that step on are never saved. Metrics are checked before
+every save, so the last checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from unclip_jax import parallel
+from unclip_jax.train import checkpoint as ckpt_lib
+from unclip_jax.train import metrics as metrics_lib
+from unclip_jax.train import optim
+from unclip_jax.train import state as state_lib
+from unclip_jax.train.tasks import Task, make_task
+
+log = logging.getLogger("unclip_jax.train")
+
+
+# ----------------------------------------------------------------------------- data
+def make_train_iterator(config: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The stage's grain iterator over ``config.data.folder`` (checkpointable ``get_state`` / ``set_state``).
+
+    ``config.data`` fields with the names of :class:`unclip_jax.input.pipelines.PipelineConfig`
+    are passed through; the stage is ``config.task.name`` and the batch ``config.batch_size``.
+    """
+    from unclip_jax.input import pipelines
+
+    data = config.data
+    folder = data.get("folder", "")
+    if not folder:
+        raise ValueError("config.data.folder is empty: set it to a finished shard folder (unclip_jax.input.precompute)")
+    fields = {f.name for f in dataclasses.fields(pipelines.PipelineConfig)} - {"stage", "global_batch_size"}
+    kw = {k: v for k, v in data.items() if k in fields and v is not None}
+    kw.setdefault("seed", int(config.seed))
+    pcfg = pipelines.PipelineConfig(stage=config.task.name, global_batch_size=int(config.batch_size), **kw)
+    tokenizer = None
+    if config.task.name == "clip":
+        from unclip_jax.input.tokenizer import ClipTokenizer
+
+        tokenizer = ClipTokenizer()
+    return iter(pipelines.make_pipeline(pcfg, folder, tokenizer=tokenizer))
+
+
+def peek(data_iter: Any) -> dict[str, np.ndarray]:
+    """The next batch without consuming it (grain iterators: get_state / next / set_state)."""
+    saved = data_iter.get_state()
+    batch = next(data_iter)
+    data_iter.set_state(saved)
+    return batch
+
+
+# ----------------------------------------------------------------------------- state & step
+def make_init_fn(task: Task, tx: optax.GradientTransformation) -> Callable[[jax.Array, Any], state_lib.TrainState]:
+    """``init(rng, batch) -> TrainState`` with ``nn.Partitioned`` boxes (for abstract-first sharding)."""
+
+    def init(rng: jax.Array, batch: Any) -> state_lib.TrainState:
+        variables = task.init(rng, batch)
+        variables = dict(variables)
+        params = variables.pop("params")
+        extra = nn.unbox(variables)
+        return state_lib.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+            extra=extra,
+        )
+
+    return init
+
+
+def init_state(
+    task: Task,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    batch: Any,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+) -> tuple[state_lib.TrainState, Any, Any]:
+    """Initialises the state directly into its shards.
+
+    Returns:
+      (state, state shardings, abstract unboxed state).
+    """
+    init = make_init_fn(task, tx)
+    abstract, shardings = parallel.abstract_init(init, rng, batch, mesh=mesh, rules=rules)
+    with parallel.mesh_context(mesh, rules):
+        state = jax.jit(lambda r, b: nn.unbox(init(r, b)), out_shardings=shardings)(rng, batch)
+    return state, shardings, nn.unbox(abstract)
+
+
+def abstract_state(task: Task, tx: optax.GradientTransformation, batch: Any, mesh, rules) -> tuple[Any, Any]:
+    """(abstract unboxed state, shardings) without computing anything (restore target)."""
+    abstract, shardings = parallel.abstract_init(
+        make_init_fn(task, tx), jax.random.PRNGKey(0), batch, mesh=mesh, rules=rules
+    )
+    return nn.unbox(abstract), shardings
+
+
+def _microbatches(batch: Any, k: int) -> Any:
+    """[B, ...] -> [k, B/k, ...] with microbatch j = rows j, j+k, ... (keeps each device's rows local)."""
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"config.optim.grad_accum_steps={k} does not divide the batch of {x.shape[0]}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    base_rng: jax.Array,
+    ema_decay: float,
+    ema_warmup: bool = False,
+    grad_accum_steps: int = 1,
+) -> Callable[[state_lib.TrainState, Any], tuple[state_lib.TrainState, dict[str, jax.Array]]]:
+    """The pure ``train_step(state, batch) -> (state, metrics)`` (metrics keys ``train/...``)."""
+
+    def train_step(state: state_lib.TrainState, batch: Any) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(base_rng, state.step)
+
+        def loss_fn(params, micro, r):
+            return task.loss(params, micro, r, state.extra)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if grad_accum_steps <= 1:
+            (_, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = _microbatches(batch, grad_accum_steps)
+
+            def body(carry, xs):
+                g_acc, m_acc = carry
+                mb, j = xs
+                (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, j))
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            m_shape = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(grad_accum_steps)))
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            aux = jax.tree.map(lambda m: m / grad_accum_steps, aux)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = state_lib.ema_decay(state.step, ema_decay, ema_warmup)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            ema_params=state_lib.ema_update(state.ema_params, params, decay),
+            opt_state=opt_state,
+        )
+        out = {f"train/{k}": jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+        out["train/grad_norm"] = optax.global_norm(grads)
+        out["train/param_norm"] = optax.global_norm(params)
+        out["train/lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new_state, out
+
+    return train_step
+
+
+def compile_train_step(
+    train_step: Callable, state: Any, batch: Any, state_shardings: Any, mesh: jax.sharding.Mesh, rules: Any
+) -> Any:
+    """``jit(train_step, in/out shardings, donate state).lower(...).compile()`` under the mesh rules."""
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    with parallel.mesh_context(mesh, rules):
+        return jitted.lower(state, batch).compile()
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+class _Preemption:
+    """Records SIGTERM; the loop saves a checkpoint at the next step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (collective across processes)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train_and_evaluate` returns."""
+
+    state: Any
+    step: int
+    preempted: bool = False
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    export_dir: str | None = None
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, data_iter: Any = None) -> TrainResult:
+    """Trains ``config.task`` for ``config.total_steps`` steps in ``workdir`` (resuming if it has checkpoints).
+
+    Args:
+      config: an experiment config (``experiments/<stage>.py:get_config``).
+      workdir: checkpoints (``checkpoints/``), metrics (``metrics.jsonl``, ``tb/``), previews
+        (``previews/step_<n>.png``) and the export (``export/ema``) go here.
+      task: overrides :func:`make_task` (tests).
+      data_iter: overrides :func:`make_train_iterator` (must yield per-process batches).
+
+    Returns:
+      :class:`TrainResult` (final state still on device).
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf (the message names the step).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.logical_rules(config.mesh)
+    task = task or make_task(config)
+    total = int(config.total_steps)
+    tx, schedule = optim.make_optimizer(config.optim, total)
+    parallel.batch_size_per_process(int(config.batch_size), mesh)  # validates divisibility
+    data_iter = data_iter if data_iter is not None else make_train_iterator(config)
+    primary = jax.process_index() == 0
+    writer = metrics_lib.create_writer(workdir, primary)
+    ck = config.checkpoint
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        every=int(ck.every),
+        keep=int(ck.get("keep", 3)),
+        async_save=bool(ck.get("async_save", True)),
+    )
+    rng = jax.random.PRNGKey(int(config.seed))
+    init_rng, base_rng = jax.random.split(rng)
+    first = parallel.global_batch(peek(data_iter), mesh)
+
+    if checkpointer.latest_step() is not None:
+        abstract, shardings = abstract_state(task, tx, first, mesh, rules)
+        target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+        start, state = checkpointer.restore(target, data_iter)
+        log.info("resumed from %s at step %d", checkpointer.directory, start)
+    else:
+        state, shardings, _ = init_state(task, tx, init_rng, first, mesh, rules)
+        start = 0
+        if primary:
+            writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+
+    train_step = make_train_step(
+        task,
+        tx,
+        schedule,
+        base_rng=base_rng,
+        ema_decay=float(config.ema.decay),
+        ema_warmup=bool(config.ema.get("warmup", False)),
+        grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
+    )
+    t0 = time.perf_counter()
+    compiled = compile_train_step(train_step, state, first, shardings, mesh, rules)
+    flops = metrics_lib.step_flops(compiled, mesh.size)
+    log.info("compiled the train step in %.1fs (%s FLOPs/step)", time.perf_counter() - t0, flops)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    log.info("%s: %d parameters, mesh %s, rules %s", task.name, n_params, dict(mesh.shape), config.mesh.rules)
+
+    preview_every = int(config.get("preview_every", 0))
+    preview_fn = None
+    if preview_every > 0:
+        n = int(config.get("preview_count", 4))
+        preview_batch = jax.jit(lambda b: jax.tree.map(lambda x: x[:n], b), out_shardings=parallel.replicated(mesh))(
+            first
+        )
+        with parallel.mesh_context(mesh, rules):
+            preview_fn = jax.jit(lambda p, e, b, r: task.sample(p, b, r, e), out_shardings=parallel.replicated(mesh))
+
+    log_every = int(config.get("log_every", 10))
+    progress = metrics_lib.Progress(total, start, int(config.batch_size), flops)
+    pending: list[tuple[int, dict]] = []  # device metrics not yet looked at
+    to_log: list[tuple[int, dict]] = []
+    last: dict[str, float] = {}
+    step = start
+    preempted = False
+    try:
+        with _Preemption() as preemption:
+            while step < total:
+                batch = parallel.global_batch(next(data_iter), mesh)
+                state, m = compiled(state, batch)
+                step += 1
+                pending.append((step, m))
+                save_now = _due(step, int(ck.every)) or step == total
+                stop_now = (
+                    preemption.requested if jax.process_count() == 1 else _due(step, log_every) and preemption.agreed()
+                )
+                if save_now or stop_now or _due(step, log_every) or _due(step, preview_every):
+                    rows = [(s, jax.device_get(mm)) for s, mm in pending]
+                    pending.clear()
+                    bad = metrics_lib.first_non_finite(rows)
+                    if bad is not None:
+                        raise metrics_lib.NonFiniteLossError(*bad)
+                    to_log += rows
+                if _due(step, log_every) or step == total:
+                    scalars = {**metrics_lib.mean_metrics(to_log), **progress.update(step)}
+                    to_log.clear()
+                    writer.write_scalars(step, scalars)
+                    last = scalars
+                    if primary:
+                        log.info(progress.line(step, scalars))
+                if preview_fn is not None and _due(step, preview_every):
+                    _preview(preview_fn, state, preview_batch, base_rng, step, workdir, writer, primary)
+                if save_now or stop_now:
+                    checkpointer.save(step, state, data_iter, force=True)
+                if stop_now:
+                    preempted = True
+                    log.warning("SIGTERM: saved a checkpoint at step %d; stopping", step)
+                    break
+        checkpointer.wait()
+        export_dir = None
+        if not preempted and config.get("export", {}).get("at_end", True):
+            export_dir = os.path.join(workdir, "export", "ema")
+            variables = {"params": state.ema_params, **state.extra}
+            ckpt_lib.export_params(task.module, variables, export_dir, variant=config.model.get("variant"))
+            log.info("exported EMA params to %s", export_dir)
+    finally:
+        checkpointer.close()
+        writer.flush()
+    return TrainResult(state=state, step=step, preempted=preempted, metrics=last, export_dir=export_dir)
+
+
+def _preview(preview_fn, state, batch, base_rng, step, workdir, writer, primary) -> None:
+    out = preview_fn(state.ema_params, state.extra, batch, jax.random.fold_in(base_rng, -step % (2**31)))
+    out = jax.device_get(out)
+    images = out.pop("images", None)
+    scalars = {f"preview/{k}": float(np.asarray(v)) for k, v in out.items()}
+    if scalars:
+        writer.write_scalars(step, scalars)
+    if images is not None and primary:
+        path = metrics_lib.save_image_grid(images, os.path.join(workdir, "previews", f"step_{step:07d}.png"))
+        log.info("preview: %s", path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def export_from_checkpoint(config: Any, workdir: str, out_dir: str | None = None, step: int | None = None) -> str:
+    """Params-only export of the EMA weights of a checkpoint in ``workdir`` (latest by default).
+
+    Restores only the shapes it needs (abstract state from the data's first batch) on the
+    current mesh and writes :func:`unclip_jax.convert.native.save_native` to ``out_dir``
+    (default ``WORKDIR/export/ema_<step>``).
+    """
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.logical_rules(config.mesh)
+    task = make_task(config)
+    tx, _ = optim.make_optimizer(config.optim, int(config.total_steps))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), every=1)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
+        batch = parallel.global_batch(peek(make_train_iterator(config)), mesh)
+        abstract, shardings = abstract_state(task, tx, batch, mesh, rules)
+        _, state = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), None, step)
+    finally:
+        checkpointer.close()
+    out_dir = out_dir or os.path.join(workdir, "export", f"ema_{step}")
+    return ckpt_lib.export_params(
+        task.module, {"params": state.ema_params, **state.extra}, out_dir, variant=config.model.get("variant")
+    )

@@ -1,0 +1,174 @@
+"""Metrics: clu writers (TensorBoard + JSON lines), throughput / achieved FLOP/s, progress line, NaN guard.
+
+Keys follow the field's names: ``train/loss``, ``train/mse``, ``train/grad_norm``,
+``train/param_norm``, ``train/lr``, ``perf/steps_per_sec``, ``perf/examples_per_sec``,
+``perf/flops_per_sec`` (achieved: XLA's cost analysis of the compiled step x steps/s),
+``preview/...``. ``WORKDIR/metrics.jsonl`` has one JSON object per write:
+``{"step": 100, "train/loss": 0.12, ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from clu import metric_writers
+from clu.metric_writers import interface
+
+log = logging.getLogger("unclip_jax.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; ``step`` is the first bad step (its state was not saved)."""
+
+    def __init__(self, step: int, metrics: Mapping[str, float]):
+        self.step = step
+        super().__init__(
+            f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in sorted(metrics.items()))}); "
+            "stopping without saving this state: the last good checkpoint is intact"
+        )
+
+
+class JsonlWriter(interface.MetricWriter):
+    """A clu MetricWriter appending scalars (and text) to a JSON-lines file."""
+
+    def __init__(self, path: str | os.PathLike):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        self._f.write(json.dumps({"step": int(step), **dict(texts)}) + "\n")
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        pass
+
+    def write_images(self, step, images) -> None:
+        pass
+
+    def write_videos(self, step, videos) -> None:
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        pass
+
+    def write_hparams(self, hparams) -> None:
+        self._f.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def create_writer(workdir: str, is_primary: bool) -> metric_writers.MetricWriter:
+    """TensorBoard (``WORKDIR/tb``) + ``WORKDIR/metrics.jsonl`` on the primary process; logging elsewhere."""
+    if not is_primary:
+        return metric_writers.create_default_writer(None, just_logging=True)
+    tb = metric_writers.create_default_writer(os.path.join(workdir, "tb"), asynchronous=True)
+    return metric_writers.MultiWriter([tb, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (for reports and tests)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def step_flops(compiled: Any, num_devices: int) -> float | None:
+    """FLOPs of one train step from XLA's cost analysis (the per-device SPMD program x devices)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend provides it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"]) * num_devices
+
+
+def first_non_finite(rows: list[tuple[int, Mapping[str, Any]]]) -> tuple[int, dict[str, float]] | None:
+    """The first (step, metrics) whose loss (or grad norm) is NaN/inf, else None."""
+    for step, m in rows:
+        vals = {k: float(np.asarray(v)) for k, v in m.items()}
+        if any(not math.isfinite(vals.get(k, 0.0)) for k in ("train/loss", "train/grad_norm")):
+            return step, vals
+    return None
+
+
+def mean_metrics(rows: list[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
+    """Per-key mean over logged steps (``train/lr`` is the last value)."""
+    out: dict[str, float] = {}
+    for k in rows[-1][1]:
+        vals = [float(np.asarray(m[k])) for _, m in rows if k in m]
+        out[k] = vals[-1] if k == "train/lr" else float(np.mean(vals))
+    return out
+
+
+class Progress:
+    """Steps/s, examples/s, achieved FLOP/s and a one-line progress report with ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, global_batch: int, flops_per_step: float | None):
+        self.total, self.batch, self.flops = total_steps, global_batch, flops_per_step
+        self._t, self._step = time.perf_counter(), start_step
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, ds = now - self._t, step - self._step
+        self._t, self._step = now, step
+        if ds <= 0 or dt <= 0:
+            return {}
+        sps = ds / dt
+        out = {"perf/steps_per_sec": sps, "perf/examples_per_sec": sps * self.batch}
+        if self.flops:
+            out["perf/flops_per_sec"] = sps * self.flops
+        return out
+
+    def line(self, step: int, scalars: Mapping[str, float]) -> str:
+        sps = scalars.get("perf/steps_per_sec")
+        eta = (self.total - step) / sps if sps else float("nan")
+        parts = [f"step {step}/{self.total}", f"loss {scalars.get('train/loss', float('nan')):.5g}"]
+        if sps:
+            parts.append(f"{sps:.2f} steps/s")
+        if "perf/flops_per_sec" in scalars:
+            parts.append(f"{scalars['perf/flops_per_sec'] / 1e9:.1f} GFLOP/s")
+        if math.isfinite(eta):
+            parts.append(f"ETA {_hms(eta)}")
+        return " | ".join(parts)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def save_image_grid(images: np.ndarray, path: str | os.PathLike, rows: int | None = None) -> str:
+    """Writes ``[N, H, W, 3]`` images in [0, 1] as one PNG grid (``rows`` rows; default near-square)."""
+    from PIL import Image
+
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    n, h, w, c = images.shape
+    rows = rows or max(1, int(math.floor(math.sqrt(n))))
+    cols = math.ceil(n / rows)
+    grid = np.ones((rows * h, cols * w, c), np.float32)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = images[i]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8).squeeze()).save(path)
+    return str(path)

@@ -1,0 +1,77 @@
+"""The optimiser from ``config.optim``: AdamW, warm-up + schedule, global-norm clipping.
+
+Fields (``config.optim``; paper appendix C table 3 gives lr / betas / eps / weight decay
+per stage)::
+
+    lr: float                  peak learning rate
+    b1, b2, eps: float         Adam moments
+    weight_decay: float        decoupled (AdamW); applied to kernels/embeddings only (ndim >= 2)
+    warmup_steps: int          linear warm-up from 0
+    schedule: str              'constant' | 'cosine' | 'linear' decay after the warm-up
+    decay_steps: int           length of the decay (0 = config.total_steps - warmup_steps)
+    end_lr_factor: float       final lr = end_lr_factor * lr for cosine / linear
+    grad_clip_norm: float      global-norm clipping (0 = off)
+    grad_accum_steps: int      microbatches per update (the train step scans over them)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+    """Warm-up followed by the configured schedule.
+
+    Raises:
+      ValueError: naming ``config.optim.schedule`` when unknown.
+    """
+    lr = float(optim_cfg.lr)
+    warmup = int(optim_cfg.get("warmup_steps", 0))
+    kind = optim_cfg.get("schedule", "constant")
+    decay = int(optim_cfg.get("decay_steps", 0)) or max(1, int(total_steps) - warmup)
+    end = lr * float(optim_cfg.get("end_lr_factor", 0.0))
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay, alpha=end / lr if lr else 0.0)
+    elif kind == "linear":
+        after = optax.linear_schedule(lr, end, decay)
+    else:
+        raise ValueError(f"config.optim.schedule={kind!r}: expected one of {SCHEDULES}")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for leaves that get weight decay: matrices / conv kernels / embeddings (ndim >= 2)."""
+    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def make_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with clipping and the schedule of ``config.optim``.
+
+    Returns:
+      (transformation, learning-rate schedule) -- the schedule is also logged as ``train/lr``.
+    """
+    schedule = make_schedule(optim_cfg, total_steps)
+    chain = []
+    clip = float(optim_cfg.get("grad_clip_norm", 0.0) or 0.0)
+    if clip > 0:
+        chain.append(optax.clip_by_global_norm(clip))
+    chain.append(
+        optax.adamw(
+            schedule,
+            b1=float(optim_cfg.get("b1", 0.9)),
+            b2=float(optim_cfg.get("b2", 0.999)),
+            eps=float(optim_cfg.get("eps", 1e-8)),
+            weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*chain), schedule

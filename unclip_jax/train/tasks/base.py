@@ -1,0 +1,145 @@
+"""The Task interface: the ONLY place networks meet diffusion (or the contrastive loss).
+
+The train loop knows a model only through a :class:`Task`:
+
+- ``init(rng, batch) -> variables``: boxed variables (``nn.Partitioned`` leaves) of the
+  model for a batch's shapes. The loop calls it under ``jax.eval_shape`` first (to get
+  shardings) and then jitted into its shards, so it must only depend on shapes.
+- ``loss(params, batch, rng, extra) -> (loss, metrics)``: scalar loss to minimise and a
+  dict of scalar metrics (``loss`` and its parts). ``extra`` holds the non-trained
+  variable collections (e.g. the prior's ``stats``).
+- ``sample(params, batch, rng, extra) -> dict``: periodic previews; may hold ``images``
+  (``[B, H, W, 3]`` float in [0, 1], written as a PNG grid) and scalar metrics
+  (logged under ``preview/``).
+- ``module``: the linen module (exported with :func:`unclip_jax.convert.native.save_native`).
+
+Batches are dicts of arrays with the batch on axis 0. Images are NHWC; ``uint8`` images
+are mapped from [0, 255] to [-1, 1], float images are taken to be in [-1, 1] already.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.diffusion import respace, schedules
+from unclip_jax.diffusion.gaussian import GaussianDiffusion
+
+Batch = Mapping[str, jax.Array]
+
+
+class Task(Protocol):
+    """What the train loop needs from a stage (see the module docstring)."""
+
+    name: str
+    module: nn.Module
+
+    def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]: ...
+
+    def loss(
+        self, params: Any, batch: Batch, rng: jax.Array, extra: Mapping[str, Any]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def sample(self, params: Any, batch: Batch, rng: jax.Array, extra: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str, field: str) -> Any:
+    """Resolves a dtype name of the config; the error names ``field``."""
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """``dtype`` / ``param_dtype`` / ``remat`` and the free-form ``overrides`` of ``config.model``."""
+    kw = dict(
+        dtype=dtype_of(model_cfg.get("dtype", "float32"), "config.model.dtype"),
+        param_dtype=dtype_of(model_cfg.get("param_dtype", "float32"), "config.model.param_dtype"),
+    )
+    if "remat" in model_cfg:
+        kw["remat"] = bool(model_cfg.remat)
+    overrides = model_cfg.get("overrides", None)
+    if overrides:
+        kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()})
+    return kw
+
+
+def make_diffusion(diff_cfg: Any) -> GaussianDiffusion:
+    """A :class:`GaussianDiffusion` from ``config.diffusion`` (steps, schedule, mean/var/loss types)."""
+    betas = schedules.get_named_beta_schedule(diff_cfg.get("schedule", "cosine"), int(diff_cfg.get("steps", 1000)))
+    clip = diff_cfg.get("clip_denoised", 1.0)
+    return GaussianDiffusion(
+        betas=betas,
+        model_mean_type=diff_cfg.get("mean_type", "epsilon"),
+        model_var_type=diff_cfg.get("var_type", "fixed_small_log"),
+        loss_type=diff_cfg.get("loss_type", "mse"),
+        clip_denoised=None if clip is None or clip <= 0 else float(clip),
+        vlb_weight=float(diff_cfg.get("vlb_weight", 0.001)),
+    )
+
+
+def sampling_diffusion(diffusion: GaussianDiffusion, steps: str | int) -> GaussianDiffusion:
+    """The respaced diffusion used for previews (``config.diffusion.sample_steps``, e.g. "unclip25", "ddim27")."""
+    return respace.respace(diffusion, str(steps))
+
+
+def to_model_range(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1]; float images are returned as float32 (taken to be in [-1, 1])."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    return images.astype(jnp.float32)
+
+
+def to_unit_range(images: jax.Array) -> jax.Array:
+    """[-1, 1] -> [0, 1], clipped (for PNG previews)."""
+    return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def bernoulli(rng: jax.Array, p: float, n: int) -> jax.Array:
+    """[n] bool, True with probability ``p`` (classifier-free guidance dropouts)."""
+    return jax.random.uniform(rng, (n,)) < p
+
+
+def weighted_mean(per_example: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.mean(per_example.astype(jnp.float32) * weights)
+
+
+def require(batch: Batch, keys: tuple[str, ...], task: str) -> None:
+    """Raises naming the missing batch keys of ``task``."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{task} task: batch lacks {missing}; it has {sorted(batch)} (expected {list(keys)})")
+
+
+def load_arrays(path: str | None, keys: tuple[str, ...], field: str) -> dict[str, np.ndarray] | None:
+    """Reads ``keys`` from an ``.npz`` (or a folder's ``.npz``) named by config ``field``; None when unset."""
+    if not path:
+        return None
+    try:
+        with np.load(path) as data:
+            missing = [k for k in keys if k not in data]
+            if missing:
+                raise ValueError(f"{field}={path!r}: missing arrays {missing}; it has {sorted(data.files)}")
+            return {k: np.asarray(data[k]) for k in keys}
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{field}={path!r}: file not found") from e
+
+
+def replace_rows(drop: jax.Array, value: jax.Array, null: jax.Array) -> jax.Array:
+    """``where(drop[b], null, value[b])`` with ``null`` of shape [1|B, ...] broadcast over the batch."""
+    d = drop.reshape(drop.shape + (1,) * (value.ndim - 1))
+    return jnp.where(d, jnp.asarray(null).astype(value.dtype), value)
+
+
+def grid_rows(n: int) -> int:
+    """Rows of a near-square preview grid of ``n`` tiles."""
+    return max(1, int(math.floor(math.sqrt(n))))

@@ -1,0 +1,134 @@
+"""Decoder task (paper section 2.1): hybrid loss with learned-range variance, CFG dropouts.
+
+Batch (from the decoder pipeline)::
+
+    image               [B, 64, 64, 3]  uint8 [0, 255] or float [-1, 1]
+    image_embeds        [B, D]          CLIP image embedding z_i
+    text_embeds         [B, D]          CLIP text embedding z_t
+    text_hidden_states  [B, L, D]       CLIP caption hidden states
+    text_mask           [B, L] bool     optional
+
+L_hybrid = L_simple + lambda L_vlb (Improved DDPM section 3.1; ``config.diffusion.loss_type
+= 'hybrid'``, ``var_type = 'learned_range'``). Classifier-free guidance training: z_i is
+replaced by the learned ``learned_classifier_free_guidance_embeddings`` with probability
+``config.task.drop_image_prob`` (10%) and, independently, the caption by the empty
+caption with probability ``config.task.drop_caption_prob`` (50%). The empty caption comes
+from ``config.task.null_caption`` (an .npz with ``text_embeds`` [1, D],
+``text_hidden_states`` [1, L, D], ``text_mask`` [1, L]: CLIP of "" as the sampler's
+unconditional branch uses) or, when unset, is all zeros with only the first token
+visible (then the sampler must use the same zeros).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.diffusion import sampling, timesteps
+from unclip_jax.models import decoder as decoder_lib
+from unclip_jax.train.tasks import base
+
+COND_KEYS = ("image_embeds", "text_embeds", "text_hidden_states")
+
+
+def zeros_caption(dim: int, length: int) -> dict[str, np.ndarray]:
+    """The fallback null caption: zero embeddings, only the first token visible."""
+    mask = np.zeros((1, length), bool)
+    mask[:, 0] = True
+    return dict(
+        text_embeds=np.zeros((1, dim), np.float32),
+        text_hidden_states=np.zeros((1, length, dim), np.float32),
+        text_mask=mask,
+    )
+
+
+class DecoderTask:
+    """Hybrid-loss training of :class:`unclip_jax.models.decoder.UnCLIPDecoder`."""
+
+    name = "decoder"
+
+    def __init__(
+        self,
+        module: decoder_lib.UnCLIPDecoder,
+        diffusion: base.GaussianDiffusion,
+        *,
+        drop_image_prob: float = 0.1,
+        drop_caption_prob: float = 0.5,
+        sample_steps: str = "unclip25",
+        null_caption: dict[str, np.ndarray] | None = None,
+    ):
+        if diffusion.model_mean_type != "epsilon":
+            raise ValueError(f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the decoder predicts epsilon")
+        if (module.out_channels == 2 * module.in_channels) != diffusion.learned_variance:
+            raise ValueError(
+                f"config.diffusion.var_type={diffusion.model_var_type!r} does not fit the decoder's "
+                f"out_channels={module.out_channels} (learned_range needs 2 * in_channels)"
+            )
+        self.module = module
+        self.diffusion = diffusion
+        self.sample_diffusion = base.sampling_diffusion(diffusion, sample_steps)
+        self.drop_image_prob = float(drop_image_prob)
+        self.drop_caption_prob = float(drop_caption_prob)
+        self.null_caption = null_caption
+
+    def _cond(self, batch: base.Batch) -> dict[str, jax.Array]:
+        base.require(batch, ("image", *COND_KEYS), self.name)
+        mask = batch.get("text_mask")
+        if mask is None:
+            mask = jnp.ones(batch["text_hidden_states"].shape[:2], bool)
+        return dict(
+            image_embeds=batch["image_embeds"].astype(jnp.float32),
+            text_embeds=batch["text_embeds"].astype(jnp.float32),
+            text_hidden_states=batch["text_hidden_states"].astype(jnp.float32),
+            text_mask=mask.astype(bool),
+        )
+
+    def _null(self, cond: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        n = self.null_caption
+        if n is None:
+            n = zeros_caption(cond["text_embeds"].shape[-1], cond["text_hidden_states"].shape[1])
+        return (jnp.asarray(n["text_embeds"]), jnp.asarray(n["text_hidden_states"]), jnp.asarray(n["text_mask"]))
+
+    def init(self, rng: jax.Array, batch: base.Batch) -> dict[str, Any]:
+        cond = self._cond(batch)
+        x = jnp.zeros(batch["image"].shape, jnp.float32)
+        b = x.shape[0]
+        return dict(self.module.init({"params": rng}, x, jnp.zeros((b,), jnp.int32), **cond))
+
+    def loss(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
+        variables = {"params": params, **extra}
+        k_t, k_noise, k_img, k_cap, k_dropout = jax.random.split(rng, 5)
+        x_start = base.to_model_range(batch["image"])
+        b = x_start.shape[0]
+        cond = self._cond(batch)
+        cond.update(
+            drop_image_embeds=base.bernoulli(k_img, self.drop_image_prob, b),
+            drop_caption=base.bernoulli(k_cap, self.drop_caption_prob, b),
+            null_caption=self._null(cond),
+        )
+        t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
+        noise = jax.random.normal(k_noise, x_start.shape, x_start.dtype)
+
+        def denoise(x_t, t_model, **kw):
+            return self.module.apply(
+                variables, x_t, t_model, **kw, deterministic=False, rngs={"dropout": k_dropout}
+            ).astype(jnp.float32)
+
+        out = self.diffusion.training_losses(denoise, x_start, t, noise, **cond)
+        loss = base.weighted_mean(out["loss"], weights)
+        return loss, {"loss": loss, "mse": jnp.mean(out["mse"]), "vb": jnp.mean(out["vb"])}
+
+    def sample(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> dict[str, Any]:
+        """Conditional samples (no guidance) next to the real images: ``images`` [2B, H, W, 3] in [0, 1]."""
+        variables = {"params": params, **extra}
+        cond = self._cond(batch)
+        x_real = base.to_model_range(batch["image"])
+
+        def denoise(x_t, t_model, **kw):
+            return self.module.apply(variables, x_t, t_model, **kw).astype(jnp.float32)
+
+        x = sampling.p_sample_loop(self.sample_diffusion, denoise, x_real.shape, rng, cond=cond)
+        return {"images": base.to_unit_range(jnp.concatenate([x_real, x], axis=0))}
