@@ -65,9 +65,7 @@ def mock_coco():
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=5):
-        yield lambda: sources.CocoSource(
-            "karpathy_val", image_size=32, captions="all", min_size=4, skip_decoding=False
-        )
+        yield lambda: sources.CocoSource("karpathy_val", image_size=32, captions="all", min_size=4, skip_decoding=False)
 
 
 def _all_examples(src) -> list[dict]:

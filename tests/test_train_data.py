@@ -6,7 +6,10 @@ the train tests run through the real pipelines of :mod:`unclip_jax.input.pipelin
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -15,8 +18,42 @@ NUM_EXAMPLES = 32
 IMAGE_SIZE = 32
 
 
+def _code_hash() -> str:
+    import unclip_jax.input as inp
+    import unclip_jax.models.clip as clip_mod
+
+    h = hashlib.sha256()
+    folder = os.path.dirname(inp.__file__)
+    for name in ("precompute.py", "arrayrecord.py", "synthetic.py", "sources.py", "tokenizer.py", "pipelines.py"):
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(f.read())
+    with open(clip_mod.__file__, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def shared_embed_folder() -> str:
+    """The embed folder of :data:`NUM_EXAMPLES` examples, built once per code version in the temp dir.
+
+    Building it compiles a CLIP (tens of seconds on a loaded 2-core machine), so every
+    train test module and subprocess shares one copy (atomic rename; a concurrent builder
+    simply loses the race).
+    """
+    out = os.path.join(tempfile.gettempdir(), f"unclip_jax_train_tests_{_code_hash()}")
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        return out
+    tmp = tempfile.mkdtemp(prefix="unclip_jax_train_tests_build_")
+    make_embed_folder(os.path.join(tmp, "embed"))
+    try:
+        os.rename(os.path.join(tmp, "embed"), out)
+    except OSError:
+        pass  # another process won
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def make_embed_folder(out: str, num_examples: int = NUM_EXAMPLES) -> str:
-    """Writes (once) the embed folder at ``out`` with a randomly initialised CLIP ``test`` model."""
+    """Writes the embed folder at ``out`` with a randomly initialised CLIP ``test`` model."""
     from unclip_jax.input import precompute, sources
     from unclip_jax.input.tokenizer import ClipTokenizer
     from unclip_jax.models import clip
@@ -26,7 +63,7 @@ def make_embed_folder(out: str, num_examples: int = NUM_EXAMPLES) -> str:
     model = clip.build("test")
     ids = np.zeros((1, 77), np.int32)
     pix = np.zeros((1, 32, 32, 3), np.float32)
-    variables = model.init(jax.random.PRNGKey(0), ids, pix)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), ids, pix)
     text_fn, image_fn = precompute.clip_encoders(model, variables)
     precompute.precompute_embeddings(
         sources.SyntheticSource(num_examples, seed=0, image_size=IMAGE_SIZE),
@@ -43,10 +80,10 @@ def make_embed_folder(out: str, num_examples: int = NUM_EXAMPLES) -> str:
     return out
 
 
-def test_embed_folder_feeds_every_stage(tmp_path):
+def test_embed_folder_feeds_every_stage():
     from unclip_jax.input import pipelines
 
-    folder = make_embed_folder(str(tmp_path / "embed"), num_examples=8)
+    folder = shared_embed_folder()
     want = {
         "prior": {"image_embeds": (4, 32), "text_hidden_states": (4, 77, 32)},
         "decoder": {"image": (4, 16, 16, 3), "text_embeds": (4, 32)},

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     if name == "train":
         return module.main(["unclip train", *rest]) or 0
+    if name == "convert":
+        return int(module.main(["convert", *rest]) or 0)
     cmd_parser = argparse.ArgumentParser(prog=f"unclip {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(rest)

@@ -97,7 +97,7 @@ def write_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
         save_file(arrays, str(tmp / weights_name), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():

@@ -177,4 +177,4 @@ def flax_to_torch(params: Mapping[str, Any], rules: Iterable[Rule], where: str =
     unclaimed = sorted("/".join(p) for p in flat if p not in ruled)
     if missing or unclaimed:
         raise ConversionError(f"{where}: parameters missing {missing}; parameters with no rule {unclaimed}")
-    return {r.torch: np.ascontiguousarray(_TO_TORCH[r.kind](np.asarray(flat[r.flax]))) for r in rules}
+    return {r.torch: np.asarray(_TO_TORCH[r.kind](np.asarray(flat[r.flax])), order="C") for r in rules}

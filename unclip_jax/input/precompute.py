@@ -264,9 +264,7 @@ def run_job(
                 "stats": _stats_of(records),
                 "fields": _fields(records[0]) if records else {},
             }
-            arrayrecord.write_shard(
-                out_dir, k, num_shards, (arrayrecord.encode_record(r) for r in records), meta
-            )
+            arrayrecord.write_shard(out_dir, k, num_shards, (arrayrecord.encode_record(r) for r in records), meta)
             if report.total:
                 log.warning("%s shard %d: %s", out_dir, k, report.summary())
     finally:

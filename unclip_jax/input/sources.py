@@ -90,9 +90,7 @@ class _ImageChecks:
 
     def _example(self, id_: str, data: bytes | None, caption) -> Example:
         caption = check_caption(caption, max_chars=self.max_caption_chars)
-        image = load_example_image(
-            data, self.image_size, min_size=self.min_size, max_pixels=self.max_pixels, where=id_
-        )
+        image = load_example_image(data, self.image_size, min_size=self.min_size, max_pixels=self.max_pixels, where=id_)
         return {"id": id_, "caption": caption, "image": image}
 
 

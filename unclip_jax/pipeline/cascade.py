@@ -218,8 +218,9 @@ def encode_image(module: nn.Module, variables: Mapping[str, Any], images: jax.Ar
     return module.apply(variables, pixels)["image_embeds"]
 
 
-def upsample(images: jax.Array, size: int) -> jax.Array:
-    """Bicubic antialiased resize ``[B, h, w, C] -> [B, size, size, C]`` (diffusers' super-res conditioning)."""
+def resize(images: jax.Array, size: int) -> jax.Array:
+    """Bicubic antialiased resize ``[B, h, w, C] -> [B, size, size, C]`` (diffusers' super-res conditioning:
+    ``F.interpolate(..., mode='bicubic', antialias=True)``)."""
     b, _, _, c = images.shape
     return jax.image.resize(images.astype(jnp.float32), (b, size, size, c), "bicubic", antialias=True)
 
@@ -397,7 +398,7 @@ def _upsampler_stage(plan: Plan, params, low_res, key, out, stage: str) -> jax.A
     else:
         first, last, v_first, v_last = plan.upsampler_1024, None, params["upsampler_1024"], None
         size, diffusion, settings = plan.upsampler_1024_size, plan.upsampler_1024_diffusion, plan.upsampler_1024_settings
-    up = upsample(low_res, size)
+    up = resize(low_res, size)
     last_t = diffusion.timestep_map[0]  # the network timestep of the final sampling step
 
     def denoise(x, t, low_res):
@@ -745,6 +746,7 @@ class UnclipPipeline:
         images = jnp.asarray(images, jnp.float32)
         texts = list(captions) if captions is not None else [""] * images.shape[0]
         s = self._settings(settings)
+        s["decoder"] = dataclasses.replace(s["decoder"], sampler="ddim", eta=0.0)  # only steps and guidance matter
         plan, names = self._plan("invert", s, stop_after="decoder", decoder_clip_denoised=None)
         inputs = dict(self._inputs(texts), images=images, image_embeds=jnp.asarray(image_embeds, jnp.float32))
         return self._execute(plan, names, inputs, s, 0)["x_T"]

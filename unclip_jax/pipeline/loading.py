@@ -1,0 +1,300 @@
+"""Assembling an :class:`~unclip_jax.pipeline.cascade.UnclipPipeline` from folders on disk.
+
+A component may come from any of:
+
+- a **training workdir** (``WORKDIR/export/ema``, or the newest ``WORKDIR/export/ema_<step>``): the params-only
+  export of the EMA weights that the train loop writes (`unclip_jax.convert.native` format; ``train`` is never
+  imported here);
+- a **native folder** (``config.json`` with ``"format": "unclip_jax"`` + ``params.safetensors``), e.g. written by
+  ``unclip convert import``;
+- a **diffusers / transformers folder** in the Karlo layout (``karlo-diffusers-layout.md``): a component folder, or a
+  whole pipeline folder whose ``prior/``, ``decoder/`` + ``text_proj/``, ``super_res_first/``, ``super_res_last/``,
+  ``text_encoder/``, ``image_encoder/``, ``tokenizer/`` and ``*_scheduler/`` subfolders are used.
+
+``load_pipeline(model_dir, **component_paths)`` looks each component up in ``model_dir/<name>`` unless a path is
+given for it; a required component that is found nowhere is an error naming it and the places searched.
+
+The training diffusion of a stage is read from a diffusers ``<stage>_scheduler/scheduler_config.json``
+(``UnCLIPScheduler``) or from a ``diffusion.json`` beside a native component (fields of ``config.diffusion``:
+``steps``, ``schedule``, ``mean_type``, ``var_type``, ``clip_denoised``); otherwise the stage default of
+`cascade.default_diffusion` (Karlo's schedulers) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from unclip_jax.convert import io
+from unclip_jax.convert.native import FORMAT, load_native
+from unclip_jax.diffusion import GaussianDiffusion, get_named_beta_schedule
+from unclip_jax.input.tokenizer import EOT, ClipTokenizer
+from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
+from unclip_jax.models.decoder import UnCLIPDecoder
+from unclip_jax.models.prior import PriorTransformer
+from unclip_jax.models.upsampler import SuperResUNet
+from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion
+
+COMPONENTS = (
+    "text_encoder",
+    "prior",
+    "decoder",
+    "super_res_first",
+    "super_res_last",
+    "upsampler_1024",
+    "image_encoder",
+)
+# Which module types a native folder may hold for each component.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "text_encoder": (CLIPTextModel, CLIP),
+    "image_encoder": (CLIPVisionModel, CLIP),
+    "prior": (PriorTransformer,),
+    "decoder": (UnCLIPDecoder,),
+    "super_res_first": (SuperResUNet,),
+    "super_res_last": (SuperResUNet,),
+    "upsampler_1024": (SuperResUNet,),
+}
+# diffusers scheduler subfolder per stage.
+_SCHEDULERS = {"prior": "prior_scheduler", "decoder": "decoder_scheduler", "super_res": "super_res_scheduler"}
+_STAGE_OF = {
+    "prior": "prior",
+    "decoder": "decoder",
+    "super_res_first": "super_res",
+    "super_res_last": "super_res",
+    "upsampler_1024": "upsampler_1024",
+}
+
+
+class PipelineLoadError(ValueError):
+    """A component of the cascade is missing or unreadable (the message names it)."""
+
+
+def _is_native(folder: Path) -> bool:
+    cfg = folder / io.CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def workdir_export(folder: str | os.PathLike) -> Path | None:
+    """The params-only export of a training workdir: ``export/ema`` or the newest ``export/ema_<step>``."""
+    export = Path(folder) / "export"
+    if (export / "ema" / io.CONFIG).is_file():
+        return export / "ema"
+    steps = []
+    if export.is_dir():
+        for p in export.iterdir():
+            m = re.fullmatch(r"ema_(\d+)", p.name)
+            if m and (p / io.CONFIG).is_file():
+                steps.append((int(m.group(1)), p))
+    return max(steps)[1] if steps else None
+
+
+def _diffusers_loader(name: str):
+    from unclip_jax.convert import clip, decoder, prior, upsampler
+
+    return {
+        "prior": prior.load_prior,
+        "clip": clip.load_clip,
+        "text_encoder": clip.load_text_encoder,
+        "image_encoder": clip.load_image_encoder,
+        "super_res_first": lambda f: upsampler.load_upsampler(f, "super_res_first"),
+        "super_res_last": lambda f: upsampler.load_upsampler(f, "super_res_last"),
+        "upsampler_1024": lambda f: upsampler.load_upsampler(f, "upsampler_1024"),
+    }[name]
+
+
+def _check_type(name: str, module: Any, where: Path) -> None:
+    if not isinstance(module, _TYPES[name]):
+        raise PipelineLoadError(
+            f"{name}: {where} holds a {type(module).__name__}, expected one of "
+            f"{[t.__name__ for t in _TYPES[name]]}"
+        )
+
+
+def _candidates(name: str, path: Path, own_folder: bool) -> list[Path]:
+    """Folders that may hold component ``name``: a workdir export, the folder itself, a pipeline subfolder."""
+    base = path if own_folder else path / name
+    out = []
+    exp = workdir_export(base)
+    if exp is not None:
+        out.append(exp)
+    out.append(base)
+    if own_folder:
+        out.append(base / name)  # a whole pipeline folder given for one component
+    if name in ("text_encoder", "image_encoder"):
+        out.append(path / "clip")  # a two-tower CLIP serves as both
+    return out
+
+
+def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = False) -> tuple[Component, Path]:
+    """Loads component ``name`` from ``path`` (workdir, native folder, diffusers folder or pipeline folder).
+
+    Args:
+        name: one of :data:`COMPONENTS`.
+        path: where to look.
+        own_folder: ``path`` was given for this component explicitly (so a config.json there must be it).
+
+    Returns:
+        (Component, the folder it was read from).
+
+    Raises:
+        PipelineLoadError: nothing loadable found, naming the component and the folders searched.
+    """
+    if name not in COMPONENTS:
+        raise PipelineLoadError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+    path = Path(path)
+    searched = []
+    for folder in _candidates(name, path, own_folder):
+        if folder in searched:
+            continue
+        searched.append(folder)
+        try:
+            if _is_native(folder):
+                module, variables = load_native(folder)
+                _check_type(name, module, folder)
+                return Component(module, dict(variables)), folder
+            if name == "decoder":
+                # diffusers: decoder/ (UNet2DConditionModel) + text_proj/ (UnCLIPTextProjModel) side by side.
+                root = folder.parent if folder.name == "decoder" else folder
+                if (root / "decoder" / io.CONFIG).is_file() and (root / "text_proj" / io.CONFIG).is_file():
+                    from unclip_jax.convert.decoder import load_unclip_decoder
+
+                    module, variables = load_unclip_decoder(root)
+                    return Component(module, dict(variables)), root
+                continue
+            if (folder / io.CONFIG).is_file():
+                loader = _diffusers_loader("clip" if folder.name == "clip" else name)
+                module, variables = loader(folder)
+                return Component(module, dict(variables)), folder
+        except io.ConversionError as e:
+            raise PipelineLoadError(f"{name}: cannot read {folder}: {e}") from e
+    raise PipelineLoadError(
+        f"{name}: no component found; searched {[str(s) for s in searched]} (expected a training workdir with "
+        "export/ema, a native folder (unclip convert import) or a diffusers/transformers folder)"
+    )
+
+
+def diffusion_from_scheduler_config(config: Mapping[str, Any], where: str) -> GaussianDiffusion:
+    """The training diffusion of a diffusers ``UnCLIPScheduler`` config (``scheduler_config.json``)."""
+    schedule = {"squaredcos_cap_v2": "cosine", "linear": "linear"}.get(config.get("beta_schedule", "squaredcos_cap_v2"))
+    if schedule is None:
+        raise PipelineLoadError(f"{where}: beta_schedule {config.get('beta_schedule')!r} is not supported")
+    mean = {"epsilon": "epsilon", "sample": "x_start"}.get(config.get("prediction_type", "epsilon"))
+    if mean is None:
+        raise PipelineLoadError(f"{where}: prediction_type {config.get('prediction_type')!r} is not supported")
+    var = config.get("variance_type", "fixed_small_log")
+    if var not in ("fixed_small_log", "learned_range"):
+        raise PipelineLoadError(f"{where}: variance_type {var!r} is not supported")
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
+    steps = int(config.get("num_train_timesteps", 1000))
+    return GaussianDiffusion(
+        get_named_beta_schedule(schedule, steps), model_mean_type=mean, model_var_type=var, clip_denoised=clip
+    )
+
+
+def diffusion_from_json(config: Mapping[str, Any], where: str) -> GaussianDiffusion:
+    """The diffusion of a ``diffusion.json`` (the fields of ``config.diffusion`` of an experiment)."""
+    try:
+        clip = config.get("clip_denoised", 1.0)
+        return GaussianDiffusion(
+            get_named_beta_schedule(config.get("schedule", "cosine"), int(config.get("steps", 1000))),
+            model_mean_type=config["mean_type"],
+            model_var_type=config["var_type"],
+            clip_denoised=None if clip is None or float(clip) <= 0 else float(clip),
+        )
+    except (KeyError, ValueError) as e:
+        raise PipelineLoadError(f"{where}: bad diffusion config ({e})") from e
+
+
+def find_diffusion(stage: str, component_folder: Path | None, model_dir: Path | None) -> GaussianDiffusion:
+    """The training diffusion of ``stage`` (see the module docstring for where it is looked up)."""
+    places = []
+    if component_folder is not None:
+        places += [component_folder / "diffusion.json", component_folder.parent / f"{stage}_diffusion.json"]
+    if model_dir is not None:
+        places.append(model_dir / f"{stage}_diffusion.json")
+    for p in places:
+        if p.is_file():
+            return diffusion_from_json(json.loads(p.read_text()), str(p))
+    roots = [r for r in (model_dir, component_folder.parent if component_folder else None) if r is not None]
+    for root in roots:
+        sched = _SCHEDULERS.get(stage)
+        if sched and (root / sched / "scheduler_config.json").is_file():
+            p = root / sched / "scheduler_config.json"
+            return diffusion_from_scheduler_config(json.loads(p.read_text()), str(p))
+    return default_diffusion(stage)
+
+
+def load_tokenizer(model_dir: Path | None, text_encoder_folder: Path | None) -> ClipTokenizer:
+    """CLIP BPE tokenizer; the pad token follows ``tokenizer/tokenizer_config.json`` when present (default "!")."""
+    pad = "!"
+    for root in (model_dir, text_encoder_folder.parent if text_encoder_folder else None):
+        cfg = root / "tokenizer" / "tokenizer_config.json" if root else None
+        if cfg is not None and cfg.is_file():
+            token = json.loads(cfg.read_text()).get("pad_token", "!")
+            token = token.get("content", "!") if isinstance(token, dict) else token
+            pad = EOT if token == EOT else "!"
+            break
+    return ClipTokenizer(pad_token=pad)
+
+
+def load_pipeline(
+    model_dir: str | os.PathLike | None = None,
+    *,
+    paths: Mapping[str, str | os.PathLike | None] | None = None,
+    require: Sequence[str] = ("text_encoder", "decoder"),
+    tokenizer: Any = None,
+) -> UnclipPipeline:
+    """Builds an :class:`UnclipPipeline` from a model folder and/or per-component paths.
+
+    Args:
+        model_dir: a pipeline folder (diffusers Karlo layout, or native components in subfolders named as
+            :data:`COMPONENTS`; a two-tower ``clip/`` serves as text and image encoder). May be None when every
+            needed component has a path.
+        paths: component name -> folder (training workdir, native folder, diffusers component folder).
+        require: components that must be found (others are loaded when present).
+        tokenizer: override of the tokenizer (default: `ClipTokenizer` with the folder's pad token).
+
+    Raises:
+        PipelineLoadError: a required component is missing (its name and the places searched are given).
+    """
+    root = Path(model_dir) if model_dir is not None else None
+    paths = {k: v for k, v in (paths or {}).items() if v is not None}
+    unknown = set(paths) - set(COMPONENTS)
+    if unknown:
+        raise PipelineLoadError(f"unknown components {sorted(unknown)}; expected some of {COMPONENTS}")
+    missing = [n for n in require if n not in COMPONENTS]
+    if missing:
+        raise PipelineLoadError(f"require: unknown components {missing}")
+    loaded: dict[str, Component | None] = {}
+    folders: dict[str, Path | None] = {}
+    for name in COMPONENTS:
+        comp, folder, error = None, None, None
+        try:
+            if name in paths:
+                comp, folder = load_component(name, paths[name], own_folder=True)
+            elif root is not None:
+                comp, folder = load_component(name, root)
+            else:
+                error = PipelineLoadError(f"{name}: no model directory and no path given for it")
+        except PipelineLoadError as e:
+            if name in paths:
+                raise
+            error = e
+        if comp is None and name in require:
+            raise error or PipelineLoadError(f"{name}: not found")
+        loaded[name], folders[name] = comp, folder
+    diffusions = {}
+    for name, stage in _STAGE_OF.items():
+        if stage not in diffusions and loaded.get(name) is not None:
+            diffusions[stage] = find_diffusion(stage, folders[name], root)
+    tok = tokenizer or load_tokenizer(root, folders.get("text_encoder"))
+    return UnclipPipeline(tok, diffusions=diffusions, **loaded)
