@@ -64,8 +64,10 @@ def mock_coco():
     """tfds ``coco_captions`` mock data (no download); kept open for the module, set up once."""
     import tensorflow_datasets as tfds
 
+    kw = dict(image_size=32, captions="all", min_size=4, skip_decoding=False)
     with tfds.testing.mock_data(num_examples=5):
-        yield lambda: sources.CocoSource("karpathy_val", image_size=32, captions="all", min_size=4, skip_decoding=False)
+        n = len(sources.CocoSource("karpathy_val", **kw))  # mock data has no split sizes: counted once
+        yield lambda: sources.CocoSource("karpathy_val", num_items=n, **kw)
 
 
 def _all_examples(src) -> list[dict]:

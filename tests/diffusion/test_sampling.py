@@ -42,7 +42,7 @@ CONFIGS = {
 def fake_prior(x, t):
     """A fixed stand-in for the prior: predicts x_0, sometimes beyond the 5.0 clip range."""
     tt = t.astype(jnp.float32)[:, None] / 1000.0
-    return 6.0 * jnp.tanh(0.8 * x + tt - 0.3)
+    return 8.0 * jnp.tanh(0.2 * x + tt - 0.3)
 
 
 def fake_decoder(x, t):
@@ -181,8 +181,9 @@ def test_unclip_whole_loop_matches_step_for_step(torch_threads, monkeypatch, nam
         x = sched.step(_to_torch(out, torch), t, x, prev_timestep=prev).prev_sample
         diffs.append(float(np.max(np.abs(np.asarray(inter["x"][i]) - _from_torch(x)))))
     assert feed.calls == STEPS - 1
-    print(name, ["%.1e" % v for v in diffs])
     assert max(diffs) < 1e-5, diffs
+    clip = cfg["theirs"]["clip_sample_range"]
+    assert np.any(np.abs(np.asarray(inter["pred_xstart"])) == clip)  # the clipping branch was exercised
     np.testing.assert_array_equal(np.asarray(x0), np.asarray(inter["x"][-1]))
     print(f"UnCLIP loop {name}: per-step max abs diff {max(diffs):.2e}")
 
@@ -233,7 +234,7 @@ def weak_eps(x, t):
     """A denoiser that depends weakly on x (eps nearly constant along the path, as for a well-trained model)."""
     tt = (t.astype(jnp.float32) / 1000.0).reshape(-1, 1, 1, 1)
     pattern = jnp.sin(jnp.arange(x.shape[1] * x.shape[2] * x.shape[3], dtype=jnp.float32)).reshape(x.shape[1:])
-    return pattern * (1.0 + 0.1 * tt) + 0.02 * jnp.tanh(x)
+    return pattern * (1.0 + 0.1 * tt) + 5e-4 * jnp.tanh(x)
 
 
 def _roundtrip(denoise_fn, iters):
@@ -251,6 +252,7 @@ def _roundtrip(denoise_fn, iters):
 
 
 def test_ddim_inversion_reconstructs():
+    """Plain DDIM inversion assumes eps constant along the path; with such a denoiser it inverts sampling."""
     err = _roundtrip(weak_eps, 0)
     assert err < 1e-3, err
     print(f"DDIM inversion -> sampling at 50 steps: max abs reconstruction error {err:.2e}")
@@ -294,8 +296,9 @@ def test_classifier_free_guidance_identities():
     t = jnp.array([10, 500], jnp.int32)
     cond = dict(emb=jnp.asarray(rng.normal(size=(2, 3)), jnp.float32), flag="ok")
     uncond = dict(emb=jnp.zeros((2, 3), jnp.float32), flag="ok")
-    c_out = _cond_fn(x, t, **cond)
-    u_out = _cond_fn(x, t, **uncond)
+    # References compiled like the wrapper (XLA may fuse x * e + t into an FMA under jit).
+    c_out = jax.jit(_cond_fn, static_argnames="flag")(x, t, **cond)
+    u_out = jax.jit(_cond_fn, static_argnames="flag")(x, t, **uncond)
     assert float(jnp.max(jnp.abs(c_out - u_out))) > 0.1
     for batched in (True, False):
         guide = lambda s, b=batched: jax.jit(classifier_free_guidance(_cond_fn, s, cond, uncond, batched=b))(x, t)

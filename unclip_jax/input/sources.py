@@ -282,6 +282,8 @@ class CocoSource(_ImageChecks, Source):
       skip_decoding: read JPEG bytes and decode them here (default). False lets tfds
         decode (needed under ``tfds.testing.mock_data``, whose random sequences break
         with custom decoders); a corrupt JPEG then stops the stream instead of being counted.
+      num_items: number of images in the split, when tfds has no split metadata (mock
+        data); default: from the dataset info, else counted with one pass.
     """
 
     def __init__(
@@ -295,6 +297,7 @@ class CocoSource(_ImageChecks, Source):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
         skip_decoding: bool = True,
+        num_items: int | None = None,
     ):
         import tensorflow_datasets as tfds
 
@@ -305,10 +308,13 @@ class CocoSource(_ImageChecks, Source):
         self.split = COCO_SPLITS.get(split, split)
         self.captions, self.data_dir, self.tfds_name = captions, data_dir, name
         self.builder = tfds.builder(name, data_dir=data_dir)
-        try:
-            self._len = int(self.builder.info.splits[self.split].num_examples)
-        except KeyError:  # no split metadata (tfds mock data): count the records once
-            self._len = sum(1 for _ in self._stream())
+        if num_items is not None:
+            self._len = int(num_items)
+        else:
+            try:
+                self._len = int(self.builder.info.splits[self.split].num_examples)
+            except KeyError:  # no split metadata (tfds mock data): count the records once
+                self._len = sum(1 for _ in self._stream())
         self.name = f"coco({self.split})"
         self._it = None
         self._pos = 0

@@ -55,18 +55,18 @@ from unclip_jax.models import pca_codec
 Dtype = Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # Compiles and runs in seconds on CPU; pairs with the fake CLIP of unclip_jax.input.testing
-    # (projection 8, text width 16, 77 tokens), the embed folder the training tests build.
+    # Compiles and runs in seconds on CPU; pairs with clip.VARIANTS["test"] (projection 32, text width 32),
+    # the embed folder of the train tests.
     "test": dict(
-        embedding_dim=8,
-        text_hidden_dim=16,
+        embedding_dim=32,
+        text_hidden_dim=32,
         num_text_tokens=77,
         num_components=8,
-        num_buckets=64,
-        num_dot_buckets=16,
-        width=32,
+        num_buckets=16,
+        num_dot_buckets=8,
+        width=64,
         num_layers=2,
-        num_heads=2,
+        num_heads=4,
     ),
     # Trains on the built-in dataset on a CPU; pairs with clip.VARIANTS["tiny"] (projection / text width 256).
     "tiny": dict(

@@ -397,7 +397,11 @@ def _upsampler_stage(plan: Plan, params, low_res, key, out, stage: str) -> jax.A
         size, diffusion, settings = plan.super_res_size, plan.super_res_diffusion, plan.super_res_settings
     else:
         first, last, v_first, v_last = plan.upsampler_1024, None, params["upsampler_1024"], None
-        size, diffusion, settings = plan.upsampler_1024_size, plan.upsampler_1024_diffusion, plan.upsampler_1024_settings
+        size, diffusion, settings = (
+            plan.upsampler_1024_size,
+            plan.upsampler_1024_diffusion,
+            plan.upsampler_1024_settings,
+        )
     up = resize(low_res, size)
     last_t = diffusion.timestep_map[0]  # the network timestep of the final sampling step
 
@@ -761,7 +765,11 @@ class UnclipPipeline:
         c = self.component("text_encoder")
         ids, mask = self.tokenize(texts)
         out = _encode_text_jit(c.module, c.variables, jnp.asarray(ids))
-        return dict(text_embeds=np.asarray(out["text_embeds"]), last_hidden_state=np.asarray(out["last_hidden_state"]), mask=mask)
+        return dict(
+            text_embeds=np.asarray(out["text_embeds"]),
+            last_hidden_state=np.asarray(out["last_hidden_state"]),
+            mask=mask,
+        )
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

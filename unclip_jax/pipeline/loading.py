@@ -98,7 +98,7 @@ def workdir_export(folder: str | os.PathLike) -> Path | None:
 
 
 def _diffusers_loader(name: str):
-    from unclip_jax.convert import clip, decoder, prior, upsampler
+    from unclip_jax.convert import clip, prior, upsampler
 
     return {
         "prior": prior.load_prior,
@@ -114,8 +114,7 @@ def _diffusers_loader(name: str):
 def _check_type(name: str, module: Any, where: Path) -> None:
     if not isinstance(module, _TYPES[name]):
         raise PipelineLoadError(
-            f"{name}: {where} holds a {type(module).__name__}, expected one of "
-            f"{[t.__name__ for t in _TYPES[name]]}"
+            f"{name}: {where} holds a {type(module).__name__}, expected one of {[t.__name__ for t in _TYPES[name]]}"
         )
 
 

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import respace, schedules
+from unclip_jax.diffusion.respace import respace
+from unclip_jax.diffusion.schedules import get_named_beta_schedule
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 
 Batch = Mapping[str, jax.Array]
@@ -75,7 +76,7 @@ def model_kwargs(model_cfg: Any) -> dict[str, Any]:
 
 def make_diffusion(diff_cfg: Any) -> GaussianDiffusion:
     """A :class:`GaussianDiffusion` from ``config.diffusion`` (steps, schedule, mean/var/loss types)."""
-    betas = schedules.get_named_beta_schedule(diff_cfg.get("schedule", "cosine"), int(diff_cfg.get("steps", 1000)))
+    betas = get_named_beta_schedule(diff_cfg.get("schedule", "cosine"), int(diff_cfg.get("steps", 1000)))
     clip = diff_cfg.get("clip_denoised", 1.0)
     return GaussianDiffusion(
         betas=betas,
@@ -89,7 +90,7 @@ def make_diffusion(diff_cfg: Any) -> GaussianDiffusion:
 
 def sampling_diffusion(diffusion: GaussianDiffusion, steps: str | int) -> GaussianDiffusion:
     """The respaced diffusion used for previews (``config.diffusion.sample_steps``, e.g. "unclip25", "ddim27")."""
-    return respace.respace(diffusion, str(steps))
+    return respace(diffusion, str(steps))
 
 
 def to_model_range(images: jax.Array) -> jax.Array:

@@ -1,0 +1,15 @@
+"""``unclip interpolate``: see `unclip_jax.pipeline.commands` (module with add_arguments/run for ``unclip_jax.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from unclip_jax.pipeline import commands
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands.add_interpolate_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return commands.run_interpolate(args)

@@ -1,0 +1,186 @@
+"""Small random cascades for tests, demos and benchmarks (built from the models' variant tables).
+
+``random_pipeline("test")`` builds every component of a variant with random weights; the U-Nets' zero-initialised
+output convolutions and the decoder's zero learned CFG embedding are re-drawn so that every network actually
+contributes (a freshly initialised U-Net predicts eps = 0). ``save_native_pipeline`` writes it as a folder of native
+components (what ``unclip convert import`` / training exports produce) and ``save_diffusers_pipeline`` in diffusers'
+Karlo layout (``UnCLIPPipeline`` folder: components, tokenizer, schedulers, ``model_index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.diffusion import GaussianDiffusion
+from unclip_jax.input.tokenizer import ClipTokenizer
+from unclip_jax.models import clip as clip_lib
+from unclip_jax.models import decoder as decoder_lib
+from unclip_jax.models import prior as prior_lib
+from unclip_jax.models import upsampler as upsampler_lib
+from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion
+
+# variant of each model per cascade size ("test": 16x16 decoder -> 32x32 super-res; "bench": 64 -> 256).
+CASCADES = {
+    "test": dict(clip="test", prior="test", decoder="test", upsampler="test"),
+    "bench": dict(clip="tiny", prior="bench", decoder="bench", upsampler="bench"),
+}
+
+
+def _perturb(tree: Any, key: jax.Array, scale: float) -> Any:
+    """Re-draws all-zero leaves with N(0, scale^2) (zero-initialised output layers, the learned CFG embedding)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        scale * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 1 and not np.any(np.asarray(x)) else x
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool = True) -> dict[str, Component]:
+    """Random-weight components of a cascade size (see :data:`CASCADES`).
+
+    Returns:
+        dict with text_encoder, image_encoder, prior, decoder, super_res_first (and super_res_last).
+    """
+    import flax.linen as nn
+
+    v = CASCADES[cascade]
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    text = clip_lib.build_text(v["clip"])
+    vision = clip_lib.build_vision(v["clip"])
+    prior = prior_lib.build(v["prior"])
+    dec = decoder_lib.build(v["decoder"])
+    up = upsampler_lib.build(v["upsampler"])
+    out: dict[str, Component] = {}
+
+    def add(name, module, *args, **kwargs):
+        variables = nn.unbox(module.init(next(keys), *args, **kwargs))
+        variables = {k: dict(val) for k, val in variables.items()}
+        variables["params"] = _perturb(variables["params"], next(keys), 0.05)
+        out[name] = Component(module, jax.device_get(variables))
+
+    add("text_encoder", text, jnp.zeros((1, text.context_length), jnp.int32))
+    add("image_encoder", vision, jnp.zeros((1, vision.image_size, vision.image_size, 3), jnp.float32))
+    add("prior", prior, **prior_lib.example_inputs(prior))
+    d = dec.clip_embeddings_dim
+    s = dec.sample_size
+    add(
+        "decoder",
+        dec,
+        jnp.zeros((1, s, s, 3)),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, d)),
+        jnp.zeros((1, d)),
+        jnp.zeros((1, text.context_length, text.width)),
+    )
+    # Non-trivial normalisation statistics for the prior (diffusers' clip_mean / clip_std).
+    k1, k2 = jax.random.split(next(keys))
+    dim = prior.out_dim
+    out["prior"].variables["stats"] = {
+        "clip_mean": np.asarray(0.1 * jax.random.normal(k1, (1, dim))),
+        "clip_std": np.asarray(1.0 + 0.2 * jax.random.uniform(k2, (1, dim))),
+    }
+    u = up.sample_size
+    for name in ("super_res_first", "super_res_last") if super_res_last else ("super_res_first",):
+        add(name, up, jnp.zeros((1, u, u, 3)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, u, u, 3)))
+    return out
+
+
+def random_pipeline(cascade: str = "test", seed: int = 0, super_res_last: bool = True) -> UnclipPipeline:
+    """An :class:`UnclipPipeline` of random components with the Karlo-default diffusions."""
+    return UnclipPipeline(ClipTokenizer(pad_token="!"), **random_components(cascade, seed, super_res_last))
+
+
+def _diffusion_json(d: GaussianDiffusion, schedule: str) -> dict[str, Any]:
+    return dict(
+        steps=d.num_timesteps,
+        schedule=schedule,
+        mean_type=d.model_mean_type,
+        var_type=d.model_var_type,
+        clip_denoised=d.clip_denoised,
+    )
+
+
+def save_native_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> Path:
+    """Writes every loaded component as a native folder ``folder/<name>`` (+ ``diffusion.json`` for the stages)."""
+    from unclip_jax.convert.native import save_native
+
+    folder = Path(folder)
+    stage_of = {"prior": "prior", "decoder": "decoder", "super_res_first": "super_res", "super_res_last": "super_res"}
+    for name, comp in pipe.components.items():
+        if comp is None:
+            continue
+        save_native(comp.module, comp.variables, folder / name)
+        if name in stage_of:
+            stage = stage_of[name]
+            d = pipe.diffusions[stage]
+            schedule = "linear" if stage == "upsampler_1024" else "cosine"
+            (folder / name / "diffusion.json").write_text(json.dumps(_diffusion_json(d, schedule)))
+    return folder
+
+
+def unclip_scheduler_config(d: GaussianDiffusion) -> dict[str, Any]:
+    """A diffusers ``UnCLIPScheduler`` config for a cosine-schedule diffusion."""
+    if d.model_var_type not in ("fixed_small_log", "learned_range"):
+        raise ValueError(f"UnCLIPScheduler has no variance_type {d.model_var_type!r}")
+    return {
+        "_class_name": "UnCLIPScheduler",
+        "num_train_timesteps": d.num_timesteps,
+        "variance_type": d.model_var_type,
+        "clip_sample": d.clip_denoised is not None,
+        "clip_sample_range": float(d.clip_denoised or 1.0),
+        "prediction_type": {"epsilon": "epsilon", "x_start": "sample"}[d.model_mean_type],
+        "beta_schedule": "squaredcos_cap_v2",
+    }
+
+
+def save_diffusers_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> Path:
+    """Writes the pipeline in diffusers' ``UnCLIPPipeline`` (Karlo) folder layout (no torch needed)."""
+    from unclip_jax.convert import clip, decoder, prior, upsampler
+
+    folder = Path(folder)
+    c = pipe.components
+    prior.save_prior(c["prior"].module, c["prior"].variables, folder / "prior")
+    decoder.save_unclip_decoder(c["decoder"].module, c["decoder"].variables, folder)
+    last = c["super_res_last"] or c["super_res_first"]
+    upsampler.save_upsampler(c["super_res_first"].module, c["super_res_first"].variables, folder / "super_res_first")
+    upsampler.save_upsampler(last.module, last.variables, folder / "super_res_last")
+    clip.save_text_encoder(c["text_encoder"].module, c["text_encoder"].variables, folder / "text_encoder")
+    pipe.tokenizer.save_hf_files(folder / "tokenizer")
+    for stage in ("prior", "decoder", "super_res"):
+        sub = folder / f"{stage}_scheduler"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / "scheduler_config.json").write_text(json.dumps(unclip_scheduler_config(pipe.diffusions[stage])))
+    index = {
+        "_class_name": "UnCLIPPipeline",
+        "prior": ["diffusers", "PriorTransformer"],
+        "decoder": ["diffusers", "UNet2DConditionModel"],
+        "text_proj": ["unclip", "UnCLIPTextProjModel"],
+        "super_res_first": ["diffusers", "UNet2DModel"],
+        "super_res_last": ["diffusers", "UNet2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+        "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
+        "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+__all__ = [
+    "CASCADES",
+    "default_diffusion",
+    "random_components",
+    "random_pipeline",
+    "save_diffusers_pipeline",
+    "save_native_pipeline",
+]
