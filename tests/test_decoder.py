@@ -201,7 +201,11 @@ def test_parameter_counts(torch_threads):
         d = m.clip_embeddings_dim
         shapes = jax.eval_shape(
             lambda m=m, d=d: m.init(
-                jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)), jnp.zeros((1, d)), jnp.zeros((1, d)),
+                jax.random.key(0),
+                jnp.zeros((1, 64, 64, 3)),
+                jnp.zeros((1,)),
+                jnp.zeros((1, d)),
+                jnp.zeros((1, d)),
                 jnp.zeros((1, 77, d)),
             )
         )

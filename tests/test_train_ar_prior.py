@@ -18,9 +18,10 @@ from test_train_data import shared_embed_folder
 from unclip_jax.input import pipelines
 from unclip_jax.models import ar_prior, pca_codec
 from unclip_jax.train import loop
+from unclip_jax.train import metrics as metrics_lib
 from unclip_jax.train.tasks.ar_prior import make_ar_prior_task, read_embeddings
 
-STEPS = 150
+STEPS = 100
 
 
 def _config(folder: str):
@@ -30,7 +31,7 @@ def _config(folder: str):
     spec.loader.exec_module(mod)
     c = mod.get_config("test")
     c.data.folder = folder
-    c.total_steps, c.log_every = STEPS, 50
+    c.total_steps, c.log_every = STEPS, 10
     c.checkpoint.every = STEPS
     c.checkpoint.async_save = False
     c.optim.lr, c.optim.warmup_steps = 3e-3, 10
@@ -67,19 +68,12 @@ def test_codec_fitted_on_the_folder(trained):
 
 
 def test_training_lowers_the_loss(trained):
-    folder, _, task, result, _ = trained
-    batch = {k: jnp.asarray(v) for k, v in _all_examples(folder).items()}
-    rng = jax.random.key(0)
-    init_vars = task.init(jax.random.key(1), batch)
-    from flax import linen as nn
-
-    init_params = nn.unbox(init_vars["params"])
-    extra = result.state.extra
-    loss_fn = jax.jit(lambda p: task.loss(p, batch, rng, extra)[1])
-    before, after = loss_fn(init_params), loss_fn(result.state.params)
-    assert float(after["loss"]) < 0.6 * float(before["loss"]), (before, after)
-    assert float(after["code_accuracy"]) > float(before["code_accuracy"]) + 0.2
-    assert np.isfinite(result.metrics["loss"]) and result.step == STEPS
+    _, _, _, result, workdir = trained
+    rows = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    first, last = rows[0], rows[-1]  # means over steps 1..10 and the last 10 steps
+    assert first["step"] == 10 and last["step"] == STEPS and result.step == STEPS
+    assert last["train/loss"] < 0.5 * first["train/loss"], (first, last)
+    assert last["train/code_accuracy"] > first["train/code_accuracy"] + 0.3, (first, last)
 
 
 def test_samples_are_closer_to_the_true_embeddings_than_random_ones(trained):

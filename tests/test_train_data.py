@@ -24,7 +24,7 @@ def _code_hash() -> str:
 
     h = hashlib.sha256()
     folder = os.path.dirname(inp.__file__)
-    for name in ("precompute.py", "arrayrecord.py", "synthetic.py", "sources.py", "tokenizer.py", "pipelines.py"):
+    for name in ("precompute.py", "arrayrecord.py", "synthetic.py", "sources.py", "tokenizer.py"):
         with open(os.path.join(folder, name), "rb") as f:
             h.update(f.read())
     with open(clip_mod.__file__, "rb") as f:
@@ -97,3 +97,29 @@ def test_embed_folder_feeds_every_stage():
         batch = next(iter(pipelines.make_pipeline(stage, folder, global_batch_size=4, seed=0, **kw)))
         for key, shape in shapes.items():
             assert batch[key].shape == shape, (stage, key, batch[key].shape)
+
+
+def experiment(stage: str, arg: str = "test", **overrides):
+    """``experiments/<stage>.py:get_config(arg)`` with the shared data folder and dotted overrides."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"_exp_{stage}", os.path.join(root, "experiments", f"{stage}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.data.folder = shared_embed_folder()
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def first_batch(config) -> dict:
+    """The first per-process batch of the config's real pipeline."""
+    from unclip_jax.train import loop
+
+    return next(loop.make_train_iterator(config))

@@ -121,7 +121,7 @@ def test_added_kv_attention_matches_diffusers(torch_threads, processor):
     assert np.abs(unmasked - out)[0].max() > 1e-3
 
 
-def test_remat_and_bf16_blocks_agree():
+def test_remat_gives_same_loss_and_grads():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 4, 4, 8)), jnp.float32)
     temb = jnp.asarray(rng.standard_normal((2, 12)), jnp.float32)
@@ -141,7 +141,3 @@ def test_remat_and_bf16_blocks_agree():
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    h16 = jax.jit(ub.MidBlock(**kw, dtype=jnp.bfloat16).apply)(params, x, temb, ctx)
-    h32 = jax.jit(block.apply)(params, x, temb, ctx)
-    assert h16.dtype == jnp.bfloat16
-    assert float(jnp.abs(h16.astype(jnp.float32) - h32).max()) < 0.1 * float(jnp.abs(h32).max())

@@ -91,7 +91,11 @@ def test_eps_xstart_v_round_trips():
     xt = d.q_sample(x0, t, eps)
     np.testing.assert_allclose(d.predict_xstart_from_eps(xt, t, eps), x0, atol=2e-5)
     np.testing.assert_allclose(d.predict_eps_from_xstart(xt, t, d.predict_xstart_from_eps(xt, t, eps)), eps, atol=1e-3)
-    np.testing.assert_allclose(d.predict_eps_from_xstart(xt, t[:1] + 300, x0 * 0 + d.predict_xstart_from_eps(xt, t[:1] + 300, eps)), eps, atol=1e-4)
+    np.testing.assert_allclose(
+        d.predict_eps_from_xstart(xt, t[:1] + 300, x0 * 0 + d.predict_xstart_from_eps(xt, t[:1] + 300, eps)),
+        eps,
+        atol=1e-4,
+    )
     v = d.predict_v(x0, t, eps)
     a = np.array([_abar(BETAS, int(i)) for i in t]).reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(v, np.sqrt(a) * np.asarray(eps) - np.sqrt(1 - a) * np.asarray(x0), rtol=1e-5, atol=1e-6)
@@ -175,7 +179,9 @@ def test_hybrid_loss_stop_gradient_on_mean(hybrid_case):
     t = jnp.array([0, 400], jnp.int32)
 
     def loss(p):
-        return d.training_losses(lambda x, tt: p, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32))["loss"].sum()
+        return d.training_losses(lambda x, tt: p, jnp.asarray(x0, jnp.float32), t, jnp.asarray(noise, jnp.float32))[
+            "loss"
+        ].sum()
 
     g = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(out, jnp.float32)))
     n = np.prod(x0.shape[1:])
@@ -194,7 +200,6 @@ def test_mse_target_per_parameterisation(mean_type):
     t = np.array([5, 500, 990])
     a = np.array([_abar(BETAS, i) for i in t])[:, None]
     target = {"epsilon": noise, "x_start": x0, "v": np.sqrt(a) * noise - np.sqrt(1 - a) * x0}[mean_type]
-    f32 = lambda v: jnp.asarray(v, jnp.float32)
     exact = _losses(d, target, x0, jnp.asarray(t), noise)
     np.testing.assert_allclose(np.asarray(exact["mse"]), 0.0, atol=1e-10)
     off = _losses(d, target + 0.1, x0, jnp.asarray(t), noise)

@@ -454,9 +454,7 @@ def load_fid_helper(
 _PYTORCH_FID_UNUSED = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
 
 
-def load_pytorch_fid(
-    path: str | os.PathLike, **overrides: Any
-) -> tuple[inception_model.InceptionV3, dict[str, Any]]:
+def load_pytorch_fid(path: str | os.PathLike, **overrides: Any) -> tuple[inception_model.InceptionV3, dict[str, Any]]:
     """Imports pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``.
 
     The classifier (``fc.*``, 1008 classes) is checked and dropped; ``num_batches_tracked``

@@ -7,7 +7,9 @@ API (other modules code against these):
       closure of ``denoise_fn`` inside the jitted function so they are not baked in as constants):
       ``p_sample_loop(diffusion, denoise_fn, shape, key, *, cond=None, x_T=None, return_intermediates=False)``
       ``ddim_sample_loop(..., eta=0.0, eps_from_clipped_xstart=True)``
-      ``ddim_reverse_loop(diffusion, denoise_fn, x_start, *, cond=None, return_intermediates=False)`` (image -> x_T).
+      ``ddim_reverse_loop(diffusion, denoise_fn, x_start, *, cond=None, fixed_point_iters=0,
+      return_intermediates=False)`` (image -> x_T; ``fixed_point_iters`` > 0 solves each inversion step as the exact
+      inverse of the eta-0 sampling step by fixed-point iteration, at (1 + iters) network calls per step).
       ``diffusion`` is normally respaced (`respace.respace`); the loop runs its indices S-1 .. 0 and ``denoise_fn``
       sees the original timesteps. The key is split once into (init, loop): x_T = normal(init) unless ``x_T`` is
       given, and the noise of loop step k (k = 0 first) is ``normal(fold_in(loop, k))``, so the same key gives the
@@ -112,7 +114,9 @@ def ddim_reverse_sample(
     The network is evaluated at (x, original timestep of index t), i.e. at the TARGET level as in diffusers'
     ``DDIMInverseScheduler`` pipelines; its output is read as eps (for x_start / v models: the eps it implies when x
     is read as x_t). Then ``x0 = (x - sqrt(1 - abar_prev) eps) / sqrt(abar_prev)`` and
-    ``x_next = sqrt(abar) x0 + sqrt(1 - abar) eps``. No clipping. Index 0 starts from the clean image
+    ``x_next = sqrt(abar) x0 + sqrt(1 - abar) eps``. No clipping. With ``fixed_point_iters`` > 0 eps is then
+    re-evaluated at x_next and the step repeated, converging to the x_next whose eta-0 DDIM step returns x exactly
+    (plain inversion has a first-order error wherever eps changes along the path). Index 0 starts from the clean image
     (abar_prev = 1), so `ddim_sample_loop` at eta=0 after `ddim_reverse_loop` reconstructs the input.
 
     Returns:
@@ -133,7 +137,9 @@ def ddim_reverse_sample(
     sample, pred_xstart = up(eps_at(x))
     if fixed_point_iters > 0:
         # Solve x_next = up(eps(x_next)): then the DDIM step from x_next returns x exactly.
-        sample, pred_xstart = jax.lax.fori_loop(0, fixed_point_iters, lambda _, c: up(eps_at(c[0])), (sample, pred_xstart))
+        sample, pred_xstart = jax.lax.fori_loop(
+            0, fixed_point_iters, lambda _, c: up(eps_at(c[0])), (sample, pred_xstart)
+        )
     return dict(sample=sample, pred_xstart=pred_xstart)
 
 

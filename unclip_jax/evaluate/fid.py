@@ -218,7 +218,9 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def fid_from_stats(a: FeatureStats | tuple[np.ndarray, np.ndarray], b: FeatureStats | tuple[np.ndarray, np.ndarray]) -> float:
+def fid_from_stats(
+    a: FeatureStats | tuple[np.ndarray, np.ndarray], b: FeatureStats | tuple[np.ndarray, np.ndarray]
+) -> float:
     """FID between two sets given as :class:`FeatureStats` or ``(mu, sigma)`` pairs."""
 
     def ms(s):

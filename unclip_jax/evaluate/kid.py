@@ -26,7 +26,9 @@ def polynomial_kernel(
     return (gamma * (x @ y.T) + coef0) ** degree
 
 
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> float:
+def mmd2_unbiased(
+    x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0
+) -> float:
     """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) with the polynomial kernel, for equal-sized ``[m, D]`` sets.
 
     ``1/(m(m-1)) sum_{i!=j} [k(x_i,x_j) + k(y_i,y_j)] - 2/m^2 sum_{i,j} k(x_i,y_j)``, as in

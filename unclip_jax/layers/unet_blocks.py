@@ -260,9 +260,7 @@ class AddedKVAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, x: jnp.ndarray, context: jnp.ndarray, context_mask: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, context_mask: jnp.ndarray | None = None) -> jnp.ndarray:
         """Applies the attention block.
 
         Args:

@@ -398,7 +398,9 @@ class UnCLIPDecoder(nn.Module):
             n_emb, n_states, n_mask = null_caption
             d = drop_caption.astype(bool)
             text_embeds = jnp.where(d[:, None], n_emb.astype(text_embeds.dtype), text_embeds)
-            text_hidden_states = jnp.where(d[:, None, None], n_states.astype(text_hidden_states.dtype), text_hidden_states)
+            text_hidden_states = jnp.where(
+                d[:, None, None], n_states.astype(text_hidden_states.dtype), text_hidden_states
+            )
             text_mask = jnp.where(d[:, None], n_mask.astype(bool), text_mask.astype(bool))
         context, time_emb = self.text_proj(
             image_embeds, text_embeds, text_hidden_states, drop_image_embeds=drop_image_embeds

@@ -469,6 +469,23 @@ def abstract_params(model: InceptionV3, batch: int = 1) -> Any:
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype), method="features"))
 
 
+def param_sharding(boxed: Any, mesh: jax.sharding.Mesh, rules) -> Any:
+    """``NamedSharding`` for every parameter of a boxed (``nn.Partitioned``) tree.
+
+    Maps each logical name through ``rules`` (unlisted names are replicated). Done here
+    rather than with ``nn.logical_to_mesh_sharding`` because conv kernels name
+    ``KERNEL_SPATIAL`` twice, which flax's mapping rejects.
+    """
+    table = dict(rules)
+    P = jax.sharding.PartitionSpec
+
+    def one(leaf):
+        names = leaf.names if isinstance(leaf, nn.Partitioned) else (None,) * len(np.shape(leaf))
+        return jax.sharding.NamedSharding(mesh, P(*(table.get(n) if n is not None else None for n in names)))
+
+    return jax.tree_util.tree_map(one, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 class ShardedFeatures:
     """Pool3 features of host-local image batches, computed with the batch split across a mesh.
 
@@ -490,9 +507,8 @@ class ShardedFeatures:
                 P(axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED), mesh, self.rules
             )
             self.out_sharding = nn.logical_to_mesh_sharding(P(axes.BATCH, axes.ACT_EMBED), mesh, self.rules)
-            specs = nn.get_partition_spec(abstract_params(model))
-            param_shardings = nn.logical_to_mesh_sharding(specs, mesh, self.rules)
-        self.params = jax.device_put(nn.meta.unbox(params), nn.meta.unbox(param_shardings))
+            param_shardings = param_sharding(abstract_params(model), mesh, self.rules)
+        self.params = jax.device_put(nn.meta.unbox(params), param_shardings)
         batch_axes = self.image_sharding.spec[0]
         batch_axes = () if batch_axes is None else (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,))
         shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
@@ -504,7 +520,7 @@ class ShardedFeatures:
 
         self._fn = jax.jit(
             fwd,
-            in_shardings=(nn.meta.unbox(param_shardings), self.image_sharding),
+            in_shardings=(param_shardings, self.image_sharding),
             out_shardings=self.out_sharding,
         )
 

@@ -62,7 +62,7 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
     out: dict[str, Component] = {}
 
     def add(name, module, *args, **kwargs):
-        variables = nn.unbox(module.init(next(keys), *args, **kwargs))
+        variables = nn.unbox(jax.jit(lambda k: module.init(k, *args, **kwargs))(next(keys)))
         variables = {k: dict(val) for k, val in variables.items()}
         variables["params"] = _perturb(variables["params"], next(keys), 0.05)
         out[name] = Component(module, jax.device_get(variables))
