@@ -30,7 +30,10 @@ CONV_IN = "conv_in"
 CONV_OUT = "conv_out"
 NORM = "norm"  # scales/biases of norms: always replicated
 POSITION = "position"  # learned positional tables (rows)
-KERNEL_SPATIAL = "kernel_spatial"  # conv kernel height/width: never sharded
+KERNEL_H = "kernel_h"  # conv kernel height: never sharded
+KERNEL_W = "kernel_w"  # conv kernel width: never sharded
+# Conv kernels are named (KERNEL_H, KERNEL_W, CONV_IN, CONV_OUT): flax rejects a logical
+# name that occurs twice in one array, so the two spatial dims have distinct names.
 
 ALL = (
     BATCH,
@@ -48,7 +51,8 @@ ALL = (
     CONV_OUT,
     NORM,
     POSITION,
-    KERNEL_SPATIAL,
+    KERNEL_H,
+    KERNEL_W,
 )
 
 # Rule sets: tuples of (logical name, mesh axis or tuple of mesh axes or None).

@@ -217,7 +217,7 @@ class CLIPVisionModel(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(),
-                (axes.KERNEL_SPATIAL, axes.KERNEL_SPATIAL, axes.CONV_IN, axes.CONV_OUT),
+                (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT),
             ),
             name="patch_embedding",
         )(pixel_values.astype(self.dtype))

@@ -174,7 +174,7 @@ class BasicConv2d(nn.Module):
             precision=self.precision,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-                (axes.KERNEL_SPATIAL, axes.KERNEL_SPATIAL, axes.CONV_IN, axes.CONV_OUT),
+                (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT),
             ),
             name="conv",
         )(x)
@@ -472,9 +472,7 @@ def abstract_params(model: InceptionV3, batch: int = 1) -> Any:
 def param_sharding(boxed: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     """``NamedSharding`` for every parameter of a boxed (``nn.Partitioned``) tree.
 
-    Maps each logical name through ``rules`` (unlisted names are replicated). Done here
-    rather than with ``nn.logical_to_mesh_sharding`` because conv kernels name
-    ``KERNEL_SPATIAL`` twice, which flax's mapping rejects.
+    Maps each logical name through ``rules`` (unlisted names are replicated).
     """
     table = dict(rules)
     P = jax.sharding.PartitionSpec
