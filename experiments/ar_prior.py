@@ -7,7 +7,7 @@ guidance. ``data.folder`` is an "embed" shard folder of :mod:`unclip_jax.input.p
 (the prior pipeline's fields). The codec is ``task.codec`` (an .npz of
 ``unclip_jax.models.pca_codec.save``) or, when empty, ``<data.folder>/ar_prior_codec.npz``
 if present, else fitted on ``task.codec_fit_examples`` records of the folder when the
-task is built; it is stored in the model's ``codec`` collection (checkpoints, export).
+task is built; it is stored in the model's ``stats`` collection (checkpoints, export).
 
 Variants (``:arg``): test (seconds on CPU, pairs with clip ``test``), tiny (the CPU demo,
 pairs with clip ``tiny``), karlo (paper-sized latent decoder on ViT-L/14 embeddings),

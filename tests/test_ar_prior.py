@@ -22,7 +22,7 @@ def setup():
     z = rng.normal(size=(256, d))
     codec = pca_codec.fit(z, k, module.num_buckets, text_embeds=z + rng.normal(size=z.shape), num_dot_buckets=8)
     variables = dict(jax.jit(module.init)(jax.random.key(0), **ar_prior.example_inputs(module, B)))
-    variables["codec"] = ar_prior.codec_variables(codec)
+    variables["stats"] = ar_prior.codec_variables(codec)
     cond = dict(
         text_hidden_states=jnp.asarray(rng.normal(size=(B, n_txt, dt)), jnp.float32),
         text_mask=jnp.asarray(np.arange(n_txt)[None] < np.array([[5], [n_txt], [2]])),
@@ -38,7 +38,7 @@ def setup():
 
 def test_collections_shapes_and_logical_axes(setup):
     module, variables, cond, tokens, apply = setup
-    assert set(variables) == {"params", "codec"}
+    assert set(variables) == {"params", "stats"}
     dot_logits, code_logits = apply(variables, cond, tokens)
     assert dot_logits.shape == (B, module.num_dot_buckets)
     assert code_logits.shape == (B, module.num_components, module.num_buckets)
@@ -132,7 +132,7 @@ def test_cached_sampler_matches_full_reruns(setup):
     codes = np.asarray(cached["codes"])
     assert codes.shape == (B, module.num_components) and len(np.unique(codes)) > 3  # not a constant
     # The embedding is the codec's decoding of the codes.
-    state = {k: np.asarray(v, np.float64) for k, v in variables["codec"].items()}
+    state = {k: np.asarray(v, np.float64) for k, v in variables["stats"].items()}
     np.testing.assert_allclose(np.asarray(cached["image_embeds"]), pca_codec.decode(state, codes), atol=1e-4)
 
 

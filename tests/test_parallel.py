@@ -50,25 +50,35 @@ def prior_setup():
     return config, make_task(config), data.first_batch(config)
 
 
-def _one_step(config, task, local_batch, mesh_cfg, rules_name):
+def _mesh(mesh_cfg, rules_name):
     mesh = parallel.make_mesh(mesh_cfg, devices=jax.devices()[: int(np.prod(list(mesh_cfg.values())))])
-    rules = parallel.logical_rules({"rules": rules_name})
+    return mesh, parallel.logical_rules({"rules": rules_name})
+
+
+def _one_step(config, task, local_batch, mesh, rules, state=None):
+    """One compiled train step on ``mesh``; ``state`` (host arrays) is placed onto the mesh's shardings."""
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     batch = parallel.global_batch(local_batch, mesh)
-    state, shardings, _ = loop.init_state(task, tx, jax.random.PRNGKey(1), batch, mesh, rules)
+    if state is None:  # abstract-first init straight into the shards
+        state, shardings, _ = loop.init_state(task, tx, jax.random.PRNGKey(1), batch, mesh, rules)
+    else:
+        _, shardings = loop.abstract_state(task, tx, batch, mesh, rules)
+        state = jax.device_put(state, shardings)
+    initial = jax.device_get(state)
     step = loop.make_train_step(task, tx, schedule, base_rng=jax.random.PRNGKey(2), ema_decay=0.9)
     compiled = loop.compile_train_step(step, state, batch, shardings, mesh, rules)
     state, metrics = compiled(state, batch)
-    return state, jax.device_get(metrics)
+    return initial, state, jax.device_get(metrics)
 
 
 def test_same_step_on_every_mesh_as_on_one_device(prior_setup):
     config, task, batch = prior_setup
-    ref_state, ref_metrics = _one_step(config, task, batch, {"data": 1, "fsdp": 1, "tensor": 1}, "data")
+    initial, ref_state, ref_metrics = _one_step(config, task, batch, *_mesh({"data": 1, "fsdp": 1, "tensor": 1}, "data"))
     ref_params = jax.device_get(ref_state.params)
     cases = [((8, 1, 1), "data"), ((2, 4, 1), "fsdp"), ((1, 8, 1), "fsdp"), ((2, 2, 2), "fsdp_tensor")]
     for (d, f, t), rules in cases:
-        state, metrics = _one_step(config, task, batch, {"data": d, "fsdp": f, "tensor": t}, rules)
+        mesh, rule_set = _mesh({"data": d, "fsdp": f, "tensor": t}, rules)
+        _, state, metrics = _one_step(config, task, batch, mesh, rule_set, state=initial)
         np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5, err_msg=str((d, f, t)))
         np.testing.assert_allclose(metrics["train/grad_norm"], ref_metrics["train/grad_norm"], rtol=1e-4)
         jax.tree.map(

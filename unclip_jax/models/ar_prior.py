@@ -28,8 +28,10 @@ Classifier-free guidance (section 2.2: text conditioning dropped 10% of the time
 null inputs (``null_text_hidden_states``, all-True mask, ``null_text_embeds``) where
 ``drop_text`` is True, both in training and for the unconditional branch at sampling.
 
-The fitted codec lives in the non-trainable ``codec`` collection (created as zeros by
-``init``; fill it with :func:`codec_variables`), so checkpoints carry it.
+The fitted codec lives in the non-trainable ``stats`` collection (:data:`CODEC_COLLECTION`;
+fitted-on-data arrays, like the diffusion prior's normalisation statistics), created as
+zeros by ``init`` and filled with :func:`codec_variables`, so checkpoints and native
+exports carry it.
 
 Sampling (:func:`sample`) is one compiled ``lax.scan`` of n steps with a key/value cache
 (the ``decode`` mode of :class:`unclip_jax.layers.attention.MultiHeadAttention`, one
@@ -53,6 +55,7 @@ from unclip_jax.layers.transformer import Transformer, dense, layer_norm
 from unclip_jax.models import pca_codec
 
 Dtype = Any
+CODEC_COLLECTION = "stats"  # variable collection of the fitted codec (pca_codec.STATE_KEYS)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # Compiles and runs in seconds on CPU; pairs with clip.VARIANTS["test"] (projection 32, text width 32),
@@ -202,18 +205,18 @@ class ARPrior(nn.Module):
         if self.is_initializing():
             shapes = pca_codec.shapes(self.embedding_dim, self.num_components, self.num_buckets, self.num_dot_buckets)
             for name, shape in shapes.items():
-                self.variable("codec", name, jnp.zeros, shape, jnp.float32)
+                self.variable(CODEC_COLLECTION, name, jnp.zeros, shape, jnp.float32)
 
     # ------------------------------------------------------------------ codec
 
     def codec_state(self) -> dict[str, jax.Array]:
-        """The fitted codec of the ``codec`` collection (see :mod:`unclip_jax.models.pca_codec`)."""
-        if not self.has_variable("codec", "mean"):
+        """The fitted codec of the ``stats`` collection (see :mod:`unclip_jax.models.pca_codec`)."""
+        if not self.has_variable(CODEC_COLLECTION, "mean"):
             raise ValueError(
-                "ARPrior: variables lack the 'codec' collection; apply with {'params': ..., 'codec': ...} "
+                "ARPrior: variables lack the codec ('stats' collection); apply with {'params': ..., 'stats': ...} "
                 "(ar_prior.codec_variables(pca_codec.fit(...)) or the variables of a checkpoint)"
             )
-        return {k: self.get_variable("codec", k) for k in pca_codec.STATE_KEYS}
+        return {k: self.get_variable(CODEC_COLLECTION, k) for k in pca_codec.STATE_KEYS}
 
     def encode_targets(self, image_embeds: jax.Array, text_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
         """z_i, z_t [B, D] -> (dot token [B] int32, codes [B, k] int32)."""
@@ -356,7 +359,7 @@ def example_inputs(module: ARPrior, batch_size: int = 1) -> dict[str, jax.Array]
 
 
 def codec_variables(state: pca_codec.State) -> dict[str, jax.Array]:
-    """A fitted codec state as the model's ``codec`` collection (float32)."""
+    """A fitted codec state as the model's codec collection ``stats`` (float32): ``variables["stats"] = ...``."""
     pca_codec.check(state)
     return pca_codec.to_jax(state, jnp.float32)
 
@@ -431,7 +434,7 @@ def sample(
     instead (the reference the cached sampler must match token for token).
 
     Args:
-      module, variables: the model and its variables (``params`` and ``codec``).
+      module, variables: the model and its variables (``params`` and ``stats``, the codec).
       text_hidden_states: [B, L, Dt]; text_mask: [B, L] bool or None; text_embeds: [B, D].
       rng: PRNG key.
       guidance_scale: classifier-free guidance scale on the log-probs (None = no guidance;
@@ -512,7 +515,7 @@ def sample(
 
         tokens, _ = jax.lax.scan(body, tokens0, jnp.arange(length, n))
     dot_tokens, codes = tokens[:, 0], tokens[:, 1:]
-    state = {key: variables["codec"][key] for key in pca_codec.STATE_KEYS}
+    state = {key: variables[CODEC_COLLECTION][key] for key in pca_codec.STATE_KEYS}
     return dict(
         dot_tokens=dot_tokens,
         codes=codes,

@@ -8,7 +8,7 @@ also holds one token for the quantised dot product z_i . z_t.
 
 The fitted codec is a ``dict[str, np.ndarray]`` (the "state"), fitted in float64 on
 training embeddings, saved as ``.npz`` (:func:`save` / :func:`load`) and carried inside
-the model's variables as the non-trainable ``codec`` collection
+the model's variables as the non-trainable ``stats`` collection
 (:class:`unclip_jax.models.ar_prior.ARPrior`), so a checkpoint or export always holds
 the codec its codes were trained with.
 
@@ -291,7 +291,7 @@ def relative_mse(state: State, image_embeds: Any, quantized: bool = True) -> flo
 
 
 def shapes(embedding_dim: int, num_components: int, num_buckets: int, num_dot_buckets: int) -> dict[str, tuple]:
-    """Array shapes of a state (used to create the model's ``codec`` collection at init)."""
+    """Array shapes of a state (used to create the model's codec collection at init)."""
     return dict(
         mean=(embedding_dim,),
         components=(num_components, embedding_dim),

@@ -33,15 +33,16 @@ CASCADES = {
 }
 
 
-def _perturb(tree: Any, key: jax.Array, scale: float) -> Any:
+def _perturb(tree: Any, rng: np.random.Generator, scale: float) -> Any:
     """Re-draws all-zero leaves with N(0, scale^2) (zero-initialised output layers, the learned CFG embedding)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        scale * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 1 and not np.any(np.asarray(x)) else x
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, out)
+
+    def f(x):
+        x = np.asarray(x)
+        if x.ndim >= 1 and not np.any(x):
+            return (scale * rng.standard_normal(x.shape)).astype(x.dtype)
+        return x
+
+    return jax.tree.map(f, tree)
 
 
 def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool = True) -> dict[str, Component]:
@@ -54,6 +55,7 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
 
     v = CASCADES[cascade]
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    rng = np.random.default_rng(seed)
     text = clip_lib.build_text(v["clip"])
     vision = clip_lib.build_vision(v["clip"])
     prior = prior_lib.build(v["prior"])
@@ -64,7 +66,7 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
     def add(name, module, *args, **kwargs):
         variables = nn.unbox(jax.jit(lambda k: module.init(k, *args, **kwargs))(next(keys)))
         variables = {k: dict(val) for k, val in variables.items()}
-        variables["params"] = _perturb(variables["params"], next(keys), 0.05)
+        variables["params"] = _perturb(variables["params"], rng, 0.05)
         out[name] = Component(module, jax.device_get(variables))
 
     add("text_encoder", text, jnp.zeros((1, text.context_length), jnp.int32))
@@ -82,11 +84,10 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
         jnp.zeros((1, text.context_length, text.width)),
     )
     # Non-trivial normalisation statistics for the prior (diffusers' clip_mean / clip_std).
-    k1, k2 = jax.random.split(next(keys))
     dim = prior.out_dim
     out["prior"].variables["stats"] = {
-        "clip_mean": np.asarray(0.1 * jax.random.normal(k1, (1, dim))),
-        "clip_std": np.asarray(1.0 + 0.2 * jax.random.uniform(k2, (1, dim))),
+        "clip_mean": (0.1 * rng.standard_normal((1, dim))).astype(np.float32),
+        "clip_std": (1.0 + 0.2 * rng.uniform(size=(1, dim))).astype(np.float32),
     }
     u = up.sample_size
     for name in ("super_res_first", "super_res_last") if super_res_last else ("super_res_first",):

@@ -188,8 +188,8 @@ def make_train_step(
             opt_state=opt_state,
         )
         out = {f"train/{k}": jnp.asarray(v, jnp.float32) for k, v in aux.items()}
-        out["train/grad_norm"] = optax.global_norm(grads)
-        out["train/param_norm"] = optax.global_norm(params)
+        out["train/grad_norm"] = optax.tree.norm(grads)
+        out["train/param_norm"] = optax.tree.norm(params)
         out["train/lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, out
 

@@ -8,7 +8,7 @@ Batch (the prior pipeline, :mod:`unclip_jax.input.pipelines` stage "prior")::
     text_mask           [B, L]     bool    caption mask (True = real token); optional
 
 The targets are the quantised dot product z_i . z_t and the k codes of z_i, computed on the
-fly by the codec in the model's ``codec`` collection (fitted before training, see
+fly by the codec in the model's ``stats`` collection (fitted before training, see
 :func:`codec_from_config`). The loss is the mean cross-entropy over the k + 1 target
 tokens (dot token included: it is part of the sequence the prior models, and its
 distribution is what sampling truncates to the top half). The caption (hidden states,
@@ -108,7 +108,7 @@ class ArPriorTask:
                 drop_text=jnp.zeros((b,), bool) if self.module.learned_null_text else None,
             )
         )
-        variables["codec"] = ar_lib.codec_variables(self.codec)
+        variables[ar_lib.CODEC_COLLECTION] = ar_lib.codec_variables(self.codec)
         return variables
 
     def loss(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
@@ -213,9 +213,7 @@ def make_ar_prior_task(config: Any) -> ArPriorTask:
         if not path and config.data.get("folder", ""):
             candidate = os.path.join(config.data.folder, "null_caption.npz")
             path = candidate if os.path.exists(candidate) else ""
-        null = base.load_arrays(
-            path, ("text_embeds", "text_hidden_states", "text_mask"), "config.task.null_caption"
-        )
+        null = base.load_arrays(path, ("text_embeds", "text_hidden_states", "text_mask"), "config.task.null_caption")
     guidance = float(config.task.get("guidance_scale", 0.0))
     return ArPriorTask(
         module,

@@ -1,0 +1,204 @@
+"""A whole diffusers ``UnCLIPPipeline`` folder (Karlo layout) <-> our modules and variables.
+
+Networks (each through its own converter):
+
+=================  ==========================================  ====================================
+name               folder(s)                                   module
+=================  ==========================================  ====================================
+prior              ``prior/``                                  ``models.prior.PriorTransformer``
+text_encoder       ``text_encoder/``                           ``models.clip.CLIPTextModel``
+decoder            ``decoder/`` + ``text_proj/``               ``models.decoder.UnCLIPDecoder``
+super_res_first    ``super_res_first/``                        ``models.upsampler.SuperResUNet``
+super_res_last     ``super_res_last/``                         ``models.upsampler.SuperResUNet``
+=================  ==========================================  ====================================
+
+Everything else (``model_index.json``, the three ``*_scheduler/scheduler_config.json`` and the
+``tokenizer/`` files) is carried verbatim as text in :attr:`UnCLIPBundle.files`, so an
+import followed by an export reproduces the folder (tensors bit for bit). Missing
+scheduler configs / ``model_index.json`` are generated with Karlo's settings on export;
+the tokenizer files must be present.
+
+diffusers 0.42.1 keeps ``UnCLIPPipeline`` under ``diffusers.pipelines.deprecated``; call
+:func:`register_diffusers_aliases` before ``UnCLIPPipeline.from_pretrained`` there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+
+from unclip_jax.convert import clip as cclip
+from unclip_jax.convert import decoder as cdecoder
+from unclip_jax.convert import io
+from unclip_jax.convert import prior as cprior
+from unclip_jax.convert import upsampler as cupsampler
+
+MODEL_INDEX = "model_index.json"
+NETWORKS = ("prior", "text_encoder", "decoder", "super_res_first", "super_res_last")
+SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+TEXT_DIRS = (*SCHEDULERS, "tokenizer")
+
+# Karlo's scheduler settings (layout file, "Schedulers").
+KARLO_SCHEDULERS = {
+    "prior_scheduler": dict(prediction_type="sample", variance_type="fixed_small_log", clip_sample_range=5.0),
+    "decoder_scheduler": dict(prediction_type="epsilon", variance_type="learned_range", clip_sample_range=1.0),
+    "super_res_scheduler": dict(prediction_type="epsilon", variance_type="fixed_small_log", clip_sample_range=1.0),
+}
+MODEL_INDEX_CLASSES = {
+    "decoder": ["diffusers", "UNet2DConditionModel"],
+    "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
+    "prior": ["diffusers", "PriorTransformer"],
+    "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+    "super_res_first": ["diffusers", "UNet2DModel"],
+    "super_res_last": ["diffusers", "UNet2DModel"],
+    "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_proj": ["unclip", "UnCLIPTextProjModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+}
+
+
+@dataclasses.dataclass
+class UnCLIPBundle:
+    """The networks of an unCLIP pipeline plus the pipeline's non-weight files.
+
+    Attributes:
+      models: name (see :data:`NETWORKS`) -> (module, variables).
+      files: relative path -> text (``model_index.json``, scheduler configs, tokenizer files).
+    """
+
+    models: dict[str, tuple[nn.Module, dict[str, Any]]]
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _loaders() -> dict[str, Any]:
+    return {
+        "prior": cprior.load_prior,
+        "text_encoder": cclip.load_text_encoder,
+        "decoder": cdecoder.load_unclip_decoder,
+        "super_res_first": cupsampler.load_super_res_first,
+        "super_res_last": cupsampler.load_super_res_last,
+    }
+
+
+def _savers() -> dict[str, Any]:
+    return {
+        "prior": cprior.save_prior,
+        "text_encoder": cclip.save_text_encoder,
+        "decoder": cdecoder.save_unclip_decoder,  # writes decoder/ and text_proj/ under the given folder
+        "super_res_first": cupsampler.save_upsampler,
+        "super_res_last": cupsampler.save_upsampler,
+    }
+
+
+def load_pipeline(folder: str | os.PathLike, **overrides: Any) -> UnCLIPBundle:
+    """Imports every network of a diffusers ``UnCLIPPipeline`` folder.
+
+    Args:
+      folder: the pipeline folder (with ``model_index.json``).
+      **overrides: module fields applied to every network (e.g. ``dtype=jnp.bfloat16``).
+
+    Returns:
+      An :class:`UnCLIPBundle`.
+
+    Raises:
+      ConversionError: naming the missing/bad component folder or file.
+    """
+    folder = Path(folder)
+    index = folder / MODEL_INDEX
+    if not index.is_file():
+        raise io.ConversionError(f"{index}: missing (not a diffusers pipeline folder)")
+    try:
+        cfg = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise io.ConversionError(f"{index}: not valid JSON ({e})") from e
+    if cfg.get("_class_name") not in ("UnCLIPPipeline", None):
+        raise io.ConversionError(f"{index}: _class_name={cfg.get('_class_name')!r}, expected 'UnCLIPPipeline'")
+    needed = ["prior", "text_encoder", "decoder", "text_proj", "super_res_first", "super_res_last", "tokenizer"]
+    missing = [n for n in needed if not (folder / n).is_dir()]
+    if missing:
+        raise io.ConversionError(f"{folder}: pipeline component folder(s) {missing} missing")
+    loaders = _loaders()
+    models = {}
+    for name in NETWORKS:
+        src = folder if name == "decoder" else folder / name
+        models[name] = loaders[name](src, **overrides)
+    files = {MODEL_INDEX: index.read_text()}
+    for sub in TEXT_DIRS:
+        for path in sorted((folder / sub).rglob("*")) if (folder / sub).is_dir() else []:
+            if path.is_file():
+                try:
+                    files[str(path.relative_to(folder))] = path.read_text()
+                except UnicodeDecodeError as e:
+                    raise io.ConversionError(f"{path}: not a text file ({e})") from e
+    return UnCLIPBundle(models=models, files=files)
+
+
+def default_files() -> dict[str, str]:
+    """``model_index.json`` and Karlo's three scheduler configs (everything but the tokenizer)."""
+    version = cdecoder.DIFFUSERS_VERSION
+    index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": version, **MODEL_INDEX_CLASSES}
+    files = {MODEL_INDEX: json.dumps(index, indent=2, sort_keys=True) + "\n"}
+    for name, kw in KARLO_SCHEDULERS.items():
+        cfg = {
+            "_class_name": "UnCLIPScheduler",
+            "_diffusers_version": version,
+            "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2",
+            "clip_sample": True,
+            **kw,
+        }
+        files[f"{name}/scheduler_config.json"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def save_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
+    """Exports a bundle to a folder diffusers' ``UnCLIPPipeline.from_pretrained`` loads (atomic).
+
+    The folder is assembled in a temporary sibling and renamed into place when complete.
+    """
+    folder = Path(folder)
+    missing = [n for n in NETWORKS if n not in bundle.models]
+    if missing:
+        raise io.ConversionError(f"save_pipeline: networks {missing} missing from the bundle")
+    files = {**default_files(), **bundle.files}
+    if not any(k.startswith("tokenizer/") for k in files):
+        raise io.ConversionError("save_pipeline: the bundle has no tokenizer/ files (copy them from a CLIP folder)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        savers = _savers()
+        for name in NETWORKS:
+            module, variables = bundle.models[name]
+            savers[name](module, variables, tmp if name == "decoder" else tmp / name)
+        for rel, text in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
+        io.replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def register_diffusers_aliases() -> None:
+    """Lets diffusers 0.42.1 load a saved UnCLIPPipeline folder (its ``text_proj`` entry names ``unclip``).
+
+    Registers ``diffusers.pipelines.unclip`` and ``diffusers.UnCLIPTextProjModel`` as aliases of the
+    deprecated module/class (see the layout file's 'Versions' note). Harmless on versions that have them.
+    """
+    import sys
+
+    import diffusers
+    import diffusers.pipelines.deprecated.unclip as unclip
+
+    sys.modules.setdefault("diffusers.pipelines.unclip", unclip)
+    if not hasattr(diffusers, "UnCLIPTextProjModel"):
+        diffusers.UnCLIPTextProjModel = unclip.UnCLIPTextProjModel
