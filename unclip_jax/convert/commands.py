@@ -18,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unclip_jax.convert import clip, io, prior
+from unclip_jax.convert import clip, decoder, io, pipeline, prior, upsampler
 from unclip_jax.convert.native import load_native, save_native
+from unclip_jax.models.decoder import Decoder, UnCLIPDecoder, UnCLIPTextProj
+from unclip_jax.models.upsampler import SuperResUNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +46,22 @@ COMPONENTS: dict[str, Component] = {
     "text_encoder": Component(clip.load_text_encoder, clip.save_text_encoder, clip.CLIPTextModel, "transformers"),
     "image_encoder": Component(clip.load_image_encoder, clip.save_image_encoder, clip.CLIPVisionModel, "transformers"),
     "clip": Component(clip.load_clip, clip.save_clip, clip.CLIP, "transformers"),
+    "decoder": Component(decoder.load_decoder, decoder.save_decoder, Decoder, "diffusers"),
+    "text_proj": Component(decoder.load_text_proj, decoder.save_text_proj, UnCLIPTextProj, "diffusers"),
+    # decoder + text_proj together (the pipeline's decoder); src/dst hold decoder/ and text_proj/.
+    "unclip_decoder": Component(decoder.load_unclip_decoder, decoder.save_unclip_decoder, UnCLIPDecoder, "diffusers"),
+    "super_res_first": Component(upsampler.load_super_res_first, upsampler.save_upsampler, SuperResUNet, "diffusers"),
+    "super_res_last": Component(upsampler.load_super_res_last, upsampler.save_upsampler, SuperResUNet, "diffusers"),
 }
+# The whole UnCLIPPipeline folder (every network + schedulers + tokenizer files).
+PIPELINE = "pipeline"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``convert`` (with ``import`` / ``export``) to a top-level CLI's subparsers."""
     p = subparsers.add_parser("convert", help="import/export weights between diffusers/transformers and unclip_jax")
     p.add_argument("direction", choices=["import", "export"], help="import: PyTorch layout -> native; export: reverse")
-    p.add_argument("--component", required=True, help=f"one of {sorted(COMPONENTS)} (registered later: see COMPONENTS)")
+    p.add_argument("--component", required=True, help=f"one of {sorted([*COMPONENTS, PIPELINE])}")
     p.add_argument("src", type=Path, help="source folder")
     p.add_argument("dst", type=Path, help="destination folder (written atomically)")
     p.set_defaults(func=run)
@@ -60,8 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def convert(direction: str, component: str, src: Path, dst: Path) -> Path:
     """Converts one component folder; returns the written folder."""
+    if component == PIPELINE:
+        if direction == "import":
+            return pipeline.save_native_pipeline(pipeline.load_pipeline(src), dst)
+        return pipeline.save_pipeline(pipeline.load_native_pipeline(src), dst)
     if component not in COMPONENTS:
-        raise io.ConversionError(f"--component {component!r}: expected one of {sorted(COMPONENTS)}")
+        raise io.ConversionError(f"--component {component!r}: expected one of {sorted([*COMPONENTS, PIPELINE])}")
     c = COMPONENTS[component]
     if direction == "import":
         module, variables = c.load(src)

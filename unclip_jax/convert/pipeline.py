@@ -202,3 +202,47 @@ def register_diffusers_aliases() -> None:
     sys.modules.setdefault("diffusers.pipelines.unclip", unclip)
     if not hasattr(diffusers, "UnCLIPTextProjModel"):
         diffusers.UnCLIPTextProjModel = unclip.UnCLIPTextProjModel
+
+
+NATIVE_FILES = "files"
+
+
+def save_native_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
+    """Writes a bundle in the native format: ``folder/<network>/`` (native folders) + ``folder/files/``.
+
+    Atomic like every writer here: assembled in a temporary sibling, renamed when complete.
+    """
+    from unclip_jax.convert.native import save_native
+
+    folder = Path(folder)
+    missing = [n for n in NETWORKS if n not in bundle.models]
+    if missing:
+        raise io.ConversionError(f"save_native_pipeline: networks {missing} missing from the bundle")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for name in NETWORKS:
+            module, variables = bundle.models[name]
+            save_native(module, variables, tmp / name)
+        for rel, text in bundle.files.items():
+            (tmp / NATIVE_FILES / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / NATIVE_FILES / rel).write_text(text)
+        io.replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_native_pipeline(folder: str | os.PathLike) -> UnCLIPBundle:
+    """Reads a folder written by :func:`save_native_pipeline`; a missing network is an error naming it."""
+    from unclip_jax.convert.native import load_native
+
+    folder = Path(folder)
+    missing = [n for n in NETWORKS if not (folder / n).is_dir()]
+    if missing:
+        raise io.ConversionError(f"{folder}: native pipeline network folder(s) {missing} missing")
+    models = {name: load_native(folder / name) for name in NETWORKS}
+    root = folder / NATIVE_FILES
+    files = {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+    return UnCLIPBundle(models=models, files=files)

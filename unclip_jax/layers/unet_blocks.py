@@ -82,9 +82,7 @@ def conv(
         padding=((pad, pad), (pad, pad)),
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            init, (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT)
-        ),
+        kernel_init=nn.with_logical_partitioning(init, (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)),
         name=name,
     )

@@ -33,16 +33,28 @@ CASCADES = {
 }
 
 
-def _perturb(tree: Any, rng: np.random.Generator, scale: float) -> Any:
-    """Re-draws all-zero leaves with N(0, scale^2) (zero-initialised output layers, the learned CFG embedding)."""
+def _random_like(path: tuple, leaf: Any, rng: np.random.Generator) -> np.ndarray:
+    """A random value for one parameter, by its name (fan-in scaled kernels, near-1 norm scales)."""
+    name = str(getattr(path[-1], "key", path[-1]))
+    shape, dtype = tuple(leaf.shape), leaf.dtype
+    if name == "kernel":
+        fan_in = int(np.prod(shape[:-1])) or 1
+        x = rng.standard_normal(shape) / np.sqrt(fan_in)
+    elif name == "scale":
+        x = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif name == "bias":
+        x = 0.05 * rng.standard_normal(shape)
+    else:  # embeddings, positional tables, learned tokens and the learned CFG embedding
+        x = 0.1 * rng.standard_normal(shape)
+    return np.asarray(x, dtype=dtype)
 
-    def f(x):
-        x = np.asarray(x)
-        if x.ndim >= 1 and not np.any(x):
-            return (scale * rng.standard_normal(x.shape)).astype(x.dtype)
-        return x
 
-    return jax.tree.map(f, tree)
+def random_variables(module: Any, rng: np.random.Generator, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Random ``{'params': ...}`` for ``module`` without compiling its init (shapes from ``jax.eval_shape``)."""
+    import flax.linen as nn
+
+    abstract = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs)))
+    return {"params": jax.tree_util.tree_map_with_path(lambda p, x: _random_like(p, x, rng), abstract["params"])}
 
 
 def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool = True) -> dict[str, Component]:
@@ -51,10 +63,7 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
     Returns:
         dict with text_encoder, image_encoder, prior, decoder, super_res_first (and super_res_last).
     """
-    import flax.linen as nn
-
     v = CASCADES[cascade]
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
     rng = np.random.default_rng(seed)
     text = clip_lib.build_text(v["clip"])
     vision = clip_lib.build_vision(v["clip"])
@@ -64,10 +73,7 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
     out: dict[str, Component] = {}
 
     def add(name, module, *args, **kwargs):
-        variables = nn.unbox(jax.jit(lambda k: module.init(k, *args, **kwargs))(next(keys)))
-        variables = {k: dict(val) for k, val in variables.items()}
-        variables["params"] = _perturb(variables["params"], rng, 0.05)
-        out[name] = Component(module, jax.device_get(variables))
+        out[name] = Component(module, random_variables(module, rng, *args, **kwargs))
 
     add("text_encoder", text, jnp.zeros((1, text.context_length), jnp.int32))
     add("image_encoder", vision, jnp.zeros((1, vision.image_size, vision.image_size, 3), jnp.float32))

@@ -188,9 +188,9 @@ def fit_codec(module: ar_lib.ARPrior, image_embeds: np.ndarray, text_embeds: np.
 
 
 def codec_from_config(config: Any, module: ar_lib.ARPrior) -> pca_codec.State:
-    """``config.task.codec`` (an .npz of :func:`pca_codec.save`) or, when empty, a codec fitted on
-    ``config.data.folder`` (``config.task.codec_fit_examples`` records), cached there as ``ar_prior_codec.npz``
-    next to the shards only if that file already exists."""
+    """The codec of an experiment: ``config.task.codec`` (an .npz of :func:`pca_codec.save`); when empty,
+    ``<config.data.folder>/ar_prior_codec.npz`` if it exists; else one fitted on ``config.task.codec_fit_examples``
+    records of ``config.data.folder`` (deterministic, so every process fits the same codec)."""
     path = config.task.get("codec", "") or ""
     folder = config.get("data", {}).get("folder", "") if "data" in config else ""
     cached = os.path.join(folder, CODEC_FILE) if folder else ""
