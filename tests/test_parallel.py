@@ -73,7 +73,9 @@ def _one_step(config, task, local_batch, mesh, rules, state=None):
 
 def test_same_step_on_every_mesh_as_on_one_device(prior_setup):
     config, task, batch = prior_setup
-    initial, ref_state, ref_metrics = _one_step(config, task, batch, *_mesh({"data": 1, "fsdp": 1, "tensor": 1}, "data"))
+    initial, ref_state, ref_metrics = _one_step(
+        config, task, batch, *_mesh({"data": 1, "fsdp": 1, "tensor": 1}, "data")
+    )
     ref_params = jax.device_get(ref_state.params)
     cases = [((8, 1, 1), "data"), ((2, 4, 1), "fsdp"), ((1, 8, 1), "fsdp"), ((2, 2, 2), "fsdp_tensor")]
     for (d, f, t), rules in cases:

@@ -31,11 +31,15 @@ def test_task_trains_on_a_fixed_batch(stage):
         # step stays 0: the same timesteps / noise / dropouts every time, so the loss is comparable.
         state, metrics = compiled(state.replace(step=jax.numpy.zeros_like(state.step)), batch)
         losses.append(float(metrics["train/loss"]))
+        print(stage, i, losses[-1])
         if i == 1:
             assert np.all(np.isfinite(losses)), losses
             leaves = jax.tree.leaves(jax.device_get(state.params))
             assert all(np.all(np.isfinite(x)) for x in leaves)
-            changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), leaves, strict=True)]
-            assert sum(changed) > 0.9 * len(changed), f"{sum(changed)}/{len(changed)} params changed"
+            assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), leaves, strict=True))
     assert np.all(np.isfinite(losses))
+    # Zero-initialised output convs (ADM) hold back the layers behind them for a few steps; by now all moved.
+    after = jax.tree.leaves(jax.device_get(state.params))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), after, strict=True)]
+    assert sum(changed) > 0.9 * len(changed), f"{sum(changed)}/{len(changed)} params changed"
     assert losses[-1] < 0.8 * losses[0], (stage, losses)

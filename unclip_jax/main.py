@@ -16,22 +16,33 @@ the field. Multi-host: set ``--config.distributed.coordinator_address=HOST:PORT`
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file(
-    "config", None, "experiment file, e.g. experiments/decoder.py:test", flag_values=FLAGS, lock_config=True
-)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics, previews and exports go here", flag_values=FLAGS)
-flags.DEFINE_enum(
-    "mode", "train", ["train", "export"], "train, or export the latest checkpoint's EMA params", flag_values=FLAGS
-)
-flags.DEFINE_string(
-    "export_dir", None, "--mode=export: output folder (default WORKDIR/export/ema_<step>)", flag_values=FLAGS
-)
+
+def make_flags(argv: list[str]) -> flags.FlagValues:
+    """A fresh flag set; ml_collections registers the ``--config.<field>`` overrides from ``argv``."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "experiment file, e.g. experiments/decoder.py:test",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics, previews and exports go here", flag_values=fv)
+    flags.DEFINE_enum(
+        "mode", "train", ["train", "export"], "train, or export the latest checkpoint's EMA params", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "export_dir", None, "--mode=export: output folder (default WORKDIR/export/ema_<step>)", flag_values=fv
+    )
+    return fv
+
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run saved a checkpoint and should be restarted
 
@@ -41,6 +52,22 @@ def _setup_logging() -> None:
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("unclip_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+
+
+def _explain(error: Exception, argv: list[str]) -> str:
+    """Names the ``--config.<field>`` override an error is about (ml_collections reports only the key)."""
+    text = str(error).replace("\\n", " ").replace("\n", " ").replace("\\'", "'").strip()
+    if text.startswith("'") and text.endswith("'") and text.count("'") > 2:
+        text = text[1:-1]
+    conversion = any(s in text for s in ("could not convert", "invalid literal", "flag --config"))
+    m = re.search(r"'([A-Za-z_][\w]*)'", text)
+    if m and not conversion:
+        for arg in argv:
+            path = arg[2:].split("=", 1)[0] if arg.startswith("--config.") else ""
+            if m.group(1) in path.split(".")[1:]:
+                return f"{arg}: unknown field {path!r} ({text})"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv if argv is None else argv)
     try:
-        FLAGS.unparse_flags()
+        FLAGS = make_flags(argv)
         FLAGS(argv)
-    except flags.Error as e:
-        print(f"{argv[0] if argv else 'unclip_jax.main'}: {e}", file=sys.stderr)
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+        print(f"{argv[0] if argv else 'unclip_jax.main'}: {_explain(e, argv)}", file=sys.stderr)
         return 2
     if FLAGS.config is None or FLAGS.workdir is None:
         print(
@@ -67,17 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from unclip_jax import parallel
 
-    parallel.initialize_distributed(config.get("distributed"))
-
-    from unclip_jax.train import loop, metrics
-
-    if FLAGS.mode == "export":
-        out = loop.export_from_checkpoint(config, FLAGS.workdir, FLAGS.export_dir)
-        print(out)
-        return 0
     try:
+        parallel.initialize_distributed(config.get("distributed"))
+        from unclip_jax.train import loop
+
+        if FLAGS.mode == "export":
+            print(loop.export_from_checkpoint(config, FLAGS.workdir, FLAGS.export_dir))
+            return 0
         result = loop.train_and_evaluate(config, FLAGS.workdir)
-    except metrics.NonFiniteLossError as e:
+    except parallel.MeshError as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # metrics.NonFiniteLossError
         logging.getLogger("unclip_jax.train").error("%s", e)
         return 1
     return EXIT_PREEMPTED if result.preempted else 0

@@ -82,8 +82,8 @@ class StageSettings:
         return f"unclip{self.steps}" if isinstance(self.steps, int) else str(self.steps)
 
     def static(self) -> StageSettings:
-        """The part that shapes the compiled program (the guidance scale value is traced)."""
-        return dataclasses.replace(self, guidance_scale=None if self.guidance_scale is None else 0.0)
+        """The part that shapes the compiled program (the guidance scale and eta values are traced)."""
+        return dataclasses.replace(self, guidance_scale=None if self.guidance_scale is None else 0.0, eta=0.0)
 
 
 # Karlo's defaults (diffusers UnCLIPPipeline: prior 25 / guidance 4, decoder 25 / guidance 8, super-res 7) and the
@@ -145,7 +145,6 @@ class Plan:
         decoder_size, super_res_size, upsampler_1024_size: spatial sizes.
         decoder_clip_denoised: "default" or an override of the decoder diffusion's x0 clipping (manipulations).
         return_intermediates: also return x_T and per-step noises of every stage.
-        progress: print one line per finished stage (``jax.debug.callback``).
     """
 
     mode: Literal["generate", "decode", "invert"]
@@ -171,7 +170,6 @@ class Plan:
     super_res_size: int = 256
     upsampler_1024_size: int = 1024
     return_intermediates: bool = False
-    progress: bool = False
 
     def runs(self, stage: str) -> bool:
         if stage == "prior" and (self.mode != "generate" or self.image_embed_source != "prior"):
@@ -252,11 +250,18 @@ def slerp(a: jax.Array, b: jax.Array, theta: jax.Array) -> jax.Array:
     return out.reshape(shape).astype(a.dtype)
 
 
+# Progress lines are printed by a host callback compiled into every program; whether it prints is decided at run
+# time (so turning progress on or off never recompiles).
+_PROGRESS = {"on": False, "t0": 0.0}
+
+
 def _callback_progress(stage: str, steps: int, x: jax.Array) -> None:
     def report(_):
-        print(f"[unclip] {stage}: {steps} steps done ({time.strftime('%H:%M:%S')})", flush=True)
+        if _PROGRESS["on"]:
+            dt = time.perf_counter() - _PROGRESS["t0"]
+            print(f"[unclip] {stage}: {steps} steps done ({dt:.1f}s since start)", flush=True)
 
-    jax.debug.callback(report, x[0].reshape(-1)[0], ordered=True)
+    jax.debug.callback(report, x.reshape(-1)[0], ordered=True)
 
 
 def _run_stage(
@@ -267,6 +272,7 @@ def _run_stage(
     key: jax.Array,
     cond: Mapping[str, Any] | None,
     return_intermediates: bool,
+    eta: jax.Array,
 ):
     if settings.sampler == "ddpm":
         return sampling_lib.p_sample_loop(
@@ -279,7 +285,7 @@ def _run_stage(
         key,
         cond=cond,
         x_T=x_T,
-        eta=settings.eta,
+        eta=eta,
         return_intermediates=return_intermediates,
     )
 
@@ -294,7 +300,7 @@ def _repeat(tree: Any, n: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------- stages
-def _prior_stage(plan: Plan, params, text, null, scale, key, out) -> jax.Array:
+def _prior_stage(plan: Plan, params, text, null, scales, key, out) -> jax.Array:
     """Section 2.2 prior with candidate selection; returns z_i ``[B, D]`` (denormalised)."""
     module, diffusion, settings = plan.prior, plan.prior_diffusion, plan.prior_settings
     variables = params["prior"]
@@ -326,8 +332,8 @@ def _prior_stage(plan: Plan, params, text, null, scale, key, out) -> jax.Array:
     if settings.guidance_scale is None:
         fn, c = denoise, cond
     else:
-        fn, c = classifier_free_guidance(denoise, scale, cond, uncond), None
-    res = _run_stage(diffusion, settings, fn, x_T, key, c, plan.return_intermediates)
+        fn, c = classifier_free_guidance(denoise, scales["prior"], cond, uncond), None
+    res = _run_stage(diffusion, settings, fn, x_T, key, c, plan.return_intermediates, scales["prior_eta"])
     z = res[0] if plan.return_intermediates else res
     if plan.return_intermediates:
         out["prior_latents"], out["prior_noise"] = x_T, res[1]["noise"]
@@ -337,8 +343,7 @@ def _prior_stage(plan: Plan, params, text, null, scale, key, out) -> jax.Array:
     scores = jnp.einsum("bnd,bd->bn", candidates, text["text_embeds"].astype(candidates.dtype))
     index = jnp.argmax(scores, axis=-1)
     out["candidates"], out["candidate_scores"], out["candidate_index"] = candidates, scores, index
-    if plan.progress:
-        _callback_progress("prior", diffusion.num_timesteps, z)
+    _callback_progress("prior", diffusion.num_timesteps, z)
     return candidates[jnp.arange(b), index]
 
 
@@ -373,23 +378,24 @@ def _decoder_fn(plan: Plan, params, cond, uncond, scale):
     return classifier_free_guidance(denoise, scale, cond, uncond, guided_channels=module.in_channels), None
 
 
-def _decoder_stage(plan: Plan, params, text, null, image_embeds, x_T, scale, key, out, learned) -> jax.Array:
+def _decoder_stage(plan: Plan, params, text, null, image_embeds, x_T, scales, key, out, learned) -> jax.Array:
     cond, uncond = _decoder_conditions(plan, text, null, image_embeds, learned)
-    fn, c = _decoder_fn(plan, params, cond, uncond, scale)
+    fn, c = _decoder_fn(plan, params, cond, uncond, scales["decoder"])
     b = image_embeds.shape[0]
     if x_T is None:
         x_T = _x_T(key, (b, plan.decoder_size, plan.decoder_size, plan.decoder.in_channels))
-    res = _run_stage(plan.decoder_diffusion, plan.decoder_settings, fn, x_T, key, c, plan.return_intermediates)
+    res = _run_stage(
+        plan.decoder_diffusion, plan.decoder_settings, fn, x_T, key, c, plan.return_intermediates, scales["decoder_eta"]
+    )
     x = res[0] if plan.return_intermediates else res
     if plan.return_intermediates:
         out["decoder_latents"], out["decoder_noise"] = x_T, res[1]["noise"]
     x = jnp.clip(x, -1.0, 1.0)
-    if plan.progress:
-        _callback_progress("decoder", plan.decoder_diffusion.num_timesteps, x)
+    _callback_progress("decoder", plan.decoder_diffusion.num_timesteps, x)
     return x
 
 
-def _upsampler_stage(plan: Plan, params, low_res, key, out, stage: str) -> jax.Array:
+def _upsampler_stage(plan: Plan, params, low_res, scales, key, out, stage: str) -> jax.Array:
     if stage == "super_res":
         first, last = plan.super_res_first, plan.super_res_last
         v_first = params["super_res_first"]
@@ -414,13 +420,13 @@ def _upsampler_stage(plan: Plan, params, low_res, key, out, stage: str) -> jax.A
         return jax.lax.cond(t[0] == last_t, run_last, run_first)
 
     x_T = _x_T(key, (low_res.shape[0], size, size, low_res.shape[-1]))
-    res = _run_stage(diffusion, settings, denoise, x_T, key, dict(low_res=up), plan.return_intermediates)
+    eta = scales[f"{stage}_eta"]
+    res = _run_stage(diffusion, settings, denoise, x_T, key, dict(low_res=up), plan.return_intermediates, eta)
     x = res[0] if plan.return_intermediates else res
     if plan.return_intermediates:
         out[f"{stage}_latents"], out[f"{stage}_noise"] = x_T, res[1]["noise"]
     x = jnp.clip(x, -1.0, 1.0)
-    if plan.progress:
-        _callback_progress(stage, diffusion.num_timesteps, x)
+    _callback_progress(stage, diffusion.num_timesteps, x)
     return x
 
 
@@ -451,7 +457,7 @@ def _program(plan: Plan, params: dict[str, Any], inputs: dict[str, Any], scales:
     if plan.mode == "decode":
         z_i = inputs["image_embeds"]
     elif plan.image_embed_source == "prior":
-        z_i = _prior_stage(plan, params, text, null, scales["prior"], k_prior, out)
+        z_i = _prior_stage(plan, params, text, null, scales, k_prior, out)
     elif plan.image_embed_source == "text":
         z_i = text["text_embeds"]  # section 5.1: the CLIP text embedding decoded as if it were an image embedding
     else:
@@ -460,13 +466,13 @@ def _program(plan: Plan, params: dict[str, Any], inputs: dict[str, Any], scales:
     out["image_embeds"] = z_i
     if not plan.runs("decoder"):
         return out
-    x = _decoder_stage(plan, params, text, null, z_i, inputs.get("x_T"), scales["decoder"], k_dec, out, learned)
+    x = _decoder_stage(plan, params, text, null, z_i, inputs.get("x_T"), scales, k_dec, out, learned)
     out["decoder_images"] = out["images"] = x
     if plan.runs("super_res"):
-        x = _upsampler_stage(plan, params, x, k_sr, out, "super_res")
+        x = _upsampler_stage(plan, params, x, scales, k_sr, out, "super_res")
         out["super_res_images"] = out["images"] = x
     if plan.runs("upsampler_1024"):
-        x = _upsampler_stage(plan, params, x, k_1024, out, "upsampler_1024")
+        x = _upsampler_stage(plan, params, x, scales, k_1024, out, "upsampler_1024")
         out["upsampler_1024_images"] = out["images"] = x
     return out
 
@@ -553,7 +559,6 @@ class UnclipPipeline:
         stop_after: str | None = None,
         decoder_clip_denoised: float | None | str = "default",
         return_intermediates: bool = False,
-        progress: bool = False,
     ) -> tuple[Plan, list[str]]:
         if image_embed_source not in IMAGE_EMBED_SOURCES:
             raise ValueError(f"image_embed_source={image_embed_source!r}: expected one of {IMAGE_EMBED_SOURCES}")
@@ -579,7 +584,6 @@ class UnclipPipeline:
             stop_after=stop_after,
             decoder_size=self.decoder_size,
             return_intermediates=return_intermediates,
-            progress=progress,
         )
         if mode == "generate" and image_embed_source == "prior":
             names.append("prior")
@@ -624,11 +628,13 @@ class UnclipPipeline:
 
     @staticmethod
     def _scales(settings: Mapping[str, StageSettings]) -> dict[str, jax.Array]:
-        return {
-            k: jnp.asarray(1.0 if s.guidance_scale is None else s.guidance_scale, jnp.float32)
-            for k, s in settings.items()
-            if k in ("prior", "decoder")
-        }
+        """The traced per-stage numbers: guidance scales (prior, decoder) and DDIM etas (``<stage>_eta``)."""
+        out = {}
+        for k, s in settings.items():
+            out[f"{k}_eta"] = jnp.asarray(s.eta, jnp.float32)
+            if k in ("prior", "decoder"):
+                out[k] = jnp.asarray(1.0 if s.guidance_scale is None else s.guidance_scale, jnp.float32)
+        return out
 
     def _inputs(self, texts: Sequence[str]) -> dict[str, Any]:
         ids, mask = self.tokenize(texts)
@@ -639,8 +645,14 @@ class UnclipPipeline:
     def _key(seed: int | jax.Array) -> jax.Array:
         return jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
 
-    def _execute(self, plan: Plan, names: Sequence[str], inputs, settings, seed) -> dict[str, np.ndarray]:
-        out = _program(plan, self._params(names), inputs, self._scales(settings), self._key(seed))
+    def _execute(self, plan: Plan, names: Sequence[str], inputs, settings, seed, progress=False) -> dict[str, Any]:
+        _PROGRESS.update(on=progress, t0=time.perf_counter())
+        try:
+            out = _program(plan, self._params(names), inputs, self._scales(settings), self._key(seed))
+            out = jax.block_until_ready(out)
+            jax.effects_barrier()
+        finally:
+            _PROGRESS["on"] = False
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
     # ------------------------------------------------------------------ public API
@@ -686,9 +698,8 @@ class UnclipPipeline:
             image_embed_source=image_embed_source,
             stop_after=stop_after,
             return_intermediates=return_intermediates,
-            progress=progress,
         )
-        return self._execute(plan, names, self._inputs(texts), s, seed)
+        return self._execute(plan, names, self._inputs(texts), s, seed, progress)
 
     def decode(
         self,
@@ -718,13 +729,11 @@ class UnclipPipeline:
         z = jnp.asarray(image_embeds, jnp.float32)
         texts = list(captions) if captions is not None else [""] * z.shape[0]
         s = self._settings(settings)
-        plan, names = self._plan(
-            "decode", s, stop_after=stop_after, decoder_clip_denoised=decoder_clip_denoised, progress=progress
-        )
+        plan, names = self._plan("decode", s, stop_after=stop_after, decoder_clip_denoised=decoder_clip_denoised)
         inputs = dict(self._inputs(texts), image_embeds=z)
         if x_T is not None:
             inputs["x_T"] = jnp.asarray(x_T, jnp.float32)
-        return self._execute(plan, names, inputs, s, seed)
+        return self._execute(plan, names, inputs, s, seed, progress)
 
     def invert(
         self,

@@ -1,8 +1,9 @@
 """Small random cascades for tests, demos and benchmarks (built from the models' variant tables).
 
-``random_pipeline("test")`` builds every component of a variant with random weights; the U-Nets' zero-initialised
-output convolutions and the decoder's zero learned CFG embedding are re-drawn so that every network actually
-contributes (a freshly initialised U-Net predicts eps = 0). ``save_native_pipeline`` writes it as a folder of native
+``random_pipeline("test")`` builds every component of a variant with random weights drawn with numpy from the
+abstract shapes (``jax.eval_shape`` of init: no init compilation, which takes tens of seconds for a U-Net on a busy
+CPU); nothing is zero, unlike a fresh init whose output convolutions and learned CFG embedding are zeros (a fresh
+U-Net predicts eps = 0). ``save_native_pipeline`` writes it as a folder of native
 components (what ``unclip convert import`` / training exports produce) and ``save_diffusers_pipeline`` in diffusers'
 Karlo layout (``UnCLIPPipeline`` folder: components, tokenizer, schedulers, ``model_index.json``).
 """

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.diffusion.respace import respace
 from unclip_jax.diffusion.schedules import get_named_beta_schedule
-from unclip_jax.diffusion.gaussian import GaussianDiffusion
 
 Batch = Mapping[str, jax.Array]
 

@@ -1,0 +1,96 @@
+"""The attribute classifier of the demo: labels, scoring rules, and near-perfect accuracy on real held-out images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unclip_jax.evaluate import attributes
+from unclip_jax.input import synthetic
+
+
+@pytest.fixture(scope="module")
+def val():
+    return synthetic.generate(300, seed=11, sizes=(64,), canvas=256)
+
+
+def test_canonical_labels_put_the_top_or_left_object_first(val):
+    lab = attributes.canonical_labels(val["attributes"])
+    a = val["attributes"]
+    for i in range(len(val["captions"])):
+        if a["num_objects"][i] == 1:
+            assert lab["colour_b"][i] == len(attributes.HEADS["colour_b"]) - 1
+            assert lab["arrangement"][i] == 2 and lab["position"][i] == a["position"][i]
+            continue
+        c = a["center"][i]
+        vertical = synthetic.RELATIONS[a["relation"][i]] in ("above", "below")
+        first = int(np.argmin(c[:, 1] if vertical else c[:, 0]))  # the top / left object, from the geometry
+        assert lab["colour_a"][i] == a["colour"][i, first] and lab["shape_a"][i] == a["shape"][i, first]
+        assert lab["colour_b"][i] == a["colour"][i, 1 - first]
+        assert lab["arrangement"][i] == (0 if vertical else 1)
+        assert lab["position"][i] == len(synthetic.POSITION_NAMES)
+
+
+def test_score_counts_only_what_captions_say(val):
+    lab = attributes.canonical_labels(val["attributes"])
+    perfect = attributes.score(lab, val["attributes"], val["captions"])
+    assert all(v["accuracy"] == 1.0 for v in perfect.values() if v["total"])
+    n = len(val["captions"])
+    n_obj = val["attributes"]["num_objects"]
+    assert perfect["count"]["total"] == n
+    assert perfect["colour"]["total"] == int(n_obj.sum())  # every object's colour is named
+    said_bg = sum("background" in c for c in val["captions"])
+    assert perfect["background"]["total"] == said_bg < n
+    assert 0 < perfect["size"]["total"] < perfect["colour"]["total"]
+
+    # a wrong background is only penalised where the caption names one
+    wrong = dict(lab, background=(lab["background"] + 1) % 3)
+    s = attributes.score(wrong, val["attributes"], val["captions"])
+    assert s["background"]["correct"] == 0 and s["colour"]["accuracy"] == 1.0
+
+
+def test_score_accepts_either_order_only_without_a_relation():
+    scene = dict(
+        num_objects=np.array([2, 2]),
+        shape=np.array([[0, 1], [0, 1]]),
+        colour=np.array([[0, 2], [0, 2]]),
+        size=np.array([[0, 1], [0, 1]]),
+        background=np.array([0, 0]),
+        position=np.array([-1, -1]),
+        relation=np.array([2, 2]),  # "left of": slot 0 is on the left
+    )
+    captions = ["a red circle and a blue square", "a red circle to the left of a blue square"]
+    lab = attributes.canonical_labels(scene)
+    swapped = dict(lab)
+    for k in ("colour", "shape", "size"):
+        swapped[f"{k}_a"], swapped[f"{k}_b"] = lab[f"{k}_b"], lab[f"{k}_a"]
+    s0 = attributes.score({k: v[:1] for k, v in swapped.items()}, {k: v[:1] for k, v in scene.items()}, captions[:1])
+    assert s0["colour"]["accuracy"] == 1.0 and s0["shape"]["accuracy"] == 1.0 and s0["relation"]["total"] == 0
+    s1 = attributes.score({k: v[1:] for k, v in swapped.items()}, {k: v[1:] for k, v in scene.items()}, captions[1:])
+    assert s1["colour"]["accuracy"] == 0.0 and s1["relation"]["accuracy"] == 0.0
+
+
+def test_classifier_is_near_perfect_on_real_held_out_images(val, tmp_path):
+    train = synthetic.generate(1500, seed=10, sizes=(64,), canvas=256)
+    model, variables, hist = attributes.train_classifier(
+        train["images"][64],
+        attributes.canonical_labels(train["attributes"]),
+        variant="test",
+        steps=350,
+        batch_size=32,
+        lr=3e-3,
+        log_every=350,
+    )
+    assert hist and np.isfinite(hist[-1]["train/loss"])
+    folder = attributes.save_classifier(tmp_path / "cls", model, variables)
+    model2, variables2 = attributes.load_classifier(folder)
+    pred = attributes.predict(model2, variables2, val["images"][64])
+    s = attributes.score(pred, val["attributes"], val["captions"])
+    print({k: round(v["accuracy"], 3) for k, v in s.items()})
+    assert s["colour"]["accuracy"] >= 0.95
+    assert s["shape"]["accuracy"] >= 0.95
+    assert s["count"]["accuracy"] >= 0.95
+    # float inputs in [-1, 1] and other sizes go through the same resize
+    as_float = val["images"][64][:8].astype(np.float32) / 127.5 - 1.0
+    p2 = attributes.predict(model2, variables2, as_float)
+    assert all(np.array_equal(p2[k], pred[k][:8]) for k in attributes.HEADS)

@@ -1,0 +1,196 @@
+"""The demo's resume logic (done markers) and its HTML report, on small work directories made by real code."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unclip_jax.demo import report, stages
+from unclip_jax.evaluate import attributes
+from unclip_jax.input import synthetic
+from unclip_jax.pipeline import images as images_lib
+from unclip_jax.train.metrics import JsonlWriter
+
+
+def _ctx(tmp_path, lines=None):
+    return stages.Context(tmp_path, stages.PROFILES["fast"], out=(lines.append if lines is not None else None))
+
+
+def _counting_stage(name, calls, make_file=True):
+    def run(ctx):
+        calls.append(name)
+        files = []
+        if make_file:
+            p = ctx.path(name, "out.txt")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(name)
+            files.append(f"{name}/out.txt")
+        ctx.command(f"make {name}")
+        return {"files": files, "value": len(calls)}
+
+    return stages.Stage(name, f"stage {name}", run)
+
+
+def test_resume_skips_finished_stages(tmp_path):
+    calls: list[str] = []
+    st = [_counting_stage(n, calls) for n in ("a", "b", "c")]
+    first = stages.run_stages(_ctx(tmp_path), st)
+    assert calls == ["a", "b", "c"]
+    assert first["b"]["commands"] == ["make b"] and first["b"]["outputs"] == {"value": 2}
+    assert stages.marker_path(tmp_path, "c").is_file()
+
+    lines: list[str] = []
+    second = stages.run_stages(_ctx(tmp_path, lines), st)
+    assert calls == ["a", "b", "c"]  # nothing re-run
+    assert second["a"]["seconds"] == first["a"]["seconds"]
+    assert sum("skipping" in s for s in lines) == 3
+
+    # an output that disappeared invalidates its stage only
+    (tmp_path / "b" / "out.txt").unlink()
+    stages.run_stages(_ctx(tmp_path), st)
+    assert calls == ["a", "b", "c", "b"]
+
+
+def test_interrupted_stage_is_rerun_and_later_stages_wait(tmp_path):
+    calls: list[str] = []
+
+    def boom(ctx):
+        calls.append("boom")
+        raise KeyboardInterrupt
+
+    st = [_counting_stage("a", calls), stages.Stage("b", "b", boom), _counting_stage("c", calls)]
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stages(_ctx(tmp_path), st)
+    assert not stages.marker_path(tmp_path, "b").exists() and not stages.marker_path(tmp_path, "c").exists()
+    st[1] = _counting_stage("b", calls)
+    stages.run_stages(_ctx(tmp_path), st)
+    assert calls == ["a", "boom", "b", "c"]
+
+
+def test_train_stage_command_uses_experiment_files_and_overrides(tmp_path, monkeypatch):
+    """The train stages go through unclip_jax.main with the profile's experiment variant and overrides."""
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 2  # usage error: the stage must fail loudly
+
+    import unclip_jax.main as main_lib
+
+    monkeypatch.setattr(main_lib, "main", fake_main)
+    ctx = _ctx(tmp_path)
+    with pytest.raises(RuntimeError, match="decoder failed with exit code 2"):
+        stages.stage_decoder(ctx)
+    argv = seen["argv"]
+    assert "--config=experiments/decoder.py:test" in argv
+    assert f"--workdir={tmp_path.resolve() / 'decoder'}" in argv
+    assert "--config.total_steps=2" in argv
+    assert ctx.commands and ctx.commands[0].startswith("python -m unclip_jax.main --config=experiments/decoder.py:test")
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs: list[str] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def fake_workdir(tmp_path_factory):
+    """A work directory as the stages leave it, written by the real helpers (metrics writer, grids, scorer)."""
+    wd = tmp_path_factory.mktemp("demo_report")
+    data = synthetic.generate(12, seed=3, sizes=(64,), canvas=256)
+    imgs = data["images"][64]
+
+    for stage, base in (("clip", 4.0), ("decoder", 0.3)):
+        w = JsonlWriter(str(wd / stage / "metrics.jsonl"))
+        for step in range(10, 60, 10):
+            w.write_scalars(step, {"train/loss": base / step**0.5, "train/lr": 1e-3})
+        w.flush()
+
+    out = wd / "samples"
+    images_lib.save_png(images_lib.make_grid(imgs[:6], labels=data["captions"][:6], ncols=3), out / "prompt_grid.png")
+    images_lib.save_png(images_lib.make_grid(imgs[6:10], ncols=4), out / "interpolation.png")
+
+    # a perfect "generated" set and a noisy one, scored by the real scorer
+    labels = attributes.canonical_labels(data["attributes"])
+    noisy = dict(labels)
+    noisy["shape_a"] = (labels["shape_a"] + 1) % len(synthetic.SHAPES)
+    gen = attributes.score(noisy, data["attributes"], data["captions"])
+    real = attributes.score(labels, data["attributes"], data["captions"])
+
+    def ev(ctx):
+        ctx.command("evaluate things")
+        return {
+            "attributes_generated": gen,
+            "attributes_real": real,
+            "clip_score_generated": {"clip_model": "demo CLIP", "clip_score_raw": 0.21, "clip_score_hessel": 21.0},
+            "clip_score_real": {"clip_model": "demo CLIP", "clip_score_raw": 0.3, "clip_score_hessel": 30.0},
+            "fid_generated": 123.4,
+            "fid_real_same_n": 40.2,
+            "fid_num_images": 12,
+            "fid_reference_images": 100,
+        }
+
+    def train(ctx):
+        ctx.command("python -m unclip_jax.main --config=experiments/clip.py:test --workdir=X")
+        return {"config": "experiments/clip.py:test", "steps": 50, "final_loss": 0.56}
+
+    stages.run_stages(_ctx(wd), [stages.Stage("clip", "train CLIP", train), stages.Stage("evaluate", "evaluate", ev)])
+    return wd, gen
+
+
+def test_report_is_self_contained_html_with_images_plots_metrics_and_commands(fake_workdir):
+    wd, gen = fake_workdir
+    path = report.write_report(wd, stage_names=[s.name for s in stages.stages()])
+    assert path == wd / "report.html"
+    text = path.read_text()
+    p = _Collect()
+    p.feed(text)
+    p.close()
+    assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
+    assert "table" in p.tags
+    # every image is an embedded, decodable PNG: 2 sample grids + 2 loss plots
+    assert len(p.imgs) == 4
+    sizes = []
+    for src in p.imgs:
+        assert src.startswith("data:image/png;base64,")
+        im = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert im.format == "PNG"
+        sizes.append(im.size)
+    grid = Image.open(wd / "samples" / "prompt_grid.png")
+    assert grid.size in sizes
+    body = " ".join(p.text)
+    assert "python -m unclip_jax.main --config=experiments/clip.py:test" in body
+    assert "not run" in body  # stages without markers are listed as such
+    shape = gen["shape"]
+    assert shape["correct"] < shape["total"]
+    assert f"{100 * shape['accuracy']:.1f}% ({shape['correct']}/{shape['total']})" in body
+    assert "100.0%" in body  # the real column
+    assert 'src="http' not in text and "src='http" not in text  # nothing external
+
+
+def test_loss_plot_reads_metrics_rows(fake_workdir):
+    wd, _ = fake_workdir
+    rows = report.read_metrics(wd / "clip" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [10, 20, 30, 40, 50]
+    png = base64.b64decode(report.loss_plot(rows, "clip"))
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    assert report.loss_plot([{"step": 1, "train/lr": 0.1}], "none") is None
+    json.dumps(rows)
+    assert np.isfinite(rows[0]["train/loss"])

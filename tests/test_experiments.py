@@ -1,0 +1,73 @@
+"""Experiment files: every variant loads, names a real model variant, opens with its command; paper = table 3."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from unclip_jax.train.tasks import make_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = ("prior", "decoder", "upsampler", "upsampler_1024", "clip")
+VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
+MODEL_MODULE = {"prior": "prior", "decoder": "decoder", "upsampler": "upsampler", "clip": "clip"}
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"_exp_test_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_variant_builds_its_task(name, tmp_path):
+    module = load(name)
+    assert module.__doc__.lstrip().startswith(f"python -m unclip_jax.main --config=experiments/{name}.py:")
+    for variant in VARIANTS:
+        config = module.get_config(variant)
+        models = importlib.import_module(f"unclip_jax.models.{MODEL_MODULE[config.task.name]}")
+        assert config.model.variant in models.VARIANTS, (name, variant, config.model.variant)
+        if config.task.name == "prior" and not config.model.overrides.learned_null_text:
+            # Karlo's prior uses CLIP("") as the unconditional caption: the data folder provides it.
+            with pytest.raises(ValueError, match="config.task.null_caption"):
+                make_task(config)
+            d, n = models.VARIANTS[config.model.variant]["embedding_dim"], 77
+            config.task.null_caption = str(tmp_path / "null.npz")
+            np.savez(
+                config.task.null_caption,
+                text_embeds=np.zeros((1, d)),
+                text_hidden_states=np.zeros((1, n, d)),
+                text_mask=np.ones((1, n), bool),
+            )
+        task = make_task(config)  # builds module + diffusion; no parameters are created
+        assert task.name == config.task.name
+        assert config.batch_size > 0 and config.total_steps > 0
+    with pytest.raises(ValueError, match=f"experiments/.*{name.split('_')[0]}.py"):
+        module.get_config("huge")
+
+
+@pytest.mark.parametrize(
+    "name, lr, b2, eps, wd, batch, steps, schedule, sample_steps",
+    [
+        ("prior", 1.1e-4, 0.96, 1e-6, 6.0e-2, 4096, 600_000, "cosine", "unclip64"),
+        ("decoder", 1.2e-4, 0.999, 1e-8, 0.0, 2048, 800_000, "cosine", "250"),
+        ("upsampler", 1.2e-4, 0.999, 1e-8, 0.0, 1024, 1_000_000, "cosine", "ddim27"),
+        ("upsampler_1024", 1.0e-4, 0.999, 1e-8, 0.0, 512, 1_000_000, "linear", "ddim15"),
+    ],
+)
+def test_paper_variant_carries_table_3(name, lr, b2, eps, wd, batch, steps, schedule, sample_steps):
+    c = load(name).get_config("paper")
+    assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (lr, 0.9, b2, eps, wd)
+    assert (c.batch_size, c.total_steps, c.ema.decay) == (batch, steps, 0.9999)
+    assert (c.diffusion.steps, c.diffusion.schedule, c.diffusion.sample_steps) == (1000, schedule, sample_steps)
+    if name.startswith("upsampler"):
+        assert c.data.crop_fraction == 0.25
+        assert c.data.degradation == ("bsr" if name.endswith("1024") else "blur")
+        assert c.model.variant == ("paper_1024" if name.endswith("1024") else "paper")
+    if name == "decoder":
+        assert (c.diffusion.var_type, c.diffusion.loss_type) == ("learned_range", "hybrid")

