@@ -10,9 +10,8 @@ components) and/or per-component paths (``--prior WORKDIR`` etc.: training workd
 per-stage sampling settings (``--<stage>-steps``, ``--<stage>-sampler``, ``--<stage>-eta``, ``--<stage>-guidance``),
 writes every image as a PNG plus a labelled grid (``--out``), prints where, and prints a line per finished stage.
 
-Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int`` for ``unclip_jax.cli``:
-``unclip_jax.pipeline.cli_sample``, ``cli_vary``, ``cli_interpolate``, ``cli_textdiff`` (thin wrappers of the
-functions here). ``python -m unclip_jax.pipeline.commands sample ...`` runs them without the top-level CLI.
+``unclip_jax.cli`` dispatches ``unclip sample ...`` to :func:`main` (``["sample", ...]``);
+``python -m unclip_jax.pipeline.commands sample ...`` runs them without the top-level CLI.
 """
 
 from __future__ import annotations
