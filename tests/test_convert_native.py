@@ -34,7 +34,7 @@ def test_prior_roundtrip_bit_exact(prior_folder):
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["variant"] == "test" and cfg["kwargs"]["param_dtype"] == "bfloat16"
     loaded_module, loaded = load_native(folder)
-    assert loaded_module == module
+    assert loaded_module == module and hash(loaded_module) == hash(module)  # jit caches keyed on it must hit
     _same(jax.tree.map(np.asarray, nn.unbox(variables)), loaded)
     assert loaded["params"]["proj_in"]["kernel"].dtype == jnp.bfloat16
     assert set(loaded) == {"params", "stats"}
@@ -48,6 +48,7 @@ def test_clip_nested_kwargs_and_bare_params(tmp_path):
     save_native(module, params, tmp_path / "clip")  # a bare params tree is accepted
     loaded_module, loaded = load_native(tmp_path / "clip")
     assert loaded_module.text["layers"] == module.text["layers"] and loaded_module.projection_dim == 32
+    assert loaded_module == module and hash(loaded_module) == hash(module)  # nested tower kwargs stay hashable
     _same(jax.tree.map(np.asarray, nn.unbox(params)), loaded["params"])
 
 

@@ -43,14 +43,10 @@ def _config(folder: str):
 def trained(tmp_path_factory):
     folder = shared_embed_folder()
     config = _config(folder)
-    task = make_ar_prior_task(config)
-    data = iter(
-        pipelines.make_pipeline(
-            "prior", folder, global_batch_size=config.batch_size, seed=0, read_threads=1, prefetch_batches=0
-        )
-    )
     workdir = str(tmp_path_factory.mktemp("ar_prior"))
-    result = loop.train_and_evaluate(config, workdir, task=task, data_iter=data)
+    # The loop builds the task (TASKS["ar_prior"]) and reads the prior's pipeline itself.
+    result = loop.train_and_evaluate(config, workdir)
+    task = make_ar_prior_task(config)  # the same codec: fitted deterministically on the same folder
     return folder, config, task, result, workdir
 
 

@@ -53,7 +53,9 @@ def _to_json(name: str, value: Any) -> Any:
 
 def _from_json(name: str, value: Any) -> Any:
     if _is_dtype_field(name) and isinstance(value, str):
-        return jnp.dtype(value)
+        # jnp.float32 etc. (the scalar types the variant tables use), so that a reloaded module is equal to *and
+        # hashes like* the one that was saved (jit caches keyed on the module would otherwise miss).
+        return getattr(jnp, value, None) or jnp.dtype(value)
     if isinstance(value, Mapping):
         return {k: _from_json(k, v) for k, v in value.items()}
     if isinstance(value, list):
@@ -79,7 +81,11 @@ def as_variables(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_native(
-    module: nn.Module, variables: Mapping[str, Any], folder: str | os.PathLike, variant: str | None = None
+    module: nn.Module,
+    variables: Mapping[str, Any],
+    folder: str | os.PathLike,
+    variant: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes ``module`` + ``variables`` (or a bare params tree) to ``folder`` atomically.
 
@@ -88,6 +94,8 @@ def save_native(
       variables: {'params': ..., 'stats': ...} or a params tree.
       folder: destination (replaced only when the new folder is complete).
       variant: the variant name the module came from, recorded for humans.
+      extra_files: more text files (name -> content) written into the folder in the same atomic step,
+        e.g. the ``diffusion.json`` a training export leaves for the pipeline.
     """
     cls = type(module)
     config = {
@@ -99,7 +107,7 @@ def save_native(
     }
     flat = flatten(as_variables(variables))
     tensors = {"/".join(k): np.asarray(jax.device_get(v)) for k, v in flat.items()}
-    return io.write_folder(folder, config, tensors, weights_name=WEIGHTS)
+    return io.write_folder(folder, config, tensors, weights_name=WEIGHTS, extra_files=extra_files)
 
 
 def load_native(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from unclip_jax.layers import axes
 from unclip_jax.layers.attention import combine_masks, make_causal_mask, make_padding_mask
@@ -274,6 +275,15 @@ class CLIP(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        # Tower kwargs arrive as dicts (variant tables, native config.json): freeze them so that the module stays
+        # hashable, as jit's static arguments and the pipeline's compiled-function caches need.
+        for name in ("text", "vision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, FrozenDict):
+                object.__setattr__(self, name, FrozenDict(value))
+        super().__post_init__()
 
     def setup(self):
         common = dict(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -152,12 +153,23 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def export_params(module: Any, variables: dict[str, Any], folder: str | os.PathLike, variant: str | None = None) -> str:
+def export_params(
+    module: Any,
+    variables: dict[str, Any],
+    folder: str | os.PathLike,
+    variant: str | None = None,
+    diffusion: Mapping[str, Any] | None = None,
+) -> str:
     """Writes ``variables`` (e.g. ``{'params': ema_params, 'stats': ...}``) as a native params-only folder.
 
+    ``diffusion`` (the experiment's ``config.diffusion``) is written beside the weights as ``diffusion.json``,
+    which is where :mod:`unclip_jax.pipeline.loading` finds the training schedule of a native component.
     Every process must call it (the gather is collective); only process 0 writes.
     """
     host = to_host(variables)
+    extra = None
+    if diffusion is not None:
+        extra = {"diffusion.json": json.dumps(dict(diffusion), indent=2, sort_keys=True) + "\n"}
     if jax.process_index() == 0:
-        native.save_native(module, host, folder, variant=variant)
+        native.save_native(module, host, folder, variant=variant, extra_files=extra)
     return str(folder)

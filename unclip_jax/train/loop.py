@@ -26,6 +26,7 @@ every save, so the last checkpoint is always a good one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -51,11 +52,16 @@ log = logging.getLogger("unclip_jax.train")
 
 
 # ----------------------------------------------------------------------------- data
+# Tasks that read another stage's pipeline.
+PIPELINE_OF_TASK = {"ar_prior": "prior"}
+
+
 def make_train_iterator(config: Any) -> Iterator[dict[str, np.ndarray]]:
     """The stage's grain iterator over ``config.data.folder`` (checkpointable ``get_state`` / ``set_state``).
 
     ``config.data`` fields with the names of :class:`unclip_jax.input.pipelines.PipelineConfig`
-    are passed through; the stage is ``config.task.name`` and the batch ``config.batch_size``.
+    are passed through; the stage is ``config.task.name`` (the AR prior reads the prior's fields) and the batch
+    ``config.batch_size``.
     """
     from unclip_jax.input import pipelines
 
@@ -66,7 +72,8 @@ def make_train_iterator(config: Any) -> Iterator[dict[str, np.ndarray]]:
     fields = {f.name for f in dataclasses.fields(pipelines.PipelineConfig)} - {"stage", "global_batch_size"}
     kw = {k: v for k, v in data.items() if k in fields and v is not None}
     kw.setdefault("seed", int(config.seed))
-    pcfg = pipelines.PipelineConfig(stage=config.task.name, global_batch_size=int(config.batch_size), **kw)
+    stage = PIPELINE_OF_TASK.get(config.task.name, config.task.name)
+    pcfg = pipelines.PipelineConfig(stage=stage, global_batch_size=int(config.batch_size), **kw)
     tokenizer = None
     if config.task.name == "clip":
         from unclip_jax.input.tokenizer import ClipTokenizer
@@ -376,7 +383,9 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
         if not preempted and config.get("export", {}).get("at_end", True):
             export_dir = os.path.join(workdir, "export", "ema")
             variables = {"params": state.ema_params, **state.extra}
-            ckpt_lib.export_params(task.module, variables, export_dir, variant=config.model.get("variant"))
+            ckpt_lib.export_params(
+                task.module, variables, export_dir, variant=config.model.get("variant"), diffusion=_diffusion(config)
+            )
             log.info("exported EMA params to %s", export_dir)
     finally:
         checkpointer.close()
@@ -430,5 +439,16 @@ def export_from_checkpoint(config: Any, workdir: str, out_dir: str | None = None
         checkpointer.close()
     out_dir = out_dir or os.path.join(workdir, "export", f"ema_{step}")
     return ckpt_lib.export_params(
-        task.module, {"params": state.ema_params, **state.extra}, out_dir, variant=config.model.get("variant")
+        task.module,
+        {"params": state.ema_params, **state.extra},
+        out_dir,
+        variant=config.model.get("variant"),
+        diffusion=_diffusion(config),
     )
+
+
+def _diffusion(config: Any) -> dict[str, Any] | None:
+    """``config.diffusion`` as plain JSON values, for the export's ``diffusion.json`` (None when the task has none)."""
+    if "diffusion" not in config or config.task.name in ("clip", "ar_prior"):
+        return None
+    return json.loads(config.diffusion.to_json())

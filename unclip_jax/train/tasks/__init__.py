@@ -8,7 +8,7 @@ from typing import Any
 from unclip_jax.train.tasks import base
 from unclip_jax.train.tasks.base import Task
 
-TASKS = ("prior", "decoder", "upsampler", "clip")
+TASKS = ("prior", "ar_prior", "decoder", "upsampler", "clip")
 STATS_FILE = "image_embed_stats.npz"  # written by unclip_jax.input.precompute ("embed" jobs)
 NULL_CAPTION_FILE = "null_caption.npz"
 
@@ -54,6 +54,10 @@ def make_task(config: Any) -> Task:
             stats=_prior_stats(config),
             null_caption=null,
         )
+    if name == "ar_prior":
+        from unclip_jax.train.tasks.ar_prior import make_ar_prior_task
+
+        return make_ar_prior_task(config)
     if name == "decoder":
         from unclip_jax.models import decoder
         from unclip_jax.train.tasks.decoder import DecoderTask
