@@ -4,7 +4,8 @@ Runs a frozen CLIP over a prepared shard folder (from make_synthetic.py,
 prepare_folder.py or prepare_coco.py) and writes embedding shards: tokens, text hidden
 states + mask, text and image embeddings, the image, and ``image_embed_stats.npz``
 (per-dimension mean/std of the image embeddings for the prior). The CLIP comes from
-``--clip_folder`` (a transformers ``CLIPModel`` folder, via unclip_jax.convert.clip) or,
+``--clip_folder`` (a transformers ``CLIPModel`` folder, via unclip_jax.convert.clip, or a native folder such as
+the ``export/ema`` of ``unclip train --config=experiments/clip.py:...``) or,
 without it, is a randomly initialised ``--clip_variant`` (smoke tests only). Batches
 are sharded over the local devices; on several hosts run the same command on each
 (hosts take disjoint shards). Resumable: re-run the same command after a kill.
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--src", required=True, help="prepared shard folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--clip_folder", default=None, help="transformers CLIPModel folder")
+    p.add_argument("--clip_folder", default=None, help="transformers CLIPModel folder or native unclip_jax CLIP folder")
     p.add_argument("--clip_variant", default="test", help="unclip_jax.models.clip variant if no --clip_folder")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--shard_size", type=int, default=1024)
@@ -37,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     from unclip_jax.models import clip
 
     if args.clip_folder:
+        from unclip_jax.convert import native
         from unclip_jax.convert.clip import load_clip
 
-        model, variables = load_clip(args.clip_folder)
+        if native.is_native(args.clip_folder):
+            model, variables = native.load_native(args.clip_folder)
+            if not isinstance(model, clip.CLIP):
+                raise SystemExit(f"--clip_folder={args.clip_folder}: holds a {type(model).__name__}, not a CLIP")
+        else:
+            model, variables = load_clip(args.clip_folder)
         name = args.clip_folder
     else:
         model = clip.build(args.clip_variant)

@@ -304,6 +304,14 @@ def test_real_tiny_clip_stored_embeddings_equal_direct_call(tmp_path):
     assert max(err.values()) < 1e-5, err
     assert np.abs(stored["image_embeds"]).max() > 1e-3  # not trivially zero
     assert Image.open(io.BytesIO(recs[0]["image_png"])).size == (64, 64)
+    # The empty caption's encoding, which the tasks use for dropped captions (and the samplers for guidance).
+    assert m["null_caption"] == precompute.NULL_CAPTION_FILE
+    null_ids, null_mask = tok([""])
+    t_null, hidden_null, _ = direct(jnp.asarray(null_ids), jnp.asarray(images[:1]))
+    with np.load(os.path.join(out, precompute.NULL_CAPTION_FILE)) as null:
+        np.testing.assert_array_equal(null["text_mask"], null_mask)
+        np.testing.assert_allclose(null["text_embeds"], np.asarray(t_null), atol=1e-5)
+        np.testing.assert_allclose(null["text_hidden_states"], np.asarray(hidden_null), atol=1e-5)
 
 
 def precompute_fields() -> tuple[str, ...]:

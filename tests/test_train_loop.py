@@ -7,12 +7,12 @@ Subprocesses run the real CLI (``python -m unclip_jax.main``) on 8 (or 2, or 2 x
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -155,12 +155,6 @@ def test_sigkill_then_sigterm_then_resume_equals_straight_run(straight, tmp_path
     _, ema = native.load_native(os.path.join(workdir, "export", "ema"))
     _, ema_ref = native.load_native(os.path.join(straight_dir, "export", "ema"))
     _assert_trees_equal(ema, ema_ref)
-    # Both exports carry the training diffusion, which is what the pipeline samples with.
-    from unclip_jax.pipeline.loading import find_diffusion
-
-    for folder in (out, os.path.join(straight_dir, "export", "ema")):
-        d = find_diffusion("prior", Path(folder), None)
-        assert d.model_mean_type == "x_start" and d.num_timesteps == 1000, (folder, d.model_mean_type)
     # The resumed runs saw exactly the batches of the straight run: same losses at every step.
     losses = {
         r["step"]: r["train/loss"]
@@ -187,6 +181,12 @@ def test_checkpoint_from_8_devices_restores_onto_2(straight, tmp_path):
     _, ema = native.load_native(out)
     _, ema_ref = native.load_native(os.path.join(straight_dir, "export", "ema"))
     _assert_trees_equal(ema, ema_ref)
+    # Both exports carry the training diffusion, which is what the pipeline samples with.
+    from unclip_jax.pipeline.loading import find_diffusion
+
+    for folder in (out, os.path.join(straight_dir, "export", "ema")):
+        d = find_diffusion("prior", Path(folder), None)
+        assert d.model_mean_type == "x_start" and d.num_timesteps == 1000, (folder, d.model_mean_type)
 
 
 class _TwoHosts:

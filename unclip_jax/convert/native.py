@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,6 +161,17 @@ def _stored_dtypes(path: Path) -> dict[str, Any]:
         header = json.loads(f.read(n))
     half = {"BF16": jnp.bfloat16, "F16": jnp.float16}
     return {k: half[v["dtype"]] for k, v in header.items() if k != "__metadata__" and v["dtype"] in half}
+
+
+def is_native(folder: str | os.PathLike) -> bool:
+    """True when ``folder/config.json`` is one of ours (written by :func:`save_native`)."""
+    cfg = Path(folder) / io.CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_component_folder(folder: str | os.PathLike, component: str) -> Path:

@@ -61,6 +61,7 @@ Tokenizer = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 ProcessFn = Callable[[list[Example]], list[dict]]
 JOB_FILE = "job.json"
 STATS_FILE = "image_embed_stats.npz"
+NULL_CAPTION_FILE = "null_caption.npz"  # CLIP of "" (see write_null_caption)
 
 
 def _base_record(ex: Example) -> dict:
@@ -378,7 +379,34 @@ def precompute_embeddings(
     """
     fn = EmbedFn(tokenizer, encode_text_fn, encode_image_fn, batch_size, hidden_dtype, devices)
     extra = {"clip": clip_name, "hidden_dtype": hidden_dtype, **kwargs.pop("job_extra", {})}
-    return run_job(source, out_dir, fn, kind="embed", job_extra=extra, **kwargs)
+    manifest = run_job(source, out_dir, fn, kind="embed", job_extra=extra, **kwargs)
+    import jax
+
+    if manifest.get("complete", True) and jax.process_index() == 0:
+        manifest["null_caption"] = write_null_caption(out_dir, fn)
+    return manifest
+
+
+def write_null_caption(out_dir: str, fn: EmbedFn) -> str:
+    """Writes ``null_caption.npz``: the CLIP encoding of the empty caption ("").
+
+    Arrays ``text_embeds`` [1, D], ``text_hidden_states`` [1, L, Dt], ``text_mask`` [1, L]: what the prior and
+    decoder tasks put in place of a dropped caption (classifier-free guidance training) and what the samplers' unconditional
+    branch feeds (Karlo / diffusers ``UnCLIPPipeline`` encode "" for it), so that training and sampling agree.
+    Written atomically; returns the file name.
+    """
+    ids, mask = fn.tokenizer([""])
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+    t = fn.encode_text_fn(fn._put(ids))
+    arrays = {
+        "text_embeds": np.asarray(t["text_embeds"], np.float32)[:1],
+        "text_hidden_states": np.asarray(t["last_hidden_state"])[:1].astype(fn.hidden_dtype),
+        "text_mask": mask[:1],
+    }
+    tmp = os.path.join(out_dir, f".{NULL_CAPTION_FILE}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, os.path.join(out_dir, NULL_CAPTION_FILE))
+    return NULL_CAPTION_FILE
 
 
 def clip_encoders(model, params, image_size: int | None = None) -> tuple[Callable, Callable]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from unclip_jax.convert import io
-from unclip_jax.convert.native import FORMAT, load_native
+from unclip_jax.convert.native import is_native, load_native
 from unclip_jax.diffusion import GaussianDiffusion, get_named_beta_schedule
 from unclip_jax.input.tokenizer import EOT, ClipTokenizer
 from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
@@ -74,13 +74,7 @@ class PipelineLoadError(ValueError):
 
 
 def _is_native(folder: Path) -> bool:
-    cfg = folder / io.CONFIG
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
-        return False
+    return is_native(folder)
 
 
 def workdir_export(folder: str | os.PathLike) -> Path | None:
