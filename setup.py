@@ -12,6 +12,7 @@ CORE = [
     "ml-collections==1.1.0",
     "clu==0.0.12",
     "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",  # clu.metric_writers imports it; tensorflow-cpu 2.21 no longer pulls it in
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
     "array-record==0.8.6",
