@@ -32,6 +32,14 @@ def natural_images(seed: int, n: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def builtin_images(n: int, size: int) -> np.ndarray:
+    """The first ``n`` images of the built-in captioned dataset, uint8 ``[n, size, size, 3]``."""
+    from unclip_jax.input.sources import SyntheticSource
+
+    src = SyntheticSource(n, seed=0, image_size=size)
+    return np.stack([np.asarray(src.load(i)[0]["image"]) for i in range(n)])
+
+
 @pytest.fixture(scope="module")
 def fid_helper():
     """(model, variables, jitted network on preprocessed input): compiled once for the module."""
@@ -66,14 +74,18 @@ def test_weights_import_every_tensor(fid_helper):
 
 @pytest.mark.torch
 def test_parity_with_torchscript(fid_helper, torch_threads):
-    """Flax features == fid-helper's TorchScript run end to end as FidHelper.extract_feats does."""
+    """Flax features == fid-helper's TorchScript run end to end as FidHelper.extract_feats does.
+
+    Inputs: synthetic photographs-like images at 64 and 299, and images of the built-in dataset at 256 (what the
+    demo's FID is computed on).
+    """
     torch = torch_threads
     model, variables, net = fid_helper
     script = torch.jit.load(str(ci.default_torchscript_path()), map_location="cpu").eval()
     lo, hi = inc.TF_INPUT_RANGE
     worst = 0.0
     for seed, size in enumerate((64, 256, 299)):
-        images = natural_images(seed, 2, size)
+        images = natural_images(seed, 2, size) if size != 256 else builtin_images(2, size)
         # FidHelper.extract_feats(data_range=(0, 255)) with resample_mode="nv_bilinear_float".
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).clamp(0, 1)
         if size != 299:

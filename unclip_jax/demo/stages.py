@@ -441,10 +441,11 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     val = _read_set(ctx, "val_64", max(p.n_eval, 2))
     real = val["images"].astype(np.float32) / 127.5 - 1.0
     ctx.command("manipulations.variations(pipe, <validation image 0 / 1>, num=4, eta=1.0, stop_after='decoder')")
+    shown = manipulations.prepare_images(pipe, real[:2])  # the inputs at the decoder's resolution
     var_rows = []
     for k in range(2):
         v = manipulations.variations(pipe, real[k], num=4, eta=1.0, seed=k, settings=settings, stop_after="decoder")
-        var_rows.append(np.concatenate([real[k : k + 1], v["images"]]))
+        var_rows.append(np.concatenate([shown[k : k + 1], v["images"]]))
     var_labels = (["input"] + [f"variation {i}" for i in range(1, 5)]) * 2
     images_lib.save_png(images_lib.make_grid(np.concatenate(var_rows), var_labels, ncols=5), out_dir / "variations.png")
     files.append("samples/variations.png")
@@ -452,7 +453,7 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
 
     ctx.command("manipulations.interpolate(pipe, <validation image 0>, <validation image 1>, num=5)")
     it = manipulations.interpolate(pipe, real[0], real[1], num=5, settings=settings, stop_after="decoder")
-    row = np.concatenate([real[:1], it["images"], real[1:2]])
+    row = np.concatenate([shown[:1], it["images"], shown[1:2]])
     images_lib.save_png(
         images_lib.make_grid(row, ["image A", *it["labels"], "image B"], ncols=len(row)), out_dir / "interpolation.png"
     )

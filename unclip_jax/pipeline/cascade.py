@@ -206,8 +206,8 @@ def encode_image(module: nn.Module, variables: Mapping[str, Any], images: jax.Ar
     Images are resized (shorter side, bicubic + antialias), centre-cropped and CLIP-normalised with
     `unclip_jax.models.clip.preprocess_images` first.
     """
-    tower = module.vision_model if isinstance(module, CLIP) else module
-    if not isinstance(tower, CLIPVisionModel):
+    # (a CLIP's vision_model is defined in setup(), so it cannot be read outside apply)
+    if not isinstance(module, CLIP | CLIPVisionModel):
         raise TypeError(f"encode_image: expected a CLIPVisionModel or CLIP module, got {type(module).__name__}")
     size = module.vision["image_size"] if isinstance(module, CLIP) else module.image_size
     pixels = preprocess_images((images.astype(jnp.float32) + 1.0) / 2.0, size)
