@@ -138,6 +138,70 @@ def test_interpolation_endpoints_reproduce_inputs(manip_pipe, two_images, latent
     np.testing.assert_allclose(out["image_embeds"][[0, 2]], latent["image_embeds"], atol=1e-5)
 
 
+def test_interpolation_with_fixed_x_T_shares_one_latent(manip_pipe, two_images, latent, monkeypatch):
+    monkeypatch.setattr(manipulations, "bipartite_latent", lambda *a, **k: latent)
+    out = manipulations.interpolate(
+        manip_pipe, two_images[0], two_images[1], num=3, x_T_mode="fixed", seed=3, settings=MANIP, stop_after="decoder"
+    )
+    x_T = out["x_T"]
+    assert x_T.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(x_T, np.broadcast_to(x_T[:1], x_T.shape))  # one x_T for every theta
+    np.testing.assert_allclose(x_T[0], jax.random.normal(jax.random.PRNGKey(3), (16, 16, 3)), atol=1e-6)
+    assert np.abs(x_T[0] - latent["x_T"][0]).max() > 0.1  # not an inversion
+    np.testing.assert_allclose(out["image_embeds"][[0, 2]], latent["image_embeds"], atol=1e-5)
+
+
+def test_pca_probe_with_all_components_reconstructs(manip_pipe, two_images, latent, monkeypatch):
+    monkeypatch.setattr(manipulations, "bipartite_latent", lambda *a, **k: latent)
+    z = latent["image_embeds"]
+    rng = np.random.default_rng(1)
+    pca = manipulations.fit_pca(np.concatenate([z, z.std() * rng.normal(size=(40, z.shape[1]))]))
+    d = z.shape[1]
+    out = manipulations.pca_probe(manip_pipe, two_images[0], pca, ks=[0, 2, d], settings=MANIP, stop_after="decoder")
+    assert out["labels"] == ["k=0", "k=2", f"k={d}"]
+    np.testing.assert_allclose(out["image_embeds"][2], z[0], atol=1e-4)  # all components: z_i itself
+    err = [np.abs(x - latent["x_start"][0]).max() for x in out["decoder_images"]]
+    print(f"PCA probe: max abs error to the image with k=0, 2, {d} components: {err}")
+    assert err[2] < 2e-2  # decoded with the inversion's x_T and eta 0: the image
+    assert err[0] > 2 * err[2]  # the mean embedding alone does not reconstruct it
+
+
+def test_image_embed_source_text_zero_learned(manip_pipe):
+    prompts = ["a red cube", "two dogs", "a house"]  # 3 rows: the decode program of the variation test is reused
+    out = manip_pipe(
+        prompts, seed=7, settings=MANIP, image_embed_source="text", stop_after="decoder", return_intermediates=True
+    )
+    np.testing.assert_array_equal(out["image_embeds"], out["text_embeds"])  # section 5.1: z_t decoded as z_i
+    assert "candidates" not in out  # no prior ran
+    dec = manip_pipe.decode(
+        out["image_embeds"], captions=prompts, x_T=out["decoder_latents"], seed=7, settings=MANIP, stop_after="decoder"
+    )
+    np.testing.assert_allclose(dec["decoder_images"], out["decoder_images"], atol=1e-5)
+    for source in ("zero", "learned"):
+        z = manip_pipe(prompts, seed=7, image_embed_source=source, stop_after="prior")["image_embeds"]
+        np.testing.assert_array_equal(z, np.zeros((3, 32), np.float32))
+
+
+def test_workdir_export_is_found_and_the_newest_step_wins(pipe, tmp_path):
+    from unclip_jax.convert.native import save_native
+    from unclip_jax.pipeline.loading import load_component, workdir_export
+
+    text = pipe.components["text_encoder"]
+    wd = tmp_path / "workdir"
+    assert workdir_export(wd) is None
+    for step in (5, 12):  # 12 is the newest although "ema_5" sorts after "ema_12" as a string
+        save_native(text.module, text.variables, wd / "export" / f"ema_{step}")
+    (wd / "export" / "ema_40").mkdir()  # an unfinished export (no config.json) is ignored
+    assert workdir_export(wd) == wd / "export" / "ema_12"
+    comp, folder = load_component("text_encoder", wd, own_folder=True)
+    assert folder == wd / "export" / "ema_12" and type(comp.module) is type(text.module)
+    np.testing.assert_array_equal(jax.tree.leaves(comp.variables)[0], np.asarray(jax.tree.leaves(text.variables)[0]))
+    save_native(text.module, text.variables, wd / "export" / "ema")  # the end-of-training export wins
+    assert workdir_export(wd) == wd / "export" / "ema"
+    loaded = load_pipeline(None, paths={"text_encoder": wd}, require=("text_encoder",))  # a workdir as --text-encoder
+    assert type(loaded.components["text_encoder"].module) is type(text.module)
+
+
 def test_text_diff_direction_and_pca():
     class _Fake:
         def encode_texts(self, texts):

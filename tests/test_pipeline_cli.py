@@ -1,4 +1,8 @@
-"""The sampling commands end to end on a random ``test`` cascade saved as native components: valid PNGs written."""
+"""The sampling commands end to end on a random ``test`` cascade saved as native components: valid PNGs written.
+
+``sample`` goes through the top-level ``unclip`` dispatcher (`unclip_jax.cli.main`), the others through
+`unclip_jax.pipeline.commands.main` directly.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unclip_jax import cli
 from unclip_jax.pipeline import commands, testing
 
 
@@ -38,7 +43,7 @@ def _check_pngs(out, n, capsys):
 def test_sample(model_dir, capsys):
     out = model_dir / "s" / "grid.png"
     argv = ["sample", "--model", str(model_dir / "model"), "--prompt", "a red cube", "--prompt", "a dog"]
-    assert commands.main([*argv, "--num", "2", "--out", str(out), *FAST]) == 0
+    assert cli.main([*argv, "--num", "2", "--out", str(out), *FAST]) == 0  # as `unclip sample ...`
     printed = _check_pngs(out, 4, capsys)
     for stage in ("prior", "decoder", "super_res"):
         assert f"[unclip] {stage}: " in printed  # progress per stage

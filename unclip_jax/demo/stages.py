@@ -371,7 +371,7 @@ def stage_classifier(ctx: Context) -> dict[str, Any]:
     )
     model, variables, history = attributes.train_classifier(
         train["images"],
-        attributes.canonical_labels(train["attrs"]),
+        train["attrs"],
         variant=p.classifier_variant,
         steps=p.classifier_steps,
         log_every=max(1, p.classifier_steps // 5),

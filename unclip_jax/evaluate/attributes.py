@@ -1,8 +1,9 @@
 """Do the pictures show the prompts? An attribute classifier for the built-in captioned-shapes set.
 
-A small CNN (:class:`AttributeNet`) is trained on real renderings of
-:mod:`unclip_jax.input.synthetic` to read off the ground-truth attributes with one
-softmax head per attribute (:data:`HEADS`). It is near-perfect on real held-out images,
+A small fully convolutional detector (:class:`AttributeNet`) is trained on real renderings
+of :mod:`unclip_jax.input.synthetic` to find the objects (objectness peaks) and read their
+colour, shape and size cell by cell; :func:`decode` turns that into one class per
+attribute head (:data:`HEADS`). It is near-perfect on real held-out images,
 so its accuracy on *generated* images, scored against the attributes of the prompts
 that produced them, measures how well the cascade follows the captions (the role the
 paper's human evaluations and CLIP score play, made exact by a dataset whose captions
@@ -56,11 +57,6 @@ HEADS: dict[str, tuple[str, ...]] = {
 ATTRIBUTES = ("colour", "shape", "size", "count", "background", "position", "relation")
 IMAGE_SIZE = 64
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "test": dict(features=(32, 64, 64), hidden=128),
-    "default": dict(features=(32, 64, 128), hidden=256),
-}
-
 
 # ------------------------------------------------------------------------------------------------ labels
 def canonical_labels(attrs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,55 +105,88 @@ def mentioned(caption: str, num_objects: int) -> dict[str, bool]:
 
 
 # ------------------------------------------------------------------------------------------------ model
-class AttributeNet(nn.Module):
-    """A small CNN with one softmax head per attribute.
+GRID = 16  # the detector's output grid (stride 4 at 64x64)
+SIGMA = 0.05  # width of the objectness peaks (fraction of the image side)
+INSIDE = 0.07  # grid cells this close to an object's centre (fraction of the image side) learn its attributes
+SUPPRESS = 0.22  # a second object's peak lies at least this far from the first (the dataset puts them ~0.44 apart)
+TWO_THRESHOLD = 0.3  # objectness of the second peak above which an image shows two objects
+CELL_HEADS = {"colour": synthetic.COLOUR_NAMES, "shape": synthetic.SHAPES, "size": synthetic.SIZE_NAMES}
 
-    A 4x4 stride-2 "patchify" conv (64 -> 32), a 3x3 stride-2 conv (-> 16), a 3x3 conv,
-    2x2 average pooling (-> 8), a 3x3 conv (all ReLU), then a dense layer on the flattened
-    8x8 map (position and arrangement are spatial) concatenated with its global max (shape
-    and colour anywhere), and a linear head per entry of :data:`HEADS`. About 40 MFLOPs per image: trains in a minute on a CPU.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "test": dict(features=(16, 32, 48)),
+    "default": dict(features=(24, 48, 64)),
+}
+
+
+class AttributeNet(nn.Module):
+    """A small fully convolutional object detector (CenterNet-style, Zhou et al. 2019) for the shapes set.
+
+    A 4x4 stride-2 conv (64 -> 32), a 3x3 stride-2 conv (-> 16), then three 3x3 convs at 16x16
+    with dilations 1, 2, 4 (receptive field 64 pixels) and a 1x1 conv, all ReLU. Per cell of the
+    16x16 grid it predicts an objectness logit (a Gaussian peak at each object's centre) and the
+    colour / shape / size of the object covering the cell; a global average of the features
+    gives the background. Reading attributes locally (the same weights everywhere) is what makes
+    it near-perfect on real images after a minute of CPU training and robust to objects drawn
+    in unusual places; :func:`decode` turns the maps into the per-attribute heads of
+    :data:`HEADS`. About 30 MFLOPs per image (``default``).
 
     Attributes:
-      features: channels of the three conv stages.
-      hidden: width of the dense layer.
+      features: channels of the 32x32 stage, the 16x16 stride-2 conv and the 16x16 stages.
       dtype / param_dtype: compute and parameter dtypes.
     """
 
-    features: tuple[int, ...] = (32, 64, 128)
-    hidden: int = 256
+    features: tuple[int, ...] = (24, 48, 64)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Args: images ``[B, 64, 64, 3]`` in [-1, 1]. Returns: ``{head: logits [B, classes]}`` (float32)."""
+        """Args: images ``[B, 64, 64, 3]`` in [-1, 1].
+
+        Returns:
+          float32 ``objectness [B, 16, 16]`` (logits), ``colour / shape / size [B, 16, 16, classes]``
+          (logits) and ``background [B, 3]`` (logits).
+        """
         conv_init = nn.with_logical_partitioning(
             nn.initializers.lecun_normal(), (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT)
         )
 
-        def conv(x, f, k, stride):
+        def conv(x, f, k, stride=1, dilation=1, relu=True, name=None):
             x = nn.Conv(
-                f, (k, k), (stride, stride), dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_init
+                f,
+                (k, k),
+                (stride, stride),
+                kernel_dilation=(dilation, dilation),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=conv_init,
+                name=name,
             )(x)
-            return nn.with_logical_constraint(nn.relu(x), (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED))
+            if relu:
+                x = nn.relu(nn.GroupNorm(num_groups=8, dtype=self.dtype, param_dtype=self.param_dtype)(x))
+            return nn.with_logical_constraint(x, (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED))
 
         f1, f2, f3 = self.features
-        x = conv(images.astype(self.dtype), f1, 4, 2)  # 64 -> 32, patchify
+        x = conv(images.astype(self.dtype), f1, 4, 2)  # 64 -> 32
         x = conv(x, f2, 3, 2)  # -> 16
-        x = conv(x, f2, 3, 1)
-        x = nn.avg_pool(x, (2, 2), (2, 2))  # -> 8
-        x = conv(x, f3, 3, 1)
-        # flattened map (where things are) + global max (what is there, anywhere)
-        x = jnp.concatenate([x.reshape(x.shape[0], -1), x.max(axis=(1, 2))], axis=-1)
-        dense = nn.with_logical_partitioning(nn.initializers.lecun_normal(), (axes.EMBED, axes.MLP))
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense)(x))
+        x = conv(x, f3, 3)
+        x = conv(x, f3, 3, dilation=2)
+        x = conv(x, f3, 3, dilation=4)
+        x = conv(x, f3, 1)
+        sizes = [1] + [len(v) for v in CELL_HEADS.values()]
+        maps = conv(x, sum(sizes), 1, relu=False, name="cells").astype(jnp.float32)
+        parts = jnp.split(maps, np.cumsum(sizes)[:-1], axis=-1)
+        out = {"objectness": parts[0][..., 0]}
+        out.update({name: p for name, p in zip(CELL_HEADS, parts[1:], strict=True)})
         head_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), (axes.MLP, axes.VOCAB))
-        return {
-            name: nn.Dense(
-                len(classes), dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=head_init, name=name
-            )(x).astype(jnp.float32)
-            for name, classes in HEADS.items()
-        }
+        out["background"] = nn.Dense(
+            len(synthetic.BACKGROUND_NAMES),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=head_init,
+            name="background",
+        )(x.mean(axis=(1, 2))).astype(jnp.float32)
+        return out
 
 
 def build(variant: str = "default", **overrides: Any) -> AttributeNet:
@@ -178,28 +207,137 @@ def to_input(images: np.ndarray) -> np.ndarray:
     return np.clip(x, -1.0, 1.0)
 
 
+def _cell_centres() -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the grid cells' centres, each ``[GRID, GRID]`` (row = y) in [0, 1]."""
+    g = (np.arange(GRID, dtype=np.float32) + 0.5) / GRID
+    return np.meshgrid(g, g)
+
+
+def cell_targets(attrs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Training targets of :class:`AttributeNet` from the stored ``attr/*`` arrays of N scenes.
+
+    Returns:
+      ``objectness [N, G, G]`` (max over objects of a Gaussian of width :data:`SIGMA` at the
+      centre), ``mask [N, G, G]`` (1 where the cell lies inside an object: its attributes are
+      learned there), ``colour / shape / size [N, G, G]`` (int32, of the nearest object) and
+      ``background [N]``.
+    """
+    a = {k.removeprefix("attr/"): np.asarray(v) for k, v in attrs.items()}
+    missing = [k for k in ("num_objects", "center", "colour", "shape", "size", "background") if k not in a]
+    if missing:
+        raise KeyError(f"cell_targets: attributes lack {missing} (have {sorted(a)})")
+    n_obj = a["num_objects"].reshape(-1)
+    n = len(n_obj)
+    centre = a["center"].reshape(n, 2, 2).astype(np.float32)
+    cx, cy = _cell_centres()
+    d2 = (cx[None, None] - centre[:, :, 0, None, None]) ** 2 + (cy[None, None] - centre[:, :, 1, None, None]) ** 2
+    valid = np.arange(2)[None, :] < n_obj[:, None]  # [N, 2]
+    d2 = np.where(valid[:, :, None, None], d2, np.inf)  # [N, 2, G, G]
+    nearest = np.argmin(d2, axis=1)  # [N, G, G]
+    dmin = np.min(d2, axis=1)
+
+    def of_nearest(v):
+        return np.take_along_axis(v.reshape(n, 2)[:, :, None, None], nearest[:, None], axis=1)[:, 0]
+
+    size = of_nearest(a["size"])
+    mask = dmin < INSIDE**2
+    out = {
+        "objectness": np.exp(-dmin / (2 * SIGMA**2)).astype(np.float32),
+        "mask": mask.astype(np.float32),
+        "colour": of_nearest(a["colour"]),
+        "shape": of_nearest(a["shape"]),
+        "size": size,
+    }
+    out = {k: np.where(np.isfinite(v), v, 0) if v.dtype.kind == "f" else np.clip(v, 0, None) for k, v in out.items()}
+    out = {k: v.astype(np.float32 if k in ("objectness", "mask") else np.int32) for k, v in out.items()}
+    out["background"] = a["background"].reshape(-1).astype(np.int32)
+    return out
+
+
+def decode(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-attribute heads (:data:`HEADS`, canonical object order) from the maps of :class:`AttributeNet`.
+
+    The first object is the objectness peak; the second is the highest peak at least
+    :data:`SUPPRESS` away from it, counted when its objectness exceeds :data:`TWO_THRESHOLD`.
+    An object's centre is the objectness-weighted mean of its 3x3 neighbourhood of cells and
+    its colour / shape / size the class of the summed, objectness-weighted probabilities there.
+    One object: its position is the nearest of :data:`synthetic.POSITIONS`; two: they are
+    arranged vertically when their centres differ more in y than in x, and the top / left one
+    is the "a" object.
+    """
+    heat = 1.0 / (1.0 + np.exp(-np.asarray(maps["objectness"], np.float64)))  # [N, G, G]
+    n = heat.shape[0]
+    probs = {}
+    for k in CELL_HEADS:
+        z = np.asarray(maps[k], np.float64)
+        z = np.exp(z - z.max(-1, keepdims=True))
+        probs[k] = z / z.sum(-1, keepdims=True)
+    cx, cy = _cell_centres()
+    flat = heat.reshape(n, -1)
+    i1 = flat.argmax(-1)
+    d2 = (cx.reshape(-1)[None] - cx.reshape(-1)[i1][:, None]) ** 2 + (
+        cy.reshape(-1)[None] - cy.reshape(-1)[i1][:, None]
+    ) ** 2
+    i2 = np.where(d2 < SUPPRESS**2, -1.0, flat).argmax(-1)
+    two = flat[np.arange(n), i2] > TWO_THRESHOLD
+
+    def read(idx):
+        """centre [N, 2] and attribute classes {name: [N]} around cell idx [N]."""
+        r, c = np.divmod(idx, GRID)
+        w = np.zeros_like(heat)
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                rr, cc = np.clip(r + dr, 0, GRID - 1), np.clip(c + dc, 0, GRID - 1)
+                w[np.arange(n), rr, cc] = heat[np.arange(n), rr, cc]
+        w = w / np.maximum(w.sum((1, 2), keepdims=True), 1e-9)
+        centre = np.stack([(w * cx).sum((1, 2)), (w * cy).sum((1, 2))], -1)
+        cls = {k: np.einsum("ngh,nghc->nc", w, p).argmax(-1) for k, p in probs.items()}
+        return centre, cls
+
+    c1, a1 = read(i1)
+    c2, a2 = read(i2)
+    vertical = np.abs(c2[:, 1] - c1[:, 1]) > np.abs(c2[:, 0] - c1[:, 0])
+    swap = two & np.where(vertical, c2[:, 1] < c1[:, 1], c2[:, 0] < c1[:, 0])  # second peak is the top / left one
+    pos = np.asarray(list(synthetic.POSITIONS.values()), np.float64)
+    nearest_pos = np.argmin(((c1[:, None] - pos[None]) ** 2).sum(-1), -1)
+    out = {
+        "count": two.astype(np.int32),
+        "background": np.asarray(maps["background"]).argmax(-1),
+        "position": np.where(two, len(synthetic.POSITION_NAMES), nearest_pos),
+        "arrangement": np.where(two, np.where(vertical, 0, 1), 2),
+    }
+    for k in CELL_HEADS:
+        first = np.where(swap, a2[k], a1[k])
+        second = np.where(swap, a1[k], a2[k])
+        out[f"{k}_a"] = first
+        out[f"{k}_b"] = np.where(two, second, len(HEADS[f"{k}_b"]) - 1)
+    return {k: np.asarray(out[k], np.int32) for k in HEADS}
+
+
 # ------------------------------------------------------------------------------------------------ training
 def train_classifier(
     images: np.ndarray,
-    labels: Mapping[str, np.ndarray],
+    attrs: Mapping[str, np.ndarray],
     *,
     variant: str = "default",
-    steps: int = 600,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    noise_std: float = 0.05,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    noise_std: float = 0.08,
     seed: int = 0,
     log_every: int = 0,
 ) -> tuple[AttributeNet, dict[str, Any], list[dict[str, float]]]:
-    """Trains an :class:`AttributeNet` with the summed cross-entropy of all heads (AdamW, cosine decay).
+    """Trains an :class:`AttributeNet` on real images (AdamW, warm-up + cosine decay).
 
-    Gaussian pixel noise (``noise_std``, random per example in [0, noise_std]) makes the
-    classifier tolerant of the grain of generated images without changing what an
-    attribute looks like.
+    Loss: binary cross-entropy of the objectness maps against :func:`cell_targets` (x 16),
+    cross-entropy of colour / shape / size on the cells inside objects, and of the
+    background. Augmentation: Gaussian pixel noise (random per example in [0, noise_std])
+    and a random blend with a 3x3 box blur, so that the grain and softness of generated
+    images do not change what the classifier reads.
 
     Args:
       images: ``[N, H, W, 3]`` uint8 (or float in [-1, 1]) real images.
-      labels: :func:`canonical_labels` of their attributes.
+      attrs: their ``attr/*`` arrays (with or without the prefix; see :func:`cell_targets`).
       steps / batch_size / lr / seed: optimisation.
       log_every: print a progress line every this many steps (0: silent).
 
@@ -207,7 +345,7 @@ def train_classifier(
       (module, variables, history rows ``{"step", "train/loss"}``).
     """
     x_all = to_input(images)
-    y_all = {k: np.asarray(labels[k], np.int32) for k in HEADS}
+    y_all = cell_targets(attrs)
     n = x_all.shape[0]
     model = build(variant)
     rng = jax.random.PRNGKey(seed)
@@ -216,13 +354,21 @@ def train_classifier(
     opt_state = tx.init(variables)
 
     def loss_fn(v, x, y):
-        logits = model.apply(v, x)
-        losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], y[k]).mean() for k in HEADS]
-        return sum(losses)
+        out = model.apply(v, x)
+        obj = optax.sigmoid_binary_cross_entropy(out["objectness"], y["objectness"]).mean() * 16.0
+        m = y["mask"]
+        cells = [
+            (optax.softmax_cross_entropy_with_integer_labels(out[k], y[k]) * m).sum() / jnp.maximum(m.sum(), 1.0)
+            for k in CELL_HEADS
+        ]
+        bg = optax.softmax_cross_entropy_with_integer_labels(out["background"], y["background"]).mean()
+        return obj + sum(cells) + bg
 
     @jax.jit
     def step(v, o, x, y, key):
-        k1, k2 = jax.random.split(key)
+        k1, k2, k3 = jax.random.split(key, 3)
+        blur = nn.avg_pool(x, (3, 3), (1, 1), padding="SAME", count_include_pad=False)
+        x = x + jax.random.uniform(k3, (x.shape[0], 1, 1, 1)) * (blur - x)
         sigma = jax.random.uniform(k1, (x.shape[0], 1, 1, 1)) * noise_std
         x = x + sigma * jax.random.normal(k2, x.shape)
         loss, g = jax.value_and_grad(loss_fn)(v, x, y)
@@ -247,9 +393,11 @@ def train_classifier(
     return model, variables, history
 
 
-def predict(model: AttributeNet, variables: Any, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Predicted class per head ``{head: int32 [N]}`` for images as :func:`to_input` takes them."""
-    fn = jax.jit(lambda v, x: {k: jnp.argmax(z, -1) for k, z in model.apply(v, x).items()})
+def predict_maps(
+    model: AttributeNet, variables: Any, images: np.ndarray, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """The raw maps of :class:`AttributeNet` (numpy) for images as :func:`to_input` takes them."""
+    fn = jax.jit(model.apply)
     parts: list[dict[str, np.ndarray]] = []
     for i in range(0, len(images), batch_size):
         x = to_input(images[i : i + batch_size])
@@ -257,7 +405,12 @@ def predict(model: AttributeNet, variables: Any, images: np.ndarray, batch_size:
         if b < batch_size and len(images) > batch_size:  # one compiled shape
             x = np.concatenate([x, np.zeros((batch_size - b, *x.shape[1:]), x.dtype)])
         parts.append({k: np.asarray(v)[:b] for k, v in fn(variables, x).items()})
-    return {k: np.concatenate([p[k] for p in parts]).astype(np.int32) for k in HEADS}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def predict(model: AttributeNet, variables: Any, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Predicted class per head ``{head: int32 [N]}`` (:data:`HEADS`) for images as :func:`to_input` takes them."""
+    return decode(predict_maps(model, variables, images, batch_size))
 
 
 def save_classifier(folder: str | os.PathLike, model: AttributeNet, variables: Any) -> Path:
@@ -266,7 +419,7 @@ def save_classifier(folder: str | os.PathLike, model: AttributeNet, variables: A
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"features": list(model.features), "hidden": model.hidden}
+    cfg = {"features": list(model.features), "kind": "detector"}
     (folder / "params.msgpack").write_bytes(serialization.to_bytes(jax.device_get(variables)))
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
@@ -281,7 +434,9 @@ def load_classifier(folder: str | os.PathLike) -> tuple[AttributeNet, dict[str, 
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing (expected a folder written by save_classifier)")
     cfg = json.loads((folder / "config.json").read_text())
-    model = AttributeNet(features=tuple(cfg["features"]), hidden=int(cfg["hidden"]))
+    if cfg.get("kind") != "detector":
+        raise ValueError(f"{folder / 'config.json'}: an older classifier format {cfg}; retrain it")
+    model = AttributeNet(features=tuple(cfg["features"]))
     target = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))))
     return model, serialization.from_bytes(target, (folder / "params.msgpack").read_bytes())
 

@@ -6,7 +6,8 @@
         --sweep-decoder 1,1.25,2,4,8 --sweep-prior 4                          # -> sweep.md / .json / .png
 
 The model is given like ``unclip sample`` (``--model DIR`` and/or ``--prior WORKDIR`` etc., per-stage ``--<stage>-
-steps/-sampler/-eta/-guidance``). The captions and reference statistics are cached in ``--reference-dir`` (default
+steps/-sampler/-eta/-guidance``); the prior may be the autoregressive one (``--prior AR_WORKDIR``, ``--prior ar`` /
+``--prior-kind ar``, with ``--prior-temperature/-top-k/-top-p``; recorded as ``prior_kind`` in run.json). The captions and reference statistics are cached in ``--reference-dir`` (default
 ``OUT/reference``; share it between runs with the same N and seed). Re-running the same command after a kill resumes
 it. On a multi-host pod, run the same command on every host (``UNCLIP_COORDINATOR``/``UNCLIP_NUM_PROCESSES``/
 ``UNCLIP_PROCESS_ID`` or ``--distributed-auto``) with OUT on a shared file system.

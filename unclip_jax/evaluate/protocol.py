@@ -776,8 +776,15 @@ def folder_clip_scorer(folder: str | os.PathLike, name: str | None = None) -> Cl
 
 
 def settings_dict(settings: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """Per-stage `StageSettings` (and extra fields) as JSON-ready dicts for the report."""
-    out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in settings.items()}
+    """Per-stage `StageSettings` (and extra fields) as JSON-ready dicts for the report (``StageSettings.describe``:
+    the autoregressive prior's temperature / top-k / top-p appear when not at their defaults)."""
+
+    def one(v: Any) -> Any:
+        if hasattr(v, "describe"):
+            return v.describe()
+        return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+
+    out = {k: one(v) for k, v in settings.items()}
     return _normalise({"stages": out, **extra})
 
 
@@ -816,7 +823,8 @@ def pipeline_generator(
         pipe: the pipeline.
         settings: per-stage `StageSettings` (missing stages: the pipeline's defaults).
         model: its identity (:func:`model_identity`).
-        num_candidates: prior candidates per caption (paper 2, Karlo 1).
+        num_candidates: prior candidates per caption (paper 2, Karlo 1), for the diffusion or the autoregressive prior
+            (``pipe.prior_kind == "ar"``, recorded as ``prior_kind`` in the settings).
         image_embed_source: see `UnclipPipeline.__call__`.
         stop_after: last stage ("super_res": the 256x256 samples of the protocol; None: the last loaded).
         mesh: device mesh (default :func:`local_mesh`; a 1-device mesh calls the pipeline directly).
@@ -828,7 +836,10 @@ def pipeline_generator(
     mesh = mesh if mesh is not None else local_mesh()
     full = pipe._settings(settings)
     kw = dict(num_candidates=num_candidates, image_embed_source=image_embed_source, stop_after=stop_after)
-    desc = settings_dict(full, **kw)
+    extra = {}
+    if image_embed_source == "prior" and getattr(pipe, "prior_kind", None) == "ar":
+        extra["prior_kind"] = "ar"  # (the diffusion prior is the unmarked default, as in earlier reports)
+    desc = settings_dict(full, **kw, **extra)
 
     if mesh.devices.size == 1:
 

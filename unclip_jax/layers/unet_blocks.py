@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.layers import axes
+from unclip_jax.layers.conv import Conv
 from unclip_jax.layers.transformer import dense
 
 Dtype = Any
@@ -71,11 +72,15 @@ def conv(
     kernel_size: int = 3,
     strides: int = 1,
     zero_init: bool = False,
-) -> nn.Conv:
-    """kxk convolution with 'same' zero padding (torch ``Conv2d(padding=k//2)``), NHWC, HWIO kernel."""
+) -> Conv:
+    """kxk convolution with 'same' zero padding (torch ``Conv2d(padding=k//2)``), NHWC, HWIO kernel.
+
+    :class:`unclip_jax.layers.conv.Conv` (parameters of ``nn.Conv``; the backward pass XLA:CPU runs
+    well, ``impl`` from :func:`unclip_jax.layers.conv.default_impl`, ``'custom_vjp'`` by default).
+    """
     init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
     pad = kernel_size // 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(strides, strides),

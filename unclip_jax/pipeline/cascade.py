@@ -9,6 +9,11 @@ same images (``tests/test_pipeline_parity.py``):
    (unconditional half: CLIP("") or the prior's learned null inputs), strided ancestral sampling as
    ``UnCLIPScheduler`` (or DDIM), then ``denormalize``. The paper draws **2 candidates per caption and keeps the one
    with the larger dot product z_i . z_t**; ``num_candidates`` sets how many (1 = Karlo).
+   The **autoregressive prior** (section 2.2, `unclip_jax.models.ar_prior.ARPrior`) can stand in for it: when the
+   ``prior`` component is an ``ARPrior`` the stage runs its KV-cached token sampler
+   (`unclip_jax.models.ar_prior.sample`: guidance on the logits, temperature / top-k / top-p on the code tokens, the
+   dot-product token from the top half of its distribution) inside the same program, then decodes the codes with
+   the codec of its ``stats`` collection; the candidate selection is the same for both priors.
 3. Decoder (section 2.1): ``UnCLIPTextProj`` + GLIDE U-Net; guidance on the eps channels only (the learned-range
    variance channels come from the conditional half); the unconditional half replaces z_i by the learned CFG
    embedding and the caption by CLIP(""). Output clamped to [-1, 1].
@@ -43,6 +48,8 @@ import numpy as np
 
 from unclip_jax.diffusion import GaussianDiffusion, classifier_free_guidance, get_named_beta_schedule, respace
 from unclip_jax.diffusion import sampling as sampling_lib
+from unclip_jax.models import ar_prior as ar_lib
+from unclip_jax.models.ar_prior import ARPrior
 from unclip_jax.models.clip import CLIP, CLIPVisionModel, preprocess_images
 
 STAGES = ("prior", "decoder", "super_res", "upsampler_1024")
@@ -61,13 +68,20 @@ class StageSettings:
         sampler: ``"ddpm"`` (strided ancestral, UnCLIPScheduler) or ``"ddim"`` (Song et al. 2021, with ``eta``).
         eta: DDIM eta (0 deterministic).
         guidance_scale: classifier-free guidance scale s (doubled batch, ``uncond + s (cond - uncond)``); None runs
-            the conditional model only. Ignored by the upsamplers (not guided in the paper).
+            the conditional model only. Ignored by the upsamplers (not guided in the paper). With the autoregressive
+            prior it is applied to the log-probabilities of every token (`unclip_jax.models.ar_prior.sample`).
+        temperature, top_k, top_p: **autoregressive prior only** (ignored by the diffusion stages): the filters of the
+            code tokens (`unclip_jax.models.ar_prior.filter_logits`; top_k 0 and top_p 1 are off). The AR prior
+            ignores ``steps``, ``sampler`` and ``eta`` (it always draws its k + 1 tokens).
     """
 
     steps: int | str = 25
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     eta: float = 0.0
     guidance_scale: float | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sampler not in ("ddpm", "ddim"):
@@ -76,14 +90,41 @@ class StageSettings:
             raise ValueError(f"StageSettings.eta={self.eta}: must be >= 0")
         if self.sampler == "ddpm" and self.eta:
             raise ValueError("StageSettings.eta only applies to sampler='ddim'")
+        if not self.temperature > 0:
+            raise ValueError(f"StageSettings.temperature={self.temperature}: must be > 0")
+        if self.top_k < 0:
+            raise ValueError(f"StageSettings.top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"StageSettings.top_p={self.top_p}: must be in (0, 1] (1 = off)")
 
     @property
     def spacing(self) -> str:
         return f"unclip{self.steps}" if isinstance(self.steps, int) else str(self.steps)
 
     def static(self) -> StageSettings:
-        """The part that shapes the compiled program (the guidance scale and eta values are traced)."""
-        return dataclasses.replace(self, guidance_scale=None if self.guidance_scale is None else 0.0, eta=0.0)
+        """The part that shapes the compiled program (the guidance scale, eta and temperature values are traced)."""
+        return dataclasses.replace(
+            self, guidance_scale=None if self.guidance_scale is None else 0.0, eta=0.0, temperature=1.0
+        )
+
+    def ar_static(self) -> StageSettings:
+        """`static` for the autoregressive prior: only guided-or-not, top_k and top_p shape its program."""
+        return StageSettings(
+            1, "ddpm", guidance_scale=None if self.guidance_scale is None else 0.0, top_k=self.top_k, top_p=self.top_p
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The fields as a dict for reports; the AR-prior-only fields are left out while at their defaults (so the
+        description of a diffusion-stage setting is the same as before they existed)."""
+        out = dataclasses.asdict(self)
+        for name in _AR_FIELDS:
+            if out[name] == _AR_DEFAULTS[name]:
+                del out[name]
+        return out
+
+
+_AR_FIELDS = ("temperature", "top_k", "top_p")
+_AR_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 # Karlo's defaults (diffusers UnCLIPPipeline: prior 25 / guidance 4, decoder 25 / guidance 8, super-res 7) and the
@@ -125,6 +166,14 @@ class Component:
     variables: dict[str, Any]
 
 
+PRIOR_KINDS = ("diffusion", "ar")
+
+
+def prior_kind(module: nn.Module) -> str:
+    """``"ar"`` for an `unclip_jax.models.ar_prior.ARPrior`, else ``"diffusion"`` (a ``PriorTransformer``)."""
+    return "ar" if isinstance(module, ARPrior) else "diffusion"
+
+
 # ----------------------------------------------------------------------------------------------------- the plan
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -134,7 +183,9 @@ class Plan:
         mode: ``"generate"`` (captions -> images), ``"decode"`` (given z_i [and x_T] -> images) or ``"invert"``
             (image -> decoder x_T by DDIM inversion).
         text_encoder, prior, decoder, super_res_first, super_res_last, upsampler_1024, image_encoder: modules
-            (None when absent / unused).
+            (None when absent / unused). ``prior`` is a ``PriorTransformer`` (diffusion prior) or an ``ARPrior``
+            (autoregressive prior; then ``prior_diffusion`` is None and ``prior_settings`` is
+            `StageSettings.ar_static`).
         prior_diffusion, decoder_diffusion, super_res_diffusion, upsampler_1024_diffusion: respaced diffusions.
         prior_settings, ...: `StageSettings.static` of each stage.
         num_candidates: prior samples per caption; the one with the largest z_i . z_t is kept (section 2.2).
@@ -338,13 +389,49 @@ def _prior_stage(plan: Plan, params, text, null, scales, key, out) -> jax.Array:
     if plan.return_intermediates:
         out["prior_latents"], out["prior_noise"] = x_T, res[1]["noise"]
     z = module.apply(variables, z, method="denormalize")
+    _callback_progress("prior", diffusion.num_timesteps, z)
+    return _keep_best_candidate(z, b, n, text["text_embeds"], out)
+
+
+def _keep_best_candidate(z: jax.Array, b: int, n: int, text_embeds: jax.Array, out) -> jax.Array:
+    """Section 2.2: of the ``n`` candidates per caption (rows ``[b * n, D]``, caption-major) keep the one with the
+    largest dot product with the text embedding; records ``candidates``, ``candidate_scores``, ``candidate_index``."""
     candidates = z.reshape(b, n, -1)
-    # Section 2.2: keep the candidate with the largest dot product with the text embedding.
-    scores = jnp.einsum("bnd,bd->bn", candidates, text["text_embeds"].astype(candidates.dtype))
+    scores = jnp.einsum("bnd,bd->bn", candidates, text_embeds.astype(candidates.dtype))
     index = jnp.argmax(scores, axis=-1)
     out["candidates"], out["candidate_scores"], out["candidate_index"] = candidates, scores, index
-    _callback_progress("prior", diffusion.num_timesteps, z)
     return candidates[jnp.arange(b), index]
+
+
+def _ar_prior_stage(plan: Plan, params, text, scales, key, out) -> jax.Array:
+    """Section 2.2 autoregressive prior with candidate selection; returns z_i ``[B, D]``.
+
+    The captions are repeated ``num_candidates`` times (caption-major, as for the diffusion prior) and sampled in one
+    call of `unclip_jax.models.ar_prior.sample` with the stage key (KV-cached scan of the model's sequence;
+    unconditional branch = the model's learned null caption; guidance on the log-probabilities; temperature / top-k /
+    top-p on the code tokens; the dot-product token from the top half of its distribution). Also records the sampled
+    tokens of every candidate: ``prior_codes`` [B, N, k] and ``prior_dot_tokens`` [B, N].
+    """
+    module, settings = plan.prior, plan.prior_settings
+    n = plan.num_candidates
+    b = text["text_embeds"].shape[0]
+    res = ar_lib.sample(
+        module,
+        params["prior"],
+        _repeat(text["last_hidden_state"], n),
+        _repeat(text["mask"], n),
+        _repeat(text["text_embeds"], n),
+        key,
+        guidance_scale=None if settings.guidance_scale is None else scales["prior"],
+        temperature=scales["prior_temperature"],
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+    )
+    out["prior_codes"] = res["codes"].reshape(b, n, -1)
+    out["prior_dot_tokens"] = res["dot_tokens"].reshape(b, n)
+    z = res["image_embeds"].astype(jnp.float32)
+    _callback_progress("prior", module.num_components + 1, z)
+    return _keep_best_candidate(z, b, n, text["text_embeds"], out)
 
 
 def _decoder_conditions(plan: Plan, text, null, image_embeds, learned_image_embeds: bool):
@@ -456,6 +543,8 @@ def _program(plan: Plan, params: dict[str, Any], inputs: dict[str, Any], scales:
     learned = False
     if plan.mode == "decode":
         z_i = inputs["image_embeds"]
+    elif plan.image_embed_source == "prior" and isinstance(plan.prior, ARPrior):
+        z_i = _ar_prior_stage(plan, params, text, scales, k_prior, out)
     elif plan.image_embed_source == "prior":
         z_i = _prior_stage(plan, params, text, null, scales, k_prior, out)
     elif plan.image_embed_source == "text":
@@ -486,7 +575,9 @@ class UnclipPipeline:
             (`unclip_jax.input.tokenizer.ClipTokenizer`).
         text_encoder: CLIP text tower (``CLIPTextModel`` or two-tower ``CLIP``).
         decoder: `unclip_jax.models.decoder.UnCLIPDecoder`.
-        prior: `unclip_jax.models.prior.PriorTransformer` (needed for ``image_embed_source='prior'``).
+        prior: `unclip_jax.models.prior.PriorTransformer` (diffusion prior) or `unclip_jax.models.ar_prior.ARPrior`
+            (autoregressive prior, with its fitted codec in ``variables['stats']``); needed for
+            ``image_embed_source='prior'``.
         super_res_first: 64->256 `SuperResUNet` (None: stop at the decoder).
         super_res_last: the model for the last super-resolution step (Karlo); None uses ``super_res_first``.
         upsampler_1024: optional 256->1024 `SuperResUNet`.
@@ -526,6 +617,12 @@ class UnclipPipeline:
         if c is None:
             raise ValueError(f"UnclipPipeline: component {name!r} is not loaded (it is needed for this call)")
         return c
+
+    @property
+    def prior_kind(self) -> str | None:
+        """``"diffusion"``, ``"ar"`` (autoregressive prior) or None (no prior loaded)."""
+        c = self.components.get("prior")
+        return None if c is None else prior_kind(c.module)
 
     @property
     def decoder_size(self) -> int:
@@ -586,12 +683,22 @@ class UnclipPipeline:
             return_intermediates=return_intermediates,
         )
         if mode == "generate" and image_embed_source == "prior":
+            prior = self.component("prior").module
             names.append("prior")
-            kw.update(
-                prior=self.component("prior").module,
-                prior_diffusion=respace(self.diffusions["prior"], settings["prior"].spacing),
-                prior_settings=settings["prior"].static(),
-            )
+            if isinstance(prior, ARPrior):
+                if settings["prior"].guidance_scale is not None and not prior.learned_null_text:
+                    raise ValueError(
+                        "prior: this ARPrior has no learned null caption (learned_null_text=False), so it cannot be "
+                        "sampled with classifier-free guidance here; set the prior guidance scale to None "
+                        "(unclip sample --prior-guidance 0)"
+                    )
+                kw.update(prior=prior, prior_settings=settings["prior"].ar_static())
+            else:
+                kw.update(
+                    prior=prior,
+                    prior_diffusion=respace(self.diffusions["prior"], settings["prior"].spacing),
+                    prior_settings=settings["prior"].static(),
+                )
         after_decoder = mode != "invert"
         if after_decoder and STAGES.index(stop_after) >= STAGES.index("super_res"):
             first = self.component("super_res_first")
@@ -628,12 +735,14 @@ class UnclipPipeline:
 
     @staticmethod
     def _scales(settings: Mapping[str, StageSettings]) -> dict[str, jax.Array]:
-        """The traced per-stage numbers: guidance scales (prior, decoder) and DDIM etas (``<stage>_eta``)."""
+        """The traced per-stage numbers: guidance scales (prior, decoder), DDIM etas (``<stage>_eta``) and the AR
+        prior's temperature (``prior_temperature``)."""
         out = {}
         for k, s in settings.items():
             out[f"{k}_eta"] = jnp.asarray(s.eta, jnp.float32)
             if k in ("prior", "decoder"):
                 out[k] = jnp.asarray(1.0 if s.guidance_scale is None else s.guidance_scale, jnp.float32)
+        out["prior_temperature"] = jnp.asarray(settings["prior"].temperature, jnp.float32)
         return out
 
     def _inputs(self, texts: Sequence[str]) -> dict[str, Any]:
@@ -676,7 +785,8 @@ class UnclipPipeline:
             seed: int seed or a PRNG key.
             num_images_per_prompt: each caption is repeated (``repeat_interleave``) this many times.
             settings: per-stage `StageSettings` overriding :data:`DEFAULT_SETTINGS` (keys of :data:`STAGES`).
-            num_candidates: prior samples per image; the largest z_i . z_t is kept (paper: 2; Karlo: 1).
+            num_candidates: prior samples per image; the largest z_i . z_t is kept (paper: 2; Karlo: 1). Applies
+                to the diffusion and the autoregressive prior alike.
             image_embed_source: "prior", "text" (decode z_t zero-shot, section 5.1), "zero" or "learned"
                 (text-only decoding with a zero / the learned CFG image embedding).
             stop_after: last stage (default: the last loaded upsampler).
@@ -686,7 +796,8 @@ class UnclipPipeline:
         Returns:
             numpy dict: ``images`` [B, H, W, 3] in [-1, 1] (the last stage's output), ``decoder_images``,
             ``super_res_images`` / ``upsampler_1024_images`` when run, ``image_embeds`` [B, D], ``text_embeds``,
-            and with the prior ``candidates`` [B, N, D], ``candidate_scores`` [B, N], ``candidate_index`` [B].
+            and with the prior ``candidates`` [B, N, D], ``candidate_scores`` [B, N], ``candidate_index`` [B]
+            (with the autoregressive prior also ``prior_codes`` [B, N, k] and ``prior_dot_tokens`` [B, N]).
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         texts = [t for t in texts for _ in range(num_images_per_prompt)]

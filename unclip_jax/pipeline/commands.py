@@ -10,6 +10,13 @@ components) and/or per-component paths (``--prior WORKDIR`` etc.: training workd
 per-stage sampling settings (``--<stage>-steps``, ``--<stage>-sampler``, ``--<stage>-eta``, ``--<stage>-guidance``),
 writes every image as a PNG plus a labelled grid (``--out``), prints where, and prints a line per finished stage.
 
+The prior may be the diffusion prior or the autoregressive prior (paper section 2.2; ``experiments/ar_prior.py``):
+``--prior PATH`` takes either, the kind is read from the folder (its module class). ``--prior-kind {auto,diffusion,ar}``
+asserts it; ``--prior ar`` (or ``--prior=ar``; ``diffusion`` likewise), when no file of that name exists, is short for
+``--prior-kind ar`` with the prior taken from ``--model`` (``MODEL/ar_prior`` if present, else ``MODEL/prior``). The
+AR prior's sampling: ``--prior-guidance`` (on the logits), ``--prior-temperature``, ``--prior-top-k``,
+``--prior-top-p`` (code tokens); it ignores ``--prior-steps/-sampler/-eta``.
+
 ``unclip_jax.cli`` dispatches ``unclip sample ...`` to :func:`main` (``["sample", ...]``);
 ``python -m unclip_jax.pipeline.commands sample ...`` runs them without the top-level CLI.
 """
@@ -62,13 +69,30 @@ def _add_common(parser: argparse.ArgumentParser, guided: tuple[str, ...], defaul
             dest=f"path_{comp}",
             type=Path,
             default=None,
-            help=f"{comp}: training workdir (export/ema), native or diffusers folder (overrides --model)",
+            help=f"{comp}: training workdir (export/ema), native or diffusers folder (overrides --model)"
+            + (
+                "; a diffusion (PriorTransformer) or autoregressive (ARPrior, native/workdir only) prior, detected "
+                "from the folder; 'ar' / 'diffusion' (no such file) = --prior-kind ar / diffusion"
+                if comp == "prior"
+                else ""
+            ),
+        )
+    if "prior" in guided:
+        g.add_argument(
+            "--prior-kind",
+            dest="prior_kind",
+            choices=("auto", "diffusion", "ar"),
+            default="auto",
+            help="which prior to use: auto (whatever the prior folder holds), diffusion or ar (autoregressive; "
+            "without --prior PATH it is looked up in MODEL/ar_prior, then MODEL/prior). '--prior ar' is short for "
+            "'--prior-kind ar'",
         )
     s = parser.add_argument_group("sampling (per stage; defaults: Karlo's)")
     for stage, flag in _STAGE_FLAGS.items():
-        s.add_argument(f"--{flag}-steps", dest=f"{stage}_steps", type=_steps, default=None, help=f"{stage} steps")
+        note = " (diffusion prior only)" if stage == "prior" else ""
+        s.add_argument(f"--{flag}-steps", dest=f"{stage}_steps", type=_steps, default=None, help=f"{stage} steps{note}")
         s.add_argument(f"--{flag}-sampler", dest=f"{stage}_sampler", choices=("ddpm", "ddim"), default=None)
-        s.add_argument(f"--{flag}-eta", dest=f"{stage}_eta", type=float, default=None, help="DDIM eta")
+        s.add_argument(f"--{flag}-eta", dest=f"{stage}_eta", type=float, default=None, help=f"DDIM eta{note}")
         if stage in guided:
             s.add_argument(
                 f"--{flag}-guidance",
@@ -77,6 +101,28 @@ def _add_common(parser: argparse.ArgumentParser, guided: tuple[str, ...], defaul
                 default=None,
                 help="classifier-free guidance scale (<= 0: unguided)",
             )
+    if "prior" in guided:
+        s.add_argument(
+            "--prior-temperature",
+            dest="prior_temperature",
+            type=float,
+            default=None,
+            help="AR prior only: softmax temperature of the code tokens (default 1)",
+        )
+        s.add_argument(
+            "--prior-top-k",
+            dest="prior_top_k",
+            type=int,
+            default=None,
+            help="AR prior only: keep the k most likely code tokens (default 0: off)",
+        )
+        s.add_argument(
+            "--prior-top-p",
+            dest="prior_top_p",
+            type=float,
+            default=None,
+            help="AR prior only: nucleus sampling of the code tokens, in (0, 1] (default 1: off)",
+        )
     s.add_argument(
         "--stop-after",
         choices=("decoder", "super_res", "upsampler_1024"),
@@ -97,6 +143,10 @@ def _stage_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[
         eta = getattr(args, f"{stage}_eta", None)
         guidance = getattr(args, f"{stage}_guidance", None)
         kw = {}
+        for name in ("temperature", "top_k", "top_p"):  # the AR prior's (only the prior has these flags)
+            value = getattr(args, f"{stage}_{name}", None)
+            if value is not None:
+                kw[name] = value
         if steps is not None:
             kw["steps"] = steps
         if sampler is not None:
@@ -111,17 +161,32 @@ def _stage_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[
     return out
 
 
+def _resolve_prior_kind(args: argparse.Namespace) -> str:
+    """``--prior ar`` / ``--prior diffusion`` (no such file or folder) is ``--prior-kind``; returns the kind and clears
+    ``args.path_prior`` in that case (so that later readers of the paths see no prior path)."""
+    kind = getattr(args, "prior_kind", "auto") or "auto"
+    path = getattr(args, "path_prior", None)
+    if path is not None and str(path) in ("ar", "diffusion") and not Path(path).exists():
+        if kind not in ("auto", str(path)):
+            raise SystemExit(f"unclip: --prior {path} contradicts --prior-kind {kind}")
+        kind, args.path_prior = str(path), None
+    args.prior_kind = kind
+    return kind
+
+
 def _load(args: argparse.Namespace, require: tuple[str, ...]):
     from unclip_jax.pipeline.loading import load_pipeline
 
+    kind = _resolve_prior_kind(args)
     paths = {comp: getattr(args, f"path_{comp}", None) for comp in _COMPONENT_FLAGS}
     if args.model is None and not any(paths.values()):
         raise SystemExit("unclip: give --model DIR or component paths (--prior, --decoder, ...)")
     require = require + (() if args.stop_after == "decoder" else ("super_res_first",))
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, paths=paths, require=require)
+    pipe = load_pipeline(args.model, paths=paths, require=require, prior_kind=kind)
     loaded = [k for k, v in pipe.components.items() if v is not None]
-    print(f"[unclip] loaded {', '.join(loaded)} in {time.perf_counter() - t0:.1f}s", flush=True)
+    kind_note = f" (prior: {pipe.prior_kind})" if pipe.prior_kind else ""
+    print(f"[unclip] loaded {', '.join(loaded)}{kind_note} in {time.perf_counter() - t0:.1f}s", flush=True)
     return pipe
 
 

@@ -14,6 +14,13 @@ A component may come from any of:
 ``load_pipeline(model_dir, **component_paths)`` looks each component up in ``model_dir/<name>`` unless a path is
 given for it; a required component that is found nowhere is an error naming it and the places searched.
 
+**Prior kinds.** The ``prior`` component is either the diffusion prior (``PriorTransformer``, native or diffusers) or
+the autoregressive prior (`unclip_jax.models.ar_prior.ARPrior`, native only: a training workdir of
+``experiments/ar_prior.py`` or a native folder; its fitted PCA codec is in the ``stats`` collection). Which one a
+folder holds is read from its ``config.json`` (the module class), so ``--prior PATH`` takes either. ``prior_kind``
+(``"auto"`` | ``"diffusion"`` | ``"ar"``) asserts the kind; with ``"ar"`` and no explicit path the model folder's
+``ar_prior/`` subfolder is tried before ``prior/`` (a model folder may hold both priors).
+
 The training diffusion of a stage is read from a diffusers ``<stage>_scheduler/scheduler_config.json``
 (``UnCLIPScheduler``) or from a ``diffusion.json`` beside a native component (fields of ``config.diffusion``:
 ``steps``, ``schedule``, ``mean_type``, ``var_type``, ``clip_denoised``); otherwise the stage default of
@@ -33,11 +40,12 @@ from unclip_jax.convert import io
 from unclip_jax.convert.native import is_native, load_native
 from unclip_jax.diffusion import GaussianDiffusion, get_named_beta_schedule
 from unclip_jax.input.tokenizer import EOT, ClipTokenizer
+from unclip_jax.models.ar_prior import ARPrior
 from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
 from unclip_jax.models.decoder import UnCLIPDecoder
 from unclip_jax.models.prior import PriorTransformer
 from unclip_jax.models.upsampler import SuperResUNet
-from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion
+from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion, prior_kind
 
 COMPONENTS = (
     "text_encoder",
@@ -52,7 +60,7 @@ COMPONENTS = (
 _TYPES: dict[str, tuple[type, ...]] = {
     "text_encoder": (CLIPTextModel, CLIP),
     "image_encoder": (CLIPVisionModel, CLIP),
-    "prior": (PriorTransformer,),
+    "prior": (PriorTransformer, ARPrior),
     "decoder": (UnCLIPDecoder,),
     "super_res_first": (SuperResUNet,),
     "super_res_last": (SuperResUNet,),
@@ -67,6 +75,10 @@ _STAGE_OF = {
     "super_res_last": "super_res",
     "upsampler_1024": "upsampler_1024",
 }
+
+
+PRIOR_KIND_CHOICES = ("auto", "diffusion", "ar")
+AR_PRIOR_FOLDER = "ar_prior"  # model-folder subfolder tried first for prior_kind="ar"
 
 
 class PipelineLoadError(ValueError):
@@ -175,6 +187,38 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
     )
 
 
+def _load_prior(
+    path: Path | None, root: Path | None, kind: str
+) -> tuple[Component | None, Path | None, PipelineLoadError | None]:
+    """The prior from an explicit ``path`` or the model folder ``root`` (see the module docstring), kind-checked."""
+    if kind not in PRIOR_KIND_CHOICES:
+        raise PipelineLoadError(f"prior_kind={kind!r}: expected one of {PRIOR_KIND_CHOICES}")
+    comp = folder = None
+    if path is not None:
+        comp, folder = load_component("prior", path, own_folder=True)
+    elif root is None:
+        return None, None, PipelineLoadError("prior: no model directory and no path given for it")
+    else:
+        first_error = None
+        if kind == "ar" and (root / AR_PRIOR_FOLDER).exists():
+            comp, folder = load_component("prior", root / AR_PRIOR_FOLDER, own_folder=True)
+        else:
+            try:
+                comp, folder = load_component("prior", root)
+            except PipelineLoadError as e:
+                first_error = e
+        if comp is None:
+            return None, None, first_error
+    found = prior_kind(comp.module)
+    if kind != "auto" and found != kind:
+        hint = f" (or put it in {root / AR_PRIOR_FOLDER})" if kind == "ar" and path is None and root else ""
+        raise PipelineLoadError(
+            f"prior: {folder} holds a {type(comp.module).__name__} (a {found} prior), but prior kind {kind!r} was "
+            f"asked for; give the {kind} prior's folder with --prior PATH{hint} or use --prior-kind auto"
+        )
+    return comp, folder, None
+
+
 def diffusion_from_scheduler_config(config: Mapping[str, Any], where: str) -> GaussianDiffusion:
     """The training diffusion of a diffusers ``UnCLIPScheduler`` config (``scheduler_config.json``)."""
     schedule = {"squaredcos_cap_v2": "cosine", "linear": "linear"}.get(config.get("beta_schedule", "squaredcos_cap_v2"))
@@ -245,6 +289,7 @@ def load_pipeline(
     paths: Mapping[str, str | os.PathLike | None] | None = None,
     require: Sequence[str] = ("text_encoder", "decoder"),
     tokenizer: Any = None,
+    prior_kind: str = "auto",
 ) -> UnclipPipeline:
     """Builds an :class:`UnclipPipeline` from a model folder and/or per-component paths.
 
@@ -255,6 +300,9 @@ def load_pipeline(
         paths: component name -> folder (training workdir, native folder, diffusers component folder).
         require: components that must be found (others are loaded when present).
         tokenizer: override of the tokenizer (default: `ClipTokenizer` with the folder's pad token).
+        prior_kind: ``"auto"`` (whatever the prior folder holds), ``"diffusion"`` or ``"ar"``; a prior of another
+            kind is an error. ``"ar"`` without a prior path looks in ``model_dir/ar_prior`` before
+            ``model_dir/prior``.
 
     Raises:
         PipelineLoadError: a required component is missing (its name and the places searched are given).
@@ -272,14 +320,16 @@ def load_pipeline(
     for name in COMPONENTS:
         comp, folder, error = None, None, None
         try:
-            if name in paths:
+            if name == "prior":
+                comp, folder, error = _load_prior(Path(paths["prior"]) if "prior" in paths else None, root, prior_kind)
+            elif name in paths:
                 comp, folder = load_component(name, paths[name], own_folder=True)
             elif root is not None:
                 comp, folder = load_component(name, root)
             else:
                 error = PipelineLoadError(f"{name}: no model directory and no path given for it")
         except PipelineLoadError as e:
-            if name in paths:
+            if name in paths or (name == "prior" and prior_kind != "auto"):
                 raise
             error = e
         if comp is None and name in require:
@@ -287,6 +337,8 @@ def load_pipeline(
         loaded[name], folders[name] = comp, folder
     diffusions = {}
     for name, stage in _STAGE_OF.items():
+        if name == "prior" and loaded.get(name) is not None and isinstance(loaded[name].module, ARPrior):
+            continue  # the autoregressive prior has no diffusion
         if stage not in diffusions and loaded.get(name) is not None:
             diffusions[stage] = find_diffusion(stage, folders[name], root)
     tok = tokenizer or load_tokenizer(root, folders.get("text_encoder"))

@@ -6,6 +6,8 @@ CPU); nothing is zero, unlike a fresh init whose output convolutions and learned
 U-Net predicts eps = 0). ``save_native_pipeline`` writes it as a folder of native
 components (what ``unclip convert import`` / training exports produce) and ``save_diffusers_pipeline`` in diffusers'
 Karlo layout (``UnCLIPPipeline`` folder: components, tokenizer, schedulers, ``model_index.json``).
+``random_ar_prior`` builds an autoregressive prior (`unclip_jax.models.ar_prior.ARPrior`) with random weights and a
+PCA codec fitted on random embeddings, to stand in for the diffusion prior (``pipe.components["prior"]``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import numpy as np
 
 from unclip_jax.diffusion import GaussianDiffusion
 from unclip_jax.input.tokenizer import ClipTokenizer
+from unclip_jax.models import ar_prior as ar_prior_lib
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.models import decoder as decoder_lib
+from unclip_jax.models import pca_codec
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import upsampler as upsampler_lib
 from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion
@@ -102,6 +106,25 @@ def random_components(cascade: str = "test", seed: int = 0, super_res_last: bool
     return out
 
 
+def random_ar_prior(variant: str = "test", seed: int = 0, num_fit: int = 256, **overrides: Any) -> Component:
+    """A random-weight `ARPrior` of ``variant`` with a PCA codec fitted on ``num_fit`` random embeddings.
+
+    The embeddings have a decaying spectrum (so the PCA order is meaningful) and text embeddings correlated with them
+    (so the dot-product buckets span a range of cosines); the codec goes into ``variables['stats']``.
+    """
+    module = ar_prior_lib.build(variant, **overrides)
+    rng = np.random.default_rng(seed)
+    variables = random_variables(module, rng, **ar_prior_lib.example_inputs(module))
+    d = module.embedding_dim
+    image = rng.standard_normal((num_fit, d)) * np.geomspace(1.0, 0.05, d) + 0.1 * rng.standard_normal(d)
+    text = 0.5 * image + 0.5 * rng.standard_normal((num_fit, d)) * image.std(0)
+    codec = pca_codec.fit(
+        image, module.num_components, module.num_buckets, text_embeds=text, num_dot_buckets=module.num_dot_buckets
+    )
+    variables["stats"] = {k: np.asarray(v) for k, v in ar_prior_lib.codec_variables(codec).items()}
+    return Component(module, variables)
+
+
 def random_pipeline(cascade: str = "test", seed: int = 0, super_res_last: bool = True) -> UnclipPipeline:
     """An :class:`UnclipPipeline` of random components with the Karlo-default diffusions."""
     return UnclipPipeline(ClipTokenizer(pad_token="!"), **random_components(cascade, seed, super_res_last))
@@ -127,7 +150,7 @@ def save_native_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> Pat
         if comp is None:
             continue
         save_native(comp.module, comp.variables, folder / name)
-        if name in stage_of:
+        if name in stage_of and not isinstance(comp.module, ar_prior_lib.ARPrior):
             stage = stage_of[name]
             d = pipe.diffusions[stage]
             schedule = "linear" if stage == "upsampler_1024" else "cosine"
@@ -187,6 +210,7 @@ def save_diffusers_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> 
 __all__ = [
     "CASCADES",
     "default_diffusion",
+    "random_ar_prior",
     "random_components",
     "random_pipeline",
     "save_diffusers_pipeline",
