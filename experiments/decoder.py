@@ -5,9 +5,9 @@ embedding (4 extra context tokens + additive time embedding) and the caption; hy
 with learned-range variance (Improved DDPM); CLIP embedding dropped 10% (learned
 embedding) and caption dropped 50%, independently, for classifier-free guidance.
 
-Variants: test (16x16, pairs with clip ``test``), tiny (the CPU demo: decoder ``bench``
-size at 64x64, pairs with clip ``tiny``), bench, karlo (fine-tune Karlo's decoder),
-paper (appendix C table 3).
+Variants: test (16x16, pairs with clip ``test``), tiny (the CPU demo: the ``tiny`` decoder at
+32x32, pairs with ``experiments/clip.py:tiny``; the demo's upsampler takes it to 128x128),
+bench, karlo (fine-tune Karlo's decoder), paper (appendix C table 3).
 """
 
 from unclip_jax.train.defaults import apply_table3, base_config
@@ -32,7 +32,15 @@ def get_config(arg: str = "test"):
         c.diffusion.sample_steps = "unclip8"
         c.checkpoint.every = 10
         c.data.read_threads, c.data.prefetch_batches = 1, 0
-    elif arg in ("tiny", "bench"):
+    elif arg == "tiny":
+        c.model.variant = "tiny"
+        c.data.image_size = 32
+        c.batch_size, c.total_steps, c.log_every = 32, 400, 20
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-3, 40, "cosine"
+        c.ema.decay, c.ema.warmup = 0.995, True
+        c.diffusion.sample_steps = "unclip25"
+        c.checkpoint.every = 100
+    elif arg == "bench":
         c.model.variant = "bench"
         c.data.image_size = 64
         c.batch_size, c.total_steps, c.log_every = 32, 3000, 50

@@ -5,8 +5,8 @@ embeddings, caption dropped 10% for classifier-free guidance. ``data.folder`` is
 "embed" shard folder of :mod:`unclip_jax.input.precompute` (its ``image_embed_stats.npz``
 normalises the targets).
 
-Variants (``:arg``): test (seconds on CPU, pairs with clip ``test``), tiny (the CPU demo:
-prior ``bench`` size, pairs with clip ``tiny``), bench (throughput), karlo (fine-tune the
+Variants (``:arg``): test (seconds on CPU, pairs with clip ``test``), tiny (the CPU demo: the
+``tiny`` prior, pairs with ``experiments/clip.py:tiny``), bench (throughput), karlo (fine-tune the
 Karlo prior: CLIP ViT-L/14, the empty caption as null input), paper (appendix C table 3).
 """
 
@@ -34,7 +34,14 @@ def get_config(arg: str = "test"):
         c.diffusion.sample_steps = "unclip8"
         c.checkpoint.every = 10
         c.data.read_threads, c.data.prefetch_batches = 1, 0
-    elif arg in ("tiny", "bench"):
+    elif arg == "tiny":
+        c.model.variant = "tiny"
+        c.batch_size, c.total_steps, c.log_every = 64, 600, 25
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-3, 50, "cosine"
+        c.ema.decay, c.ema.warmup = 0.995, True
+        c.diffusion.sample_steps = "unclip25"
+        c.checkpoint.every = 200
+    elif arg == "bench":
         c.model.variant = "bench"
         c.batch_size, c.total_steps, c.log_every = 64, 3000, 50
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"

@@ -7,7 +7,8 @@ eps MSE. ``arg`` is a variant, optionally with ``_1024`` for the second stage:
 - stage 2 (256 -> 1024, ``experiments/upsampler_1024.py`` or ``:<variant>_1024``): BSR
   degradation, linear schedule, DDIM 15.
 
-Variants: test (tiny crops, seconds on CPU), tiny (the CPU demo), bench, karlo, paper.
+Variants: test (tiny crops, seconds on CPU), tiny (the CPU demo: 32 -> 128 on 32x32 crops, after the
+``tiny`` decoder's 32x32 output), bench, karlo, paper.
 """
 
 from unclip_jax.train.defaults import apply_table3, base_config
@@ -38,7 +39,14 @@ def get_config(arg: str = "test"):
         c.diffusion.sample_steps = "ddim5"
         c.checkpoint.every = 10
         c.data.read_threads, c.data.prefetch_batches = 1, 0
-    elif variant in ("tiny", "bench"):
+    elif variant == "tiny":
+        c.model.variant = "tiny"
+        c.data.target_size = 512 if stage2 else 128  # 32x32 crops of 8x8 low-res (x4, as in the paper)
+        c.batch_size, c.total_steps, c.log_every = 32, 300, 20
+        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-3, 30, "cosine"
+        c.ema.decay, c.ema.warmup = 0.995, True
+        c.checkpoint.every = 100
+    elif variant == "bench":
         c.model.variant = "bench"
         c.batch_size, c.total_steps, c.log_every = 16, 3000, 50
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"

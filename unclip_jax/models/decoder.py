@@ -56,6 +56,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
         clip_embeddings_dim=32,
         sample_size=16,
     ),
+    # The CPU demo (unclip_jax.demo, experiments/decoder.py:tiny): 32x32, block channels (16, 32, 64), attention at
+    # 8x8; pairs with the demo CLIP (experiments/clip.py:tiny: width 64). About 0.2 GFLOPs per image.
+    "tiny": dict(
+        model_channels=16,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_head_channels=32,
+        context_dim=64,
+        norm_num_groups=8,
+        clip_embeddings_dim=64,
+        sample_size=32,
+    ),
     # Benchmark size (64x64): block channels (64, 128, 192, 256), attention in the 3 inner levels.
     "bench": dict(
         model_channels=64,

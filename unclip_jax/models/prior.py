@@ -39,6 +39,9 @@ Dtype = Any
 VARIANTS: dict[str, dict[str, Any]] = {
     # Compiles and runs in seconds on CPU; pairs with clip.VARIANTS["test"] (projection 32, text width 32).
     "test": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32, num_embeddings=77),
+    # The CPU demo (unclip_jax.demo, experiments/prior.py:tiny): width 64, 3 blocks; pairs with the demo CLIP
+    # (experiments/clip.py:tiny: projection and text width 64).
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, embedding_dim=64, num_embeddings=77),
     # Benchmark size; pairs with clip.VARIANTS["tiny"] (projection and text width 256).
     "bench": dict(num_attention_heads=8, attention_head_dim=64, num_layers=6, embedding_dim=256, num_embeddings=77),
     # kakaobrain/karlo-v1-alpha prior (diffusers config), ~1B parameters.
