@@ -36,3 +36,17 @@ def test_overrides_reach_the_config():
     fv = main_lib.make_flags([*BASE, "--workdir=x", "--config.optim.lr=0.5", "--config.mesh.fsdp=2"])
     fv([*BASE, "--workdir=x", "--config.optim.lr=0.5", "--config.mesh.fsdp=2"])
     assert fv.config.optim.lr == 0.5 and fv.config.mesh.fsdp == 2 and fv.config.task.name == "prior"
+
+
+def test_help_lists_the_flags(capsys):
+    assert main_lib.main(["unclip train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "--mode" in out and "--config.<field>" in out
+
+
+@pytest.mark.parametrize("folder", ["", "missing"])
+def test_bad_data_folder_is_an_error_naming_it(folder, tmp_path, capsys):
+    path = "" if not folder else str(tmp_path / folder)
+    assert main_lib.main([*BASE, f"--workdir={tmp_path / 'wd'}", f"--config.data.folder={path}"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and ("config.data.folder" in err or path in err), err

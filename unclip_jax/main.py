@@ -16,8 +16,14 @@ the field. Multi-host: set ``--config.distributed.coordinator_address=HOST:PORT`
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+
+# TensorFlow (clu's summary writer, tensorflow-datasets) is only a data/metrics dependency here: keep its start-up
+# chatter out of training logs unless the user asks for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import flags
 from ml_collections import config_flags
@@ -53,6 +59,7 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("unclip_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
 
 
 def _explain(error: Exception, argv: list[str]) -> str:
@@ -77,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, 2 on a usage error, 1 on a non-finite loss.
     """
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + make_flags(argv[:1]).get_help())
+        print("  --config.<field>=value: override any field of the experiment's config (an unknown field is an error)")
+        return 0
     try:
         FLAGS = make_flags(argv)
         FLAGS(argv)
@@ -104,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         result = loop.train_and_evaluate(config, FLAGS.workdir)
     except parallel.MeshError as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        # Bad input (an empty or wrong data folder, a missing stats / codec file): the message names it. Set
+        # UNCLIP_TRACEBACK=1 to see where it was raised.
+        if os.environ.get("UNCLIP_TRACEBACK"):
+            raise
+        print(f"{argv[0]}: error: {e} (UNCLIP_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # metrics.NonFiniteLossError
         logging.getLogger("unclip_jax.train").error("%s", e)

@@ -175,7 +175,7 @@ def _resolve_prior_kind(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace, require: tuple[str, ...]):
-    from unclip_jax.pipeline.loading import load_pipeline
+    from unclip_jax.pipeline.loading import PipelineLoadError, load_pipeline
 
     kind = _resolve_prior_kind(args)
     paths = {comp: getattr(args, f"path_{comp}", None) for comp in _COMPONENT_FLAGS}
@@ -183,7 +183,10 @@ def _load(args: argparse.Namespace, require: tuple[str, ...]):
         raise SystemExit("unclip: give --model DIR or component paths (--prior, --decoder, ...)")
     require = require + (() if args.stop_after == "decoder" else ("super_res_first",))
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, paths=paths, require=require, prior_kind=kind)
+    try:
+        pipe = load_pipeline(args.model, paths=paths, require=require, prior_kind=kind)
+    except PipelineLoadError as e:  # names the component and the folders searched
+        raise SystemExit(f"unclip: {e}") from e
     loaded = [k for k, v in pipe.components.items() if v is not None]
     kind_note = f" (prior: {pipe.prior_kind})" if pipe.prior_kind else ""
     print(f"[unclip] loaded {', '.join(loaded)}{kind_note} in {time.perf_counter() - t0:.1f}s", flush=True)

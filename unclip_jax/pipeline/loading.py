@@ -38,6 +38,7 @@ from typing import Any
 
 from unclip_jax.convert import io
 from unclip_jax.convert.native import is_native, load_native
+from unclip_jax.convert.pipeline import NATIVE_FILES
 from unclip_jax.diffusion import GaussianDiffusion, get_named_beta_schedule
 from unclip_jax.input.tokenizer import EOT, ClipTokenizer
 from unclip_jax.models.ar_prior import ARPrior
@@ -83,6 +84,14 @@ AR_PRIOR_FOLDER = "ar_prior"  # model-folder subfolder tried first for prior_kin
 
 class PipelineLoadError(ValueError):
     """A component of the cascade is missing or unreadable (the message names it)."""
+
+
+def _is_two_tower_clip(folder: Path) -> bool:
+    """A transformers ``CLIPModel`` folder (both towers; ``model_type: clip``), whatever its name."""
+    try:
+        return json.loads((folder / io.CONFIG).read_text()).get("model_type") == "clip"
+    except (OSError, ValueError):
+        return folder.name == "clip"
 
 
 def _is_native(folder: Path) -> bool:
@@ -176,7 +185,7 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
                     return Component(module, dict(variables)), root
                 continue
             if (folder / io.CONFIG).is_file():
-                loader = _diffusers_loader("clip" if folder.name == "clip" else name)
+                loader = _diffusers_loader("clip" if _is_two_tower_clip(folder) else name)
                 module, variables = loader(folder)
                 return Component(module, dict(variables)), folder
         except io.ConversionError as e:
@@ -261,7 +270,9 @@ def find_diffusion(stage: str, component_folder: Path | None, model_dir: Path | 
     for p in places:
         if p.is_file():
             return diffusion_from_json(json.loads(p.read_text()), str(p))
-    roots = [r for r in (model_dir, component_folder.parent if component_folder else None) if r is not None]
+    roots = _with_native_files(
+        [r for r in (model_dir, component_folder.parent if component_folder else None) if r is not None]
+    )
     for root in roots:
         sched = _SCHEDULERS.get(stage)
         if sched and (root / sched / "scheduler_config.json").is_file():
@@ -270,10 +281,17 @@ def find_diffusion(stage: str, component_folder: Path | None, model_dir: Path | 
     return default_diffusion(stage)
 
 
+def _with_native_files(roots: Sequence[Path | None]) -> list[Path]:
+    """``roots`` followed by their ``files/`` folders: a native pipeline folder (``unclip convert import --component
+    pipeline``) keeps the diffusers scheduler and tokenizer files there."""
+    roots = [r for r in roots if r is not None]
+    return roots + [r / NATIVE_FILES for r in roots if (r / NATIVE_FILES).is_dir()]
+
+
 def load_tokenizer(model_dir: Path | None, text_encoder_folder: Path | None) -> ClipTokenizer:
     """CLIP BPE tokenizer; the pad token follows ``tokenizer/tokenizer_config.json`` when present (default "!")."""
     pad = "!"
-    for root in (model_dir, text_encoder_folder.parent if text_encoder_folder else None):
+    for root in _with_native_files([model_dir, text_encoder_folder.parent if text_encoder_folder else None]):
         cfg = root / "tokenizer" / "tokenizer_config.json" if root else None
         if cfg is not None and cfg.is_file():
             token = json.loads(cfg.read_text()).get("pad_token", "!")
