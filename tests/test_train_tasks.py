@@ -348,8 +348,10 @@ def test_clip_loss_is_symmetric_cross_entropy_with_a_learned_temperature():
     clip, 0 above it; and training moved s (so the temperature is learned)."""
     run = _run("clip")
     task, batch = run.task, run.batch
-    params = jax.device_get(run.state.params)
-    assert not np.array_equal(params["logit_scale"], run.before["logit_scale"])
+    # Training moved s (d loss / d s was not 0); the loss is checked on the initial params (after 50 steps the
+    # batch is memorised and the loss, ~1e-5, is below float32 resolution of the reference).
+    assert not np.array_equal(jax.device_get(run.state.params)["logit_scale"], run.before["logit_scale"])
+    params = run.before
 
     def loss_and_embeddings(p, s):
         t, v, _ = task.embeddings(p, batch)

@@ -173,3 +173,56 @@ def export_params(
     if jax.process_index() == 0:
         native.save_native(module, host, folder, variant=variant, extra_files=extra)
     return str(folder)
+
+
+def init_from_native(state: Any, shardings: Any, folder: str | os.PathLike) -> Any:
+    """``state`` with its params, EMA params and extra collections replaced by a native folder's variables.
+
+    The folder (``unclip convert import`` of Karlo weights, or a training ``export/ema``) must hold exactly the
+    tree of the task's model: every key and shape is checked, and the values are cast to the state's dtypes and
+    placed into the state's shardings (every process reads the folder; each keeps its own shards).
+
+    Raises:
+      ValueError: naming ``config.init_from``, the folder and the first missing/unexpected key or shape mismatch.
+    """
+    import flax.linen as nn
+
+    _, variables = native.load_native(folder)
+    variables = nn.unbox(dict(variables))
+    where = f"config.init_from={str(folder)!r}"
+    params = _checked_like(variables.get("params"), state.params, f"{where}: params")
+    extra = dict(state.extra)
+    for name, current in state.extra.items():
+        if name in variables:
+            extra[name] = _checked_like(variables[name], current, f"{where}: {name}")
+    params = _place(params, shardings.params)
+    return state.replace(
+        params=params,
+        ema_params=_place(jax.tree.map(np.asarray, params), shardings.ema_params),
+        extra=_place(extra, shardings.extra),
+    )
+
+
+def _checked_like(tree: Any, like: Any, where: str) -> Any:
+    from unclip_jax.convert.mapping import flatten, unflatten
+
+    if tree is None:
+        raise ValueError(f"{where}: missing")
+    got, want = flatten(tree), flatten(like)
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: keys differ from the model's: missing {['/'.join(k) for k in missing[:5]]}, "
+            f"unexpected {['/'.join(k) for k in unexpected[:5]]} (is it the same variant?)"
+        )
+    out = {}
+    for k, ref in want.items():
+        if tuple(got[k].shape) != tuple(ref.shape):
+            raise ValueError(f"{where}: {'/'.join(k)} has shape {tuple(got[k].shape)}, the model {tuple(ref.shape)}")
+        out[k] = np.asarray(jax.device_get(got[k])).astype(ref.dtype)
+    return unflatten(out)
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) -> global arrays with ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]), tree, shardings)

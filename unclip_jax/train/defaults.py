@@ -99,6 +99,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.data.prefetch_batches = 2
     c.data.worker_count = 0
 
+    # Fine-tuning: a native folder (``unclip convert import ...``, or another run's ``export/ema``) whose variables
+    # replace the fresh initialisation (params, EMA and e.g. the prior's stats) when a run starts without checkpoints.
+    c.init_from = ""
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
     c.checkpoint.keep = 3

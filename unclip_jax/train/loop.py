@@ -309,6 +309,9 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     else:
         state, shardings, _ = init_state(task, tx, init_rng, first, mesh, rules)
         start = 0
+        if config.get("init_from", ""):
+            state = ckpt_lib.init_from_native(state, shardings, config.init_from)
+            log.info("initialised params, EMA and %s from %s", sorted(state.extra), config.init_from)
         if primary:
             writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
 
