@@ -136,6 +136,37 @@ def test_cached_sampler_matches_full_reruns(setup):
     np.testing.assert_allclose(np.asarray(cached["image_embeds"]), pca_codec.decode(state, codes), atol=1e-4)
 
 
+def test_guide_is_cfg_on_log_probabilities():
+    """_guide: u + s (c - u) of the log-softmaxed (cond; uncond) halves; None leaves the logits alone."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2 * B, 11)) * 3
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    c, u = logp[:B], logp[B:]
+    for s in (0.0, 1.0, 3.0):
+        np.testing.assert_allclose(np.asarray(ar_prior._guide(jnp.asarray(logits), B, s)), u + s * (c - u), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ar_prior._guide(jnp.asarray(logits), B, None)), logits.astype(np.float32))
+    # s = 1 is the conditional distribution, s = 0 the unconditional one.
+    probs = lambda x: np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1))
+    np.testing.assert_allclose(probs(ar_prior._guide(jnp.asarray(logits), B, 1.0)), probs(logits[:B]), atol=1e-6)
+    np.testing.assert_allclose(probs(ar_prior._guide(jnp.asarray(logits), B, 0.0)), probs(logits[B:]), atol=1e-6)
+
+
+def test_guidance_scale_1_samples_the_conditional_model(setup):
+    """Same key: guidance_scale=1 (a [2B] cond/uncond batch) draws exactly the tokens of the unguided sampler; 3 not."""
+    module, variables, cond, _, _ = setup
+    kw = dict(temperature=0.9, top_k=12, top_p=0.95)
+
+    @jax.jit
+    def three(variables, rng):
+        run = lambda s: ar_prior.sample(module, variables, **cond, rng=rng, guidance_scale=s, **kw)
+        return run(None), run(1.0), run(3.0)
+
+    plain, one, strong = three(variables, jax.random.key(11))
+    np.testing.assert_array_equal(np.asarray(one["codes"]), np.asarray(plain["codes"]))
+    np.testing.assert_array_equal(np.asarray(one["dot_tokens"]), np.asarray(plain["dot_tokens"]))
+    assert not np.array_equal(np.asarray(strong["codes"]), np.asarray(plain["codes"]))
+
+
 def test_top_half_closed_form():
     p = jnp.asarray([0.1, 0.2, 0.3, 0.25, 0.15])  # cdf 0.1 0.3 0.6 ...: the median bucket is 2
     out = ar_prior.top_half(jnp.log(p))

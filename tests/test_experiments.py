@@ -9,12 +9,21 @@ import os
 import numpy as np
 import pytest
 
+from unclip_jax.models import pca_codec
 from unclip_jax.train.tasks import make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ("prior", "decoder", "upsampler", "upsampler_1024", "clip")
+FILES = ("prior", "ar_prior", "decoder", "upsampler", "upsampler_1024", "clip")
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
-MODEL_MODULE = {"prior": "prior", "decoder": "decoder", "upsampler": "upsampler", "clip": "clip"}
+# The AR prior has no `bench` variant (its throughput is not benchmarked against a PyTorch reference).
+FILE_VARIANTS = {"ar_prior": ("test", "tiny", "karlo", "paper")}
+MODEL_MODULE = {
+    "prior": "prior",
+    "ar_prior": "ar_prior",
+    "decoder": "decoder",
+    "upsampler": "upsampler",
+    "clip": "clip",
+}
 
 
 def load(name):
@@ -28,10 +37,21 @@ def load(name):
 def test_every_variant_builds_its_task(name, tmp_path):
     module = load(name)
     assert module.__doc__.lstrip().startswith(f"python -m unclip_jax.main --config=experiments/{name}.py:")
-    for variant in VARIANTS:
+    variants = FILE_VARIANTS.get(name, VARIANTS)
+    assert tuple(module.VARIANTS) == variants
+    for variant in variants:
         config = module.get_config(variant)
         models = importlib.import_module(f"unclip_jax.models.{MODEL_MODULE[config.task.name]}")
         assert config.model.variant in models.VARIANTS, (name, variant, config.model.variant)
+        if config.task.name == "ar_prior":
+            # The codec is fitted on the data before training; without a codec or data the error names the field.
+            with pytest.raises(ValueError, match=r"config\.task\.codec"):
+                make_task(config)
+            # A file of the variant's shapes stands in for the fitted codec.
+            m = models.VARIANTS[config.model.variant]
+            shapes = pca_codec.shapes(m["embedding_dim"], m["num_components"], m["num_buckets"], m["num_dot_buckets"])
+            config.task.codec = str(tmp_path / f"codec_{variant}.npz")
+            pca_codec.save(config.task.codec, {k: np.zeros(s) for k, s in shapes.items()})
         if config.task.name == "prior" and not config.model.overrides.learned_null_text:
             # Karlo's prior uses CLIP("") as the unconditional caption: the data folder provides it.
             with pytest.raises(ValueError, match="config.task.null_caption"):
@@ -47,7 +67,8 @@ def test_every_variant_builds_its_task(name, tmp_path):
         task = make_task(config)  # builds module + diffusion; no parameters are created
         assert task.name == config.task.name
         assert config.batch_size > 0 and config.total_steps > 0
-    with pytest.raises(ValueError, match=f"experiments/.*{name.split('_')[0]}.py"):
+    error_file = "upsampler" if name == "upsampler_1024" else name  # upsampler_1024.py wraps upsampler.py
+    with pytest.raises(ValueError, match=f"experiments/{error_file}.py:huge"):
         module.get_config("huge")
 
 
@@ -71,3 +92,14 @@ def test_paper_variant_carries_table_3(name, lr, b2, eps, wd, batch, steps, sche
         assert c.model.variant == ("paper_1024" if name.endswith("1024") else "paper")
     if name == "decoder":
         assert (c.diffusion.var_type, c.diffusion.loss_type) == ("learned_range", "hybrid")
+
+
+def test_ar_prior_paper_variant_carries_table_3():
+    """Appendix C table 3, AR prior column: lr 1.6e-4, betas (0.9, 0.91), eps 1e-10, weight decay 4e-2, EMA 0.999,
+    batch 4096, 1M iterations; guidance on for previews; caption dropped 10%."""
+    c = load("ar_prior").get_config("paper")
+    assert c.task.name == "ar_prior" and c.model.variant == "paper"
+    assert (c.optim.lr, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (1.6e-4, 0.9, 0.91, 1e-10, 4.0e-2)
+    assert (c.batch_size, c.total_steps, c.ema.decay) == (4096, 1_000_000, 0.999)
+    assert c.task.drop_text_prob == 0.1 and c.model.overrides.learned_null_text
+    assert c.task.guidance_scale > 0

@@ -95,21 +95,42 @@ def test_microbatches_interleave_rows_and_name_the_field():
         loop._microbatches({"x": jnp.asarray(x)}, 4)
 
 
+class _Recording(_Regression):
+    """Records the microbatch shapes it is traced with and logs a uniform draw of its key (``train/u``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def loss(self, params, batch, rng, extra):
+        self.shapes.append(batch["x"].shape)
+        loss, metrics = super().loss(params, batch, rng, extra)
+        return loss, {**metrics, "u": jax.random.uniform(rng)}
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_accumulated_step_equals_the_full_batch_step(k):
     """Mean of the microbatch gradients / metrics == full-batch gradient / metrics, so the update is the same.
 
     Adam normalises the gradient, so the params alone would not see a missing 1/k; the logged gradient norm and
-    loss do."""
+    loss do. The loss must really be called on k microbatches of B / k rows (else equality is trivial), each with
+    its own key ``fold_in(step key, j)``.
+    """
     cfg = _optim_cfg(grad_clip_norm=1.0, weight_decay=1e-2)  # clipping and decay see the accumulated gradient too
-    state0, full, batch, _ = _setup(cfg)
-    _, accum, _, _ = _setup(cfg, grad_accum_steps=k)
+    full_task, accum_task = _Recording(), _Recording()
+    state0, full, batch, _ = _setup(cfg, task=full_task)
+    _, accum, _, _ = _setup(cfg, task=accum_task, grad_accum_steps=k)
+    assert set(full_task.shapes) == {(B, D_IN)} and set(accum_task.shapes) == {(B // k, D_IN)}, accum_task.shapes
     ref_state, ref = full(jax.device_put(state0), batch)
     state, metrics = accum(jax.device_put(state0), batch)
     ref, metrics = jax.device_get(ref), jax.device_get(metrics)
     assert set(metrics) == set(ref)
     for key in ("train/loss", "train/abs_err", "train/grad_norm", "train/param_norm", "train/lr"):
         np.testing.assert_allclose(metrics[key], ref[key], rtol=1e-5, err_msg=key)
+    step_key = jax.random.fold_in(jax.random.PRNGKey(1), 0)  # base_rng, step 0
+    np.testing.assert_allclose(ref["train/u"], jax.random.uniform(step_key), rtol=1e-6)
+    want_u = np.mean([jax.random.uniform(jax.random.fold_in(step_key, j)) for j in range(k)])
+    np.testing.assert_allclose(metrics["train/u"], want_u, rtol=1e-6)
     # The gradient norm is well above the clip threshold and the step moved the params (no trivial equality).
     assert ref["train/grad_norm"] > 1.0
     for a, b, p0 in zip(_leaves(state.params), _leaves(ref_state.params), _leaves(state0.params), strict=True):
@@ -117,20 +138,6 @@ def test_accumulated_step_equals_the_full_batch_step(k):
         assert not np.allclose(a, p0)
     for a, b in zip(_leaves(state.opt_state), _leaves(ref_state.opt_state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
-
-
-def test_accumulation_splits_the_batch_into_k_loss_calls():
-    """The loss sees microbatches of B / k rows, each with its own key fold_in(step key, j)."""
-    seen = []
-
-    class Recording(_Regression):
-        def loss(self, params, batch, rng, extra):
-            seen.append((batch["x"].shape, rng))
-            return super().loss(params, batch, rng, extra)
-
-    _setup(_optim_cfg(), task=Recording(), grad_accum_steps=4)
-    shapes = {shape for shape, _ in seen}
-    assert shapes == {(B // 4, D_IN)}, shapes
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -204,8 +211,11 @@ def test_bfloat16_compute_keeps_float32_params_and_a_finite_loss():
     cond = task._inputs(batch)
     out = jax.eval_shape(
         lambda p: task.module.apply(
-            {"params": p, **state0.extra}, batch["image_embeds"], jnp.zeros((len(batch["image_embeds"]),), jnp.int32),
-            **cond, drop_text=jnp.zeros((len(batch["image_embeds"]),), bool)
+            {"params": p, **state0.extra},
+            batch["image_embeds"],
+            jnp.zeros((len(batch["image_embeds"]),), jnp.int32),
+            **cond,
+            drop_text=jnp.zeros((len(batch["image_embeds"]),), bool),
         ),
         state0.params,
     )

@@ -43,6 +43,7 @@ SPATIAL = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED)
 ATTENTION_NORM_EPS = 1e-5
 # Additive logit bias of masked context tokens (diffusers UNet2DConditionModel: (1 - mask) * -10000).
 MASK_BIAS = -10000.0
+_ATTN = ["new"]
 
 
 def constrain_spatial(x: jnp.ndarray) -> jnp.ndarray:
@@ -241,6 +242,43 @@ class ResBlock(nn.Module):
         return constrain_spatial(out)
 
 
+def _attend_fwd_impl(q, k, v, keep):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    logits = jnp.where(keep[:, None, None, :] > 0.5, logits, MASK_BIAS)
+    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v), p
+
+
+@jax.custom_vjp
+def _added_kv_attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
+    """softmax(q k^T, masked) v for pre-scaled ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D], ``keep`` [B, Lk]
+    (1 = attend, 0 = logit replaced by ``MASK_BIAS``); the softmax in float32.
+
+    Custom VJP: the backward keeps only the probabilities [B, H, Lq, Lk] (as torch's autograd does) instead
+    of the two logits-sized buffers per layer that XLA's autodiff of the fused softmax keeps alive.
+    """
+    return _attend_fwd_impl(q, k, v, keep)[0]
+
+
+def _added_kv_attend_fwd(q, k, v, keep):
+    out, p = _attend_fwd_impl(q, k, v, keep)
+    return out, (q, k, v, p, keep)
+
+
+def _added_kv_attend_bwd(res, g):
+    q, k, v, p, keep = res
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p, g).astype(v.dtype)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(jnp.float32)
+    p32 = p.astype(jnp.float32)
+    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k).astype(q.dtype)
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q).astype(k.dtype)
+    return dq, dk, dv, jnp.zeros_like(keep)
+
+
+_added_kv_attend.defvjp(_added_kv_attend_fwd, _added_kv_attend_bwd)
+
+
 class AddedKVAttention(nn.Module):
     """GLIDE attention over the image with the context as extra keys/values (diffusers ``AttnAddedKVProcessor``).
 
@@ -288,13 +326,26 @@ class AddedKVAttention(nn.Module):
         q = proj("to_q", h)
         k = jnp.concatenate([proj("add_k_proj", context), proj("to_k", h)], axis=1)
         v = jnp.concatenate([proj("add_v_proj", context), proj("to_v", h)], axis=1)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (self.head_dim**-0.5)
-        if context_mask is not None:
-            bias = jnp.where(context_mask.astype(bool), 0.0, MASK_BIAS).astype(jnp.float32)
-            bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))
-            logits = logits + bias[:, None, None, :]
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hh * ww, c)
+        if _ATTN[-1] == "old":
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (self.head_dim**-0.5)
+            if context_mask is not None:
+                bias = jnp.where(context_mask.astype(bool), 0.0, MASK_BIAS).astype(jnp.float32)
+                bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))
+                logits = logits + bias[:, None, None, :]
+        elif _ATTN[-1] == "cvjp":
+            keep = jnp.ones((b, k.shape[1]), jnp.float32)
+            if context_mask is not None:
+                keep = jnp.pad(context_mask.astype(jnp.float32), ((0, 0), (0, hh * ww)), constant_values=1.0)
+            out = _added_kv_attend(q * jnp.asarray(self.head_dim**-0.5, q.dtype), k, v, keep).reshape(b, hh * ww, c)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(self.head_dim**-0.5, q.dtype), k)
+            logits = logits.astype(jnp.float32)
+            if context_mask is not None:
+                keep = jnp.pad(context_mask.astype(bool), ((0, 0), (0, hh * ww)), constant_values=True)
+                logits = jnp.where(keep[:, None, None, :], logits, MASK_BIAS)
+        if _ATTN[-1] != "cvjp":
+            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hh * ww, c)
         out = nn.Dense(
             c,
             dtype=self.dtype,
