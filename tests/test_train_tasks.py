@@ -65,7 +65,7 @@ def _run(stage: str) -> Run:
     """STEPS train steps of the stage's `test` variant on its first real batch (BATCH rows), on one device.
 
     The step counter is reset to 0 before every step: the same timesteps / noise / dropouts every time, so the
-    losses are comparable. Mirrors ``loop.init_state`` / ``loop.compile_train_step`` with the :data:`FAST` option.
+    losses are comparable. ``loop.init_state`` / ``loop.compile_train_step`` with the :data:`FAST` compiler option.
     """
     config = data.experiment(stage, batch_size=BATCH)
     task = make_task(config)
@@ -74,23 +74,10 @@ def _run(stage: str) -> Run:
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     batch = parallel.global_batch(data.first_batch(config), mesh)
     rng = jax.random.PRNGKey(0)
-    init = loop.make_init_fn(task, tx)
-    _, shardings = parallel.abstract_init(init, rng, batch, mesh=mesh, rules=rules)
+    state, shardings, _ = loop.init_state(task, tx, rng, batch, mesh, rules, compiler_options=FAST)
     base_rng = jax.random.PRNGKey(1)
     step = loop.make_train_step(task, tx, schedule, base_rng=base_rng, ema_decay=0.9)
-    with parallel.mesh_context(mesh, rules):
-        init_jit = jax.jit(lambda r, b: nn.unbox(init(r, b)), out_shardings=shardings)
-        state = init_jit.lower(rng, batch).compile(FAST)(rng, batch)
-        compiled = (
-            jax.jit(
-                step,
-                in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                out_shardings=(shardings, parallel.replicated(mesh)),
-                donate_argnums=(0,),
-            )
-            .lower(state, batch)
-            .compile(FAST)
-        )
+    compiled = loop.compile_train_step(step, state, batch, shardings, mesh, rules, compiler_options=FAST)
     before = jax.device_get(state.params)
     losses, after_two = [], None
     for i in range(STEPS):

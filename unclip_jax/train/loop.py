@@ -117,8 +117,9 @@ def init_state(
     batch: Any,
     mesh: jax.sharding.Mesh,
     rules: Any,
+    compiler_options: dict[str, Any] | None = None,
 ) -> tuple[state_lib.TrainState, Any, Any]:
-    """Initialises the state directly into its shards.
+    """Initialises the state directly into its shards (``compiler_options`` as in :func:`compile_train_step`).
 
     Returns:
       (state, state shardings, abstract unboxed state).
@@ -126,7 +127,8 @@ def init_state(
     init = make_init_fn(task, tx)
     abstract, shardings = parallel.abstract_init(init, rng, batch, mesh=mesh, rules=rules)
     with parallel.mesh_context(mesh, rules):
-        state = jax.jit(lambda r, b: nn.unbox(init(r, b)), out_shardings=shardings)(rng, batch)
+        init_jit = jax.jit(lambda r, b: nn.unbox(init(r, b)), out_shardings=shardings)
+        state = init_jit.lower(rng, batch).compile(compiler_options)(rng, batch)
     return state, shardings, nn.unbox(abstract)
 
 
@@ -204,9 +206,18 @@ def make_train_step(
 
 
 def compile_train_step(
-    train_step: Callable, state: Any, batch: Any, state_shardings: Any, mesh: jax.sharding.Mesh, rules: Any
+    train_step: Callable,
+    state: Any,
+    batch: Any,
+    state_shardings: Any,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Any:
-    """``jit(train_step, in/out shardings, donate state).lower(...).compile()`` under the mesh rules."""
+    """``jit(train_step, in/out shardings, donate state).lower(...).compile()`` under the mesh rules.
+
+    ``compiler_options`` go to XLA (e.g. ``{"xla_backend_optimization_level": 0}`` for quick tests).
+    """
     jitted = jax.jit(
         train_step,
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
@@ -214,7 +225,7 @@ def compile_train_step(
         donate_argnums=(0,),
     )
     with parallel.mesh_context(mesh, rules):
-        return jitted.lower(state, batch).compile()
+        return jitted.lower(state, batch).compile(compiler_options)
 
 
 # ----------------------------------------------------------------------------- SIGTERM
