@@ -71,6 +71,7 @@ def _one_step(config, task, local_batch, mesh, rules, state=None):
     return initial, state, jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_same_step_on_every_mesh_as_on_one_device(prior_setup):
     config, task, batch = prior_setup
     initial, ref_state, ref_metrics = _one_step(

@@ -128,6 +128,7 @@ def test_straight_run_writes_metrics_checkpoints_previews_and_export(straight):
     assert not np.allclose(variables["params"]["proj_in"]["kernel"], params["proj_in"]["kernel"])  # EMA != params
 
 
+@pytest.mark.slow
 def test_sigkill_then_sigterm_then_resume_equals_straight_run(straight, tmp_path):
     config, straight_dir, straight_params = straight
     workdir = str(tmp_path / "run")
@@ -222,6 +223,7 @@ class _TwoHosts:
             it.set_state(s)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     steps = 4
     with socket.socket() as s:
