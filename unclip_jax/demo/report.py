@@ -19,8 +19,8 @@ from typing import Any
 
 LOSS_STAGES = ("clip", "prior", "decoder", "upsampler")
 IMAGES = (
-    ("samples/prompt_grid.png", "Prompt grid: the full cascade (CLIP text -> prior -> decoder -> upsampler, 256x256)"),
-    ("samples/prompt_grid_64.png", "The same samples at the decoder's 64x64 output"),
+    ("samples/prompt_grid.png", "Prompt grid: the full cascade (CLIP text -> prior -> decoder -> upsampler)"),
+    ("samples/prompt_grid_decoder.png", "The same samples at the decoder's output (before the upsampler)"),
     ("samples/variations.png", "Variations (section 3.1): DDIM inversion + decoding with eta = 1"),
     ("samples/interpolation.png", "Interpolation (section 3.2): slerp of CLIP image embeddings and latents"),
     ("samples/eval_examples.png", "Images generated for the metrics (validation captions)"),

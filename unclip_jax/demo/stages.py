@@ -57,7 +57,7 @@ class Profile:
     classifier_train: int  # training images of the attribute classifier
     n_eval: int  # generated images for the metrics (one per validation caption)
     grid_per_prompt: int
-    sample_steps: dict[str, int]  # cascade stage -> sampling steps
+    sample_settings: dict[str, dict[str, Any]]  # cascade stage -> StageSettings fields (steps, sampler, guidance)
     budget_s: dict[str, float]  # planned seconds per stage (the report compares)
 
 
@@ -72,7 +72,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         n_train=4_000,
-        n_val=512,
+        n_val=256,
         n_up=1_500,
         up_size=128,
         variant="tiny",
@@ -82,7 +82,11 @@ PROFILES: dict[str, Profile] = {
         classifier_train=3_000,
         n_eval=64,
         grid_per_prompt=4,
-        sample_steps={"prior": 25, "decoder": 25, "super_res": 7},
+        sample_settings={
+            "prior": dict(steps=25, guidance_scale=4.0),
+            "decoder": dict(steps=25, guidance_scale=3.0),
+            "super_res": dict(steps=7),
+        },
         budget_s={
             "data": 30,
             "clip": 90,
@@ -111,7 +115,7 @@ PROFILES: dict[str, Profile] = {
         classifier_train=128,
         n_eval=8,
         grid_per_prompt=1,
-        sample_steps={"prior": 3, "decoder": 3, "super_res": 2},
+        sample_settings={"prior": dict(steps=3), "decoder": dict(steps=3), "super_res": dict(steps=2)},
         budget_s={},
     ),
 }
@@ -403,11 +407,25 @@ def _pipeline(ctx: Context):
 def _settings(ctx: Context) -> dict[str, Any]:
     from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
 
-    return {k: dataclasses.replace(DEFAULT_SETTINGS[k], steps=v) for k, v in ctx.profile.sample_steps.items()}
+    return {k: dataclasses.replace(DEFAULT_SETTINGS[k], **v) for k, v in ctx.profile.sample_settings.items()}
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """``[N, h, w, 3]`` in [-1, 1] -> ``[N, size, size, 3]`` (bicubic, antialiased; the cascade's resize)."""
+    from unclip_jax.pipeline.cascade import resize
+
+    images = np.asarray(images, np.float32)
+    return images if images.shape[1] == size else np.asarray(resize(images, size))
+
+
+def _upscale(images: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour enlargement for display (pixels stay visible)."""
+    f = max(1, size // images.shape[1])
+    return np.repeat(np.repeat(np.asarray(images), f, axis=1), f, axis=2)
 
 
 def stage_sample(ctx: Context) -> dict[str, Any]:
-    """Prompt grid (full cascade), variations, interpolation, and one image per validation caption (decoder)."""
+    """Prompt grid, variations, interpolation (full cascade), and one image per validation caption (the metrics)."""
     from unclip_jax.pipeline import images as images_lib
     from unclip_jax.pipeline import manipulations
 
@@ -417,38 +435,43 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     out_dir = ctx.path("samples")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
+    shown = {
+        k: {f: v for f, v in dataclasses.asdict(s).items() if f in ("steps", "sampler", "guidance_scale")}
+        for k, s in settings.items()
+    }
 
     ctx.command(
-        f"unclip sample-like: UnclipPipeline(clip, prior, decoder, upsampler)({list(PROMPTS)}, "
-        f"num_images_per_prompt={p.grid_per_prompt}, steps={p.sample_steps}, seed=0)"
+        f"UnclipPipeline(clip, prior, decoder, upsampler)({list(PROMPTS)}, "
+        f"num_images_per_prompt={p.grid_per_prompt}, settings={shown}, seed=0)"
     )
     t = time.perf_counter()
     res = pipe(list(PROMPTS), seed=0, num_images_per_prompt=p.grid_per_prompt, settings=settings, progress=True)
     grid_s = time.perf_counter() - t
+    size = res["images"].shape[1]
     labels = [pr for pr in PROMPTS for _ in range(p.grid_per_prompt)]
     grid = images_lib.make_grid(res["images"], labels=labels, ncols=p.grid_per_prompt)
     images_lib.save_png(grid, out_dir / "prompt_grid.png")
-    low = images_lib.make_grid(res["decoder_images"], labels=labels, ncols=p.grid_per_prompt)
-    images_lib.save_png(low, out_dir / "prompt_grid_64.png")
-    files += ["samples/prompt_grid.png", "samples/prompt_grid_64.png"]
+    low = images_lib.make_grid(_upscale(res["decoder_images"], size), labels=labels, ncols=p.grid_per_prompt)
+    images_lib.save_png(low, out_dir / "prompt_grid_decoder.png")
+    files += ["samples/prompt_grid.png", "samples/prompt_grid_decoder.png"]
     ctx.log(f"  prompt grid: {len(labels)} images in {grid_s:.1f}s")
 
     val = _read_set(ctx, "val_64", max(p.n_eval, 2))
     real = val["images"].astype(np.float32) / 127.5 - 1.0
-    ctx.command("manipulations.variations(pipe, <validation image 0 / 1>, num=4, eta=1.0, stop_after='decoder')")
-    shown = manipulations.prepare_images(pipe, real[:2])  # the inputs at the decoder's resolution
+    inputs = _resize(real[:2], size)
+    ctx.command("manipulations.variations(pipe, <validation image 0 / 1>, num=4, eta=1.0)")
     var_rows = []
     for k in range(2):
-        v = manipulations.variations(pipe, real[k], num=4, eta=1.0, seed=k, settings=settings, stop_after="decoder")
-        var_rows.append(np.concatenate([shown[k : k + 1], v["images"]]))
+        v = manipulations.variations(pipe, real[k], num=4, eta=1.0, seed=k, settings=settings)
+        var_rows.append(np.concatenate([inputs[k : k + 1], v["images"]]))
     var_labels = (["input"] + [f"variation {i}" for i in range(1, 5)]) * 2
     images_lib.save_png(images_lib.make_grid(np.concatenate(var_rows), var_labels, ncols=5), out_dir / "variations.png")
     files.append("samples/variations.png")
     ctx.log("  variations done")
 
     ctx.command("manipulations.interpolate(pipe, <validation image 0>, <validation image 1>, num=5)")
-    it = manipulations.interpolate(pipe, real[0], real[1], num=5, settings=settings, stop_after="decoder")
-    row = np.concatenate([shown[:1], it["images"], shown[1:2]])
+    it = manipulations.interpolate(pipe, real[0], real[1], num=5, settings=settings)
+    row = np.concatenate([inputs[:1], it["images"], inputs[1:2]])
     images_lib.save_png(
         images_lib.make_grid(row, ["image A", *it["labels"], "image B"], ncols=len(row)), out_dir / "interpolation.png"
     )
@@ -456,13 +479,14 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     ctx.log("  interpolation done")
 
     captions = val["captions"][: p.n_eval]
-    ctx.command(
-        f"UnclipPipeline({p.n_eval} validation captions, stop_after='decoder', seed=1)  # images for the metrics"
-    )
-    gen = pipe(captions, seed=1, settings=settings, stop_after="decoder", progress=True)
-    gen_u8 = images_lib.to_uint8(gen["images"])
+    ctx.command(f"UnclipPipeline(...)({p.n_eval} validation captions, seed=1)  # the images the metrics read")
+    gen = pipe(captions, seed=1, settings=settings, progress=True)
+    gen_u8 = images_lib.to_uint8(_resize(gen["images"], 64))  # the validation images' size
     np.savez_compressed(out_dir / "eval_generated.npz", images=gen_u8, captions=np.asarray(captions))
-    images_lib.save_png(images_lib.make_grid(gen_u8[:16], labels=captions[:16], ncols=4), out_dir / "eval_examples.png")
+    images_lib.save_png(
+        images_lib.make_grid(images_lib.to_uint8(gen["images"][:16]), labels=captions[:16], ncols=4),
+        out_dir / "eval_examples.png",
+    )
     files += ["samples/eval_generated.npz", "samples/eval_examples.png"]
     return {"files": files, "grid_seconds": grid_s, "prompts": list(PROMPTS), "num_eval": len(captions)}
 

@@ -43,7 +43,6 @@ SPATIAL = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED)
 ATTENTION_NORM_EPS = 1e-5
 # Additive logit bias of masked context tokens (diffusers UNet2DConditionModel: (1 - mask) * -10000).
 MASK_BIAS = -10000.0
-_ATTN = ["new"]
 
 
 def constrain_spatial(x: jnp.ndarray) -> jnp.ndarray:
@@ -243,6 +242,7 @@ class ResBlock(nn.Module):
 
 
 def _attend_fwd_impl(q, k, v, keep):
+    """Forward of :func:`_added_kv_attend`: (output [B, Lq, H, D], probabilities [B, H, Lq, Lk])."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     logits = jnp.where(keep[:, None, None, :] > 0.5, logits, MASK_BIAS)
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -286,7 +286,10 @@ class AddedKVAttention(nn.Module):
     ``[add_k_proj(context); to_k(h)]`` / ``[add_v_proj(context); to_v(h)]`` (context first);
     logits scaled by ``head_dim ** -0.5`` and soft-maxed in float32; ``x + to_out(attn)``.
     The context is not normalised here (``cross_attention_norm`` None); padded context
-    tokens get the additive bias -10000 (diffusers' ``attention_mask`` handling).
+    tokens get the logit -10000 (diffusers adds -10000 to their logit: both give them
+    weight exactly 0 in float32, since the 1024+ spatial keys are never masked). ``q`` is
+    scaled before the dot (not the logits) and the core is :func:`_added_kv_attend`, whose
+    custom VJP keeps one probabilities tensor per layer (XLA:CPU autodiff kept two).
 
     Attributes:
       head_dim: channels per head (diffusers ``attention_head_dim``); heads = C // head_dim.
@@ -326,26 +329,11 @@ class AddedKVAttention(nn.Module):
         q = proj("to_q", h)
         k = jnp.concatenate([proj("add_k_proj", context), proj("to_k", h)], axis=1)
         v = jnp.concatenate([proj("add_v_proj", context), proj("to_v", h)], axis=1)
-        if _ATTN[-1] == "old":
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (self.head_dim**-0.5)
-            if context_mask is not None:
-                bias = jnp.where(context_mask.astype(bool), 0.0, MASK_BIAS).astype(jnp.float32)
-                bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))
-                logits = logits + bias[:, None, None, :]
-        elif _ATTN[-1] == "cvjp":
-            keep = jnp.ones((b, k.shape[1]), jnp.float32)
-            if context_mask is not None:
-                keep = jnp.pad(context_mask.astype(jnp.float32), ((0, 0), (0, hh * ww)), constant_values=1.0)
-            out = _added_kv_attend(q * jnp.asarray(self.head_dim**-0.5, q.dtype), k, v, keep).reshape(b, hh * ww, c)
-        else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(self.head_dim**-0.5, q.dtype), k)
-            logits = logits.astype(jnp.float32)
-            if context_mask is not None:
-                keep = jnp.pad(context_mask.astype(bool), ((0, 0), (0, hh * ww)), constant_values=True)
-                logits = jnp.where(keep[:, None, None, :], logits, MASK_BIAS)
-        if _ATTN[-1] != "cvjp":
-            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hh * ww, c)
+        # Scale q (not the logits) and mask with a select: no logits-sized broadcast operands for XLA's fused dot.
+        keep = jnp.ones((b, k.shape[1]), jnp.float32)
+        if context_mask is not None:
+            keep = jnp.pad(context_mask.astype(jnp.float32), ((0, 0), (0, hh * ww)), constant_values=1.0)
+        out = _added_kv_attend(q * jnp.asarray(self.head_dim**-0.5, q.dtype), k, v, keep).reshape(b, hh * ww, c)
         out = nn.Dense(
             c,
             dtype=self.dtype,

@@ -60,8 +60,11 @@ class DecoderTask:
         sample_steps: str = "unclip25",
         null_caption: dict[str, np.ndarray] | None = None,
     ):
-        if diffusion.model_mean_type != "epsilon":
-            raise ValueError(f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the decoder predicts epsilon")
+        if diffusion.model_mean_type not in ("epsilon", "v"):
+            raise ValueError(
+                f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the decoder predicts epsilon "
+                "(the paper, Karlo) or v (small models trained briefly, e.g. the CPU demo)"
+            )
         if (module.out_channels == 2 * module.in_channels) != diffusion.learned_variance:
             raise ValueError(
                 f"config.diffusion.var_type={diffusion.model_var_type!r} does not fit the decoder's "
