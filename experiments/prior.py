@@ -36,7 +36,7 @@ def get_config(arg: str = "test"):
         c.data.read_threads, c.data.prefetch_batches = 1, 0
     elif arg == "tiny":
         c.model.variant = "tiny"
-        c.batch_size, c.total_steps, c.log_every = 64, 600, 25
+        c.batch_size, c.total_steps, c.log_every = 64, 250, 25
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-3, 50, "cosine"
         c.ema.decay, c.ema.warmup = 0.995, True
         c.diffusion.sample_steps = "unclip25"

@@ -1,10 +1,13 @@
-"""The demo's resume logic (done markers) and its HTML report, on small work directories made by real code."""
+"""The demo: resume logic (done markers), the HTML report, and one end-to-end ``--fast`` run (every stage)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import math
+import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -194,3 +197,80 @@ def test_loss_plot_reads_metrics_rows(fake_workdir):
     assert report.loss_plot([{"step": 1, "train/lr": 0.1}], "none") is None
     json.dumps(rows)
     assert np.isfinite(rows[0]["train/loss"])
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _cheap_fid_features(ctx):
+    """Stands in for Inception (minutes on a CPU; its own tests are in test_fid / test_inception): 4x4 colour means."""
+
+    def feats(x, name):
+        x = np.asarray(x, np.float32) / 255.0
+        n, h, w, _ = x.shape
+        return x.reshape(n, 4, h // 4, 4, w // 4, 3).mean((2, 4)).reshape(n, -1)
+
+    return feats
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """``python -m unclip_jax.demo --fast`` in process (Inception replaced), then the same command again."""
+    from unclip_jax.demo import __main__ as demo_main
+
+    wd = tmp_path_factory.mktemp("demo_fast") / "wd"
+    outs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages, "fid_features", _cheap_fid_features)
+        for _ in range(2):
+            buf = io.StringIO()
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(buf):
+                code = demo_main.main([f"--workdir={wd}", "--fast"])
+            outs.append((code, buf.getvalue(), time.perf_counter() - t))
+    return wd, outs
+
+
+@pytest.mark.slow
+def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
+    wd, [(code, out, _), _] = fast_run
+    assert code == 0
+    report_path = out.strip().splitlines()[-1]
+    assert report_path == str((wd / "report.html").resolve())
+    for st in stages.stages():
+        assert stages.read_marker(wd, st.name) is not None, st.name
+    # the train stages went through unclip_jax.main with the experiment files and exported EMA weights
+    for name in ("clip", "prior", "decoder", "upsampler"):
+        m = stages.read_marker(wd, name)
+        assert m["commands"][0].startswith(f"python -m unclip_jax.main --config=experiments/{name}.py:test ")
+        assert (wd / m["outputs"]["export"] / "config.json").is_file()
+        assert m["outputs"]["steps"] == 2 and math.isfinite(m["outputs"]["final_loss"])
+    assert "[decoder] step 2/2" in out  # progress lines of the train loop
+    ev = stages.read_marker(wd, "evaluate")["outputs"]
+    for k in ("colour", "shape", "size", "count"):
+        assert 0 <= ev["attributes_generated"][k]["correct"] <= ev["attributes_generated"][k]["total"]
+    assert ev["attributes_generated"]["colour"]["total"] > 0
+    assert math.isfinite(ev["fid_generated"]) and math.isfinite(ev["clip_score_generated"]["clip_score_raw"])
+    with np.load(wd / "samples" / "eval_generated.npz") as z:
+        assert z["images"].shape == (stages.PROFILES["fast"].n_eval, 64, 64, 3) and z["images"].dtype == np.uint8
+
+    text = (wd / "report.html").read_text()
+    p = _Collect()
+    p.feed(text)
+    body = " ".join(p.text)
+    # 5 sample figures + 4 training curves + the classifier's curve
+    assert len(p.imgs) == len(report.IMAGES) + len(report.LOSS_STAGES) + 1
+    assert "not run" not in body
+    assert "python -m unclip_jax.main --config=experiments/decoder.py:test" in body
+    assert "Attribute accuracy" in body and "FID" in body
+
+
+@pytest.mark.slow
+def test_fast_run_resumes_instead_of_starting_over(fast_run):
+    wd, [(_, _, first_s), (code, out, second_s)] = fast_run
+    assert code == 0
+    assert out.count("skipping") == len(stages.stages())
+    assert "$ python -m unclip_jax.main" not in out  # nothing trained again
+    assert second_s < first_s / 3
+    # a work directory of one profile refuses the other
+    from unclip_jax.demo import __main__ as demo_main
+
+    assert demo_main.main([f"--workdir={wd}"]) == 2

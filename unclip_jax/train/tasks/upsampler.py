@@ -42,9 +42,10 @@ class UpsamplerTask:
         *,
         sample_steps: str = "ddim27",
     ):
-        if diffusion.model_mean_type != "epsilon" or diffusion.learned_variance:
+        if diffusion.model_mean_type not in ("epsilon", "v") or diffusion.learned_variance:
             raise ValueError(
-                "config.diffusion: the upsampler predicts epsilon with a fixed variance "
+                "config.diffusion: the upsampler predicts epsilon (or v, for small briefly trained models) with a "
+                "fixed variance "
                 f"(got mean_type={diffusion.model_mean_type!r}, var_type={diffusion.model_var_type!r})"
             )
         self.module = module
