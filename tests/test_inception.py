@@ -214,17 +214,7 @@ def test_reader_refuses_arbitrary_globals(tmp_path):
 def test_sharded_features_equal_unsharded():
     model = inc.build("test")
     images = natural_images(3, 6, 48)  # 6 rows on 8 devices: padded to 8, trimmed back
-    # Random parameters of the right shapes without compiling init (BN stats kept well conditioned).
-    rng = np.random.default_rng(0)
-
-    def rand(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
-        lo, hi = (0.5, 1.5) if name == "var" else (-0.1, 0.1)
-        return rng.uniform(lo, hi, leaf.shape).astype(np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(rand, nn.meta.unbox(inc.abstract_params(model)))
+    variables = inc.random_variables(model, seed=0)  # no init compile; BN stats well conditioned
     want = np.asarray(jax.jit(model.apply)(variables, images))
     mesh = jax.make_mesh((8,), ("data",))
     fn = inc.make_sharded_features(model, variables, mesh)

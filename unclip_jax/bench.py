@@ -257,25 +257,16 @@ def job_train_jax(stage: str, workdir: Path, repeats: int, conv_impl: str = "lax
     ``conv_impl`` is the default of `unclip_jax.layers.conv.Conv` while tracing (the U-Nets' convs): ``lax``,
     the library default (faster than ``custom_vjp`` on jaxlib 0.10.2's YNNPACK convolutions).
     """
-    import flax.linen as nn
     import jax
     import numpy as np
 
     from unclip_jax.layers.conv import default_impl
-    from unclip_jax.train import loop, optim
-    from unclip_jax.train.tasks import make_task
 
-    config = _stage_config(stage, workdir)
-    task = make_task(config)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    batch = _stage_batch(stage, task.module)
-    init = loop.make_init_fn(task, tx)
-    state = jax.jit(lambda r, b: nn.unbox(init(r, b)))(jax.random.PRNGKey(0), batch)
+    task, batch, state, step = _train_setup(stage, workdir)
     variables = {"params": state.params, **state.extra}
     n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
     if not (workdir / stage).exists():
         _save_weights(stage, task.module, jax.device_get(variables), workdir / stage)
-    step = loop.make_train_step(task, tx, schedule, base_rng=jax.random.PRNGKey(1), ema_decay=config.ema.decay)
     t0 = time.perf_counter()
     with default_impl(conv_impl):
         compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
@@ -307,13 +298,11 @@ def job_train_jax(stage: str, workdir: Path, repeats: int, conv_impl: str = "lax
     }
 
 
-def job_train_ab(stage: str, workdir: Path, repeats: int) -> dict[str, Any]:
-    """A/B of the U-Nets' convolutions in one process: the same train step traced with ``lax`` and with
-    ``custom_vjp`` convs (`unclip_jax.layers.conv.default_impl`), timed interleaved so load drift hits both."""
+def _train_setup(stage: str, workdir: Path) -> tuple[Any, Any, Any, Callable]:
+    """(task, batch, initial state, the loop's train_step) of a stage's ``bench`` experiment."""
     import flax.linen as nn
     import jax
 
-    from unclip_jax.layers.conv import default_impl
     from unclip_jax.train import loop, optim
     from unclip_jax.train.tasks import make_task
 
@@ -324,6 +313,17 @@ def job_train_ab(stage: str, workdir: Path, repeats: int) -> dict[str, Any]:
     init = loop.make_init_fn(task, tx)
     state = jax.jit(lambda r, b: nn.unbox(init(r, b)))(jax.random.PRNGKey(0), batch)
     step = loop.make_train_step(task, tx, schedule, base_rng=jax.random.PRNGKey(1), ema_decay=config.ema.decay)
+    return task, batch, state, step
+
+
+def job_train_ab(stage: str, workdir: Path, repeats: int) -> dict[str, Any]:
+    """A/B of the U-Nets' convolutions in one process: the same train step traced with ``lax`` and with
+    ``custom_vjp`` convs (`unclip_jax.layers.conv.default_impl`), timed interleaved so load drift hits both."""
+    import jax
+
+    from unclip_jax.layers.conv import default_impl
+
+    task, batch, state, step = _train_setup(stage, workdir)
     out: dict[str, Any] = {}
     fns = {}
     for impl in ("lax", "custom_vjp"):

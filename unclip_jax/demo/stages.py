@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from unclip_jax.evaluate.protocol import json_default
+
 REPO = Path(__file__).resolve().parents[2]
 MARKERS = "stages"
 PROMPTS = (
@@ -169,19 +171,9 @@ def write_marker(workdir: str | os.PathLike, name: str, marker: dict[str, Any]) 
     p = marker_path(workdir, name)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(marker, indent=1, default=_json_default))
+    tmp.write_text(json.dumps(marker, indent=1, default=json_default))
     os.replace(tmp, p)
     return p
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
 def run_stages(ctx: Context, stages: list[Stage]) -> dict[str, dict[str, Any]]:

@@ -222,11 +222,12 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
     os.replace(tmp, path)
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy values, paths and dataclasses (reports, run files)."""
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):
@@ -239,7 +240,7 @@ def _json_default(x: Any) -> Any:
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
 
 
 def _check_or_write_identity(path: Path, identity: dict[str, Any], what: str) -> None:
@@ -707,8 +708,6 @@ def inception_instrument(
     Returns:
         ``(features_fn, identity)``; ``features_fn``: uint8 ``[B, H, W, 3]`` -> float32 ``[B, D]``.
     """
-    import flax.linen as nn
-    import jax
 
     from unclip_jax.models import inception as inception_lib
 
@@ -729,16 +728,7 @@ def inception_instrument(
     elif variant == "test":
         # Random numpy parameters of the right shapes: compiling Inception's init costs minutes on CPU.
         model = inception_lib.build("test")
-        rng = np.random.default_rng(seed)
-
-        def rand(path, leaf):
-            name = path[-1].key
-            if name == "kernel":
-                return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
-            lo, hi = (0.5, 1.5) if name == "var" else (-0.1, 0.1)
-            return rng.uniform(lo, hi, leaf.shape).astype(np.float32)
-
-        variables = jax.tree_util.tree_map_with_path(rand, nn.meta.unbox(inception_lib.abstract_params(model)))
+        variables = inception_lib.random_variables(model, seed)
         identity = {"variant": "test", "weights": f"random, numpy seed {seed} (NOT the FID Inception)"}
     else:
         raise ValueError(f"inception variant {variant!r}: expected 'fid_helper', 'pytorch_fid' or 'test'")

@@ -469,6 +469,24 @@ def abstract_params(model: InceptionV3, batch: int = 1) -> Any:
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype), method="features"))
 
 
+def random_variables(model: InceptionV3, seed: int = 0) -> Any:
+    """Random numpy variables of ``model``'s shapes, without compiling ``init`` (minutes on CPU).
+
+    Kernels ~ N(0, 1/fan_in), batch-norm variances in [0.5, 1.5] and other leaves in [-0.1, 0.1], so the
+    activations stay well conditioned: a stand-in for the FID weights in tests and smoke runs.
+    """
+    rng = np.random.default_rng(seed)
+
+    def rand(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
+        lo, hi = (0.5, 1.5) if name == "var" else (-0.1, 0.1)
+        return rng.uniform(lo, hi, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(rand, nn.meta.unbox(abstract_params(model)))
+
+
 def param_sharding(boxed: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     """``NamedSharding`` for every parameter of a boxed (``nn.Partitioned``) tree.
 

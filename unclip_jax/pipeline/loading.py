@@ -94,10 +94,6 @@ def _is_two_tower_clip(folder: Path) -> bool:
         return folder.name == "clip"
 
 
-def _is_native(folder: Path) -> bool:
-    return is_native(folder)
-
-
 def workdir_export(folder: str | os.PathLike) -> Path | None:
     """The params-only export of a training workdir: ``export/ema`` or the newest ``export/ema_<step>``."""
     export = Path(folder) / "export"
@@ -171,7 +167,7 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
             continue
         searched.append(folder)
         try:
-            if _is_native(folder):
+            if is_native(folder):
                 module, variables = load_native(folder)
                 _check_type(name, module, folder)
                 return Component(module, dict(variables)), folder
