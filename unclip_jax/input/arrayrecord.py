@@ -23,12 +23,19 @@ import io
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.array_record$")
 MANIFEST = "manifest.json"
+
+
+# numpy parses each array's header with ``ast.literal_eval``; CPython < 3.11.9 / 3.12.1 can raise "SystemError: AST
+# constructor recursion depth mismatch" when threads do that concurrently (CPython gh-106905), which the reader
+# threads of the input pipelines do. Decoding is cheap next to the rest of a record's preprocessing.
+_NPY_PARSE_LOCK = threading.Lock()
 
 
 def encode_record(example: dict[str, object]) -> bytes:
@@ -51,7 +58,7 @@ def encode_record(example: dict[str, object]) -> bytes:
 def decode_record(data: bytes) -> dict[str, object]:
     """Inverse of :func:`encode_record`: str fields come back as ``str``, bytes as ``bytes``."""
     out: dict[str, object] = {}
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    with _NPY_PARSE_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
         for k in z.files:
             v = z[k]
             if k.endswith(":bytes"):
