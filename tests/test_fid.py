@@ -47,6 +47,27 @@ def test_frechet_distance_matches_pytorch_fid_formula(d, n):
     assert abs(got - want) <= 1e-6 * abs(want)
 
 
+@pytest.mark.parametrize("d,n1,n2", [(96, 40, 30), (24, 300, 200)])  # rank-deficient, and full rank
+def test_low_rank_frechet_distance_equals_sqrtm(d, n1, n2):
+    rng = np.random.default_rng(n1)
+    mix = rng.normal(size=(d, d)) * 0.3
+    f1 = rng.normal(size=(n1, d)) @ mix + 0.2
+    f2 = rng.normal(size=(n2, d)) @ mix * 1.3
+    want = _pytorch_fid_formula(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    got = fid.frechet_distance_low_rank(f1, f2)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert fid.fid_from_features(f1, f2, method="low_rank") == got
+    assert fid.fid_from_features(f1, f2, method="sqrtm") == pytest.approx(want, rel=1e-6)
+    # "auto" takes the low-rank route exactly when both sets are smaller than the feature dimension.
+    auto = fid.fid_from_features(f1, f2)
+    assert auto == (got if max(n1, n2) < d else fid.fid_from_features(f1, f2, method="sqrtm"))
+    assert fid.frechet_distance_low_rank(f1, f1) == pytest.approx(0.0, abs=1e-8 * want)
+    with pytest.raises(ValueError, match="method"):
+        fid.fid_from_features(f1, f2, method="eig")
+    with pytest.raises(ValueError, match=r"\[N >= 2, D\]"):
+        fid.frechet_distance_low_rank(f1, f2[:, :-1])
+
+
 def test_frechet_distance_shape_errors():
     with pytest.raises(ValueError, match="different lengths"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -252,3 +253,33 @@ def test_timestep_samplers():
     ts, ws = jax.jit(importance_sample, static_argnums=2)(jax.random.key(1), state, 20_000)
     np.testing.assert_allclose(np.bincount(np.asarray(ts), minlength=4) / 20_000, p, atol=0.02)
     np.testing.assert_allclose(np.asarray(ws), 1 / (4 * p[np.asarray(ts)]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mean_type", ["epsilon", "x_start", "v"])
+def test_min_snr_gamma_weights_the_x0_error_by_min_snr(mean_type):
+    # Hang et al. 2023 eq. 8: whatever the parameterisation, the weighted loss is min(SNR_t, gamma) ||x0_hat - x0||^2.
+    gamma = 5.0
+    d = GaussianDiffusion(BETAS, model_mean_type=mean_type, model_var_type="fixed_small", snr_gamma=gamma)
+    rng = np.random.default_rng(7)
+    x0 = rng.uniform(-1, 1, size=(4, 8))
+    noise = rng.normal(size=(4, 8))
+    out = rng.normal(size=(4, 8))
+    t = np.array([3, 200, 600, 990])  # SNR above and below gamma
+    a = np.array([_abar(BETAS, i) for i in t])[:, None]
+    xt = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    x0_hat = {
+        "epsilon": (xt - np.sqrt(1 - a) * out) / np.sqrt(a),
+        "x_start": out,
+        "v": np.sqrt(a) * xt - np.sqrt(1 - a) * out,
+    }[mean_type]
+    snr = (a / (1 - a))[:, 0]
+    assert snr.max() > gamma > snr.min()
+    expected = np.minimum(snr, gamma) * ((x0_hat - x0) ** 2).mean(axis=1)
+    got = _losses(d, out, x0, jnp.asarray(t), noise)
+    np.testing.assert_allclose(np.asarray(got["loss"]), expected, rtol=1e-4)
+    # "mse" stays the unweighted error of the parameterisation (what the logs compare across runs).
+    unweighted = _losses(dataclasses.replace(d, snr_gamma=None), out, x0, jnp.asarray(t), noise)
+    np.testing.assert_allclose(np.asarray(got["mse"]), np.asarray(unweighted["mse"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(unweighted["loss"]), np.asarray(unweighted["mse"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        GaussianDiffusion(BETAS, snr_gamma=0.0)

@@ -112,6 +112,9 @@ class GaussianDiffusion:
             (Karlo: 5.0 for the prior, 1.0 for decoder and upsamplers.)
         vlb_weight: lambda of L_hybrid (Improved DDPM Sec. 3.1, 0.001).
         timestep_map: for a respaced diffusion, the original timestep of each table index (``None``: identity).
+        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+            Weighting Strategy"; diffusers' ``snr_gamma``): the MSE term of each example is multiplied by
+            `min_snr_weight` (``None``: unweighted L_simple). Applies to the training loss only.
     """
 
     betas: np.ndarray
@@ -121,6 +124,7 @@ class GaussianDiffusion:
     clip_denoised: float | None = 1.0
     vlb_weight: float = 0.001
     timestep_map: tuple[int, ...] | None = None
+    snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("model_mean_type", self.model_mean_type, MEAN_TYPES)
@@ -135,6 +139,8 @@ class GaussianDiffusion:
             raise ValueError(
                 f"GaussianDiffusion.clip_denoised must be a positive range or None, got {self.clip_denoised}"
             )
+        if self.snr_gamma is not None and not float(self.snr_gamma) > 0:
+            raise ValueError(f"GaussianDiffusion.snr_gamma must be positive or None, got {self.snr_gamma}")
         betas = np.array(self.betas, dtype=np.float64).reshape(-1)
         if betas.size == 0 or not (np.all(betas > 0) and np.all(betas <= 1)):
             raise ValueError("GaussianDiffusion.betas must be a non-empty 1-D array with values in (0, 1]")
@@ -173,6 +179,7 @@ class GaussianDiffusion:
                 log_betas=np.log(betas),
                 fixed_large_variance=np.append(first, betas[1:]),
                 timestep_map_array=np.asarray(tmap, dtype=np.int32),
+                snr=alphas_cumprod / (1.0 - alphas_cumprod),
             )
         for name, table in tables.items():
             table.setflags(write=False)
@@ -188,6 +195,7 @@ class GaussianDiffusion:
             None if self.clip_denoised is None else float(self.clip_denoised),
             float(self.vlb_weight),
             self.timestep_map,
+            None if self.snr_gamma is None else float(self.snr_gamma),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -210,6 +218,25 @@ class GaussianDiffusion:
     @property
     def learned_variance(self) -> bool:
         return self.model_var_type == "learned_range"
+
+    def min_snr_weight(self, t: jax.Array) -> jax.Array:
+        """Min-SNR-gamma weight of the MSE term at table indices ``t`` (float32 ``[B]``; ones without ``snr_gamma``).
+
+        With SNR_t = abar_t / (1 - abar_t) the weight on the x_0 error is ``min(SNR_t, gamma)`` (Hang et al. 2023,
+        eq. 8); expressed on the error of this object's parameterisation it is ``min(SNR, gamma) / SNR`` for epsilon,
+        ``min(SNR, gamma)`` for x_start and ``min(SNR, gamma) / (SNR + 1)`` for v, as in diffusers'
+        ``train_text_to_image.py`` (``compute_snr``).
+        """
+        t = jnp.asarray(t)
+        if self.snr_gamma is None:
+            return jnp.ones(t.shape, jnp.float32)
+        snr = jnp.asarray(self.snr, jnp.float32)[t]
+        clipped = jnp.minimum(snr, jnp.float32(self.snr_gamma))
+        if self.model_mean_type == "epsilon":
+            return clipped / snr
+        if self.model_mean_type == "x_start":
+            return clipped
+        return clipped / (snr + 1.0)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -441,5 +468,6 @@ class GaussianDiffusion:
         vb = self.vb_terms_bpd(frozen.astype(jnp.float32), x_start.astype(jnp.float32), x_t.astype(jnp.float32), t)[
             "output"
         ]
-        loss = mse + self.vlb_weight * self.num_timesteps * vb if self.loss_type == "hybrid" else mse
+        weighted = mse * self.min_snr_weight(t) if self.snr_gamma is not None else mse
+        loss = weighted + self.vlb_weight * self.num_timesteps * vb if self.loss_type == "hybrid" else weighted
         return dict(loss=loss, mse=mse, vb=vb, x_t=x_t, model_output=model_output)

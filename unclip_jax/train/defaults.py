@@ -51,6 +51,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.diffusion.loss_type = "mse"
     c.diffusion.clip_denoised = 1.0  # <= 0: no clipping
     c.diffusion.vlb_weight = 0.001
+    c.diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # Min-SNR-gamma weighting (None: off)
     c.diffusion.sample_steps = "unclip25"  # previews
 
     # unclip_jax.train.optim

@@ -85,6 +85,7 @@ def make_diffusion(diff_cfg: Any) -> GaussianDiffusion:
         loss_type=diff_cfg.get("loss_type", "mse"),
         clip_denoised=None if clip is None or clip <= 0 else float(clip),
         vlb_weight=float(diff_cfg.get("vlb_weight", 0.001)),
+        snr_gamma=None if diff_cfg.get("snr_gamma", None) is None else float(diff_cfg.snr_gamma),
     )
 
 
