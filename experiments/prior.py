@@ -36,11 +36,11 @@ def get_config(arg: str = "test"):
         c.data.read_threads, c.data.prefetch_batches = 1, 0
     elif arg == "tiny":
         c.model.variant = "tiny"
-        c.batch_size, c.total_steps, c.log_every = 64, 250, 25
+        c.batch_size, c.total_steps, c.log_every = 64, 750, 25
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-3, 50, "cosine"
         c.ema.decay, c.ema.warmup = 0.995, True
         c.diffusion.sample_steps = "unclip25"
-        c.checkpoint.every = 200
+        c.checkpoint.every = 250
     elif arg == "bench":
         c.model.variant = "bench"
         c.batch_size, c.total_steps, c.log_every = 64, 3000, 50

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,6 +325,57 @@ def test_model_zoo_lists_every_experiment_variant():
     for path in sorted((ROOT / "experiments").glob("*.py")):
         for variant in _experiment(path.stem).VARIANTS:
             assert f"`experiments/{path.stem}.py:{variant}`" in zoo, f"{path.stem}:{variant} missing from the zoo"
+
+
+def _zoo_count(config: Any) -> int:
+    """Parameters of an experiment's model (``jax.eval_shape`` of init with the experiment's model overrides)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax.train.tasks.base import model_kwargs
+
+    kind = config.task.name
+    models = importlib.import_module(f"unclip_jax.models.{kind}")
+    kw = model_kwargs(config.model)
+    m = models.build(config.model.variant, **{k: v for k, v in kw.items() if k != "remat"})
+    if kind in ("prior", "ar_prior"):
+        args, kwargs = (), models.example_inputs(m)
+    elif kind == "clip":
+        size = dict(m.vision)["image_size"]
+        args, kwargs = (jnp.zeros((1, 77), jnp.int32), jnp.zeros((1, size, size, 3))), {}
+    elif kind == "decoder":
+        d, s = m.clip_embeddings_dim, config.data.image_size
+        z = jnp.zeros((1, d))
+        args, kwargs = (jnp.zeros((1, s, s, 3)), jnp.zeros((1,)), z, z, jnp.zeros((1, 7, m.context_dim))), {}
+    else:
+        s = m.downsampling_factor * 2
+        args, kwargs = (jnp.zeros((1, s, s, 3)), jnp.zeros((1,)), jnp.zeros((1, s, s, 3))), {}
+    params = nn.unbox(jax.eval_shape(lambda: m.init(jax.random.key(0), *args, **kwargs)))["params"]
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def test_model_zoo_counts_and_batches_are_computed():
+    # The small variants here (the karlo / paper counts are checked against diffusers / transformers elsewhere).
+    zoo = TEXT[TEXT.index("## Model zoo") : TEXT.index("## Benchmarks")]
+    rows = dict(re.findall(r"^\| `experiments/(\w+\.py:\w+)` \| ([^\n]*)$", zoo, re.M))
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        for variant in ("test", "tiny", "bench"):
+            if variant not in _experiment(path.stem).VARIANTS:
+                continue
+            config = _experiment(path.stem).get_config(variant)
+            row = rows[f"{path.stem}.py:{variant}"]
+            cells = [c.strip() for c in row.strip(" |").split("|")]
+            want_model = f"{config.task.name} `{config.model.variant}`"
+            want_count = f"{_zoo_count(config):,}"
+            steps = config.total_steps
+            want_steps = (
+                f"{config.batch_size:,} x {steps // 1000}k" if steps >= 10_000 else f"{config.batch_size:,} x {steps:,}"
+            )
+            got = (cells[0].split(" (")[0], cells[1], cells[3])  # "(...)" after the model variant: a remark
+            assert got == (want_model, want_count, want_steps), (
+                f"{path.stem}.py:{variant}: README {got}, computed {(want_model, want_count, want_steps)}"
+            )
 
 
 def test_python_blocks_use_names_that_exist():

@@ -56,15 +56,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         clip_embeddings_dim=32,
         sample_size=16,
     ),
-    # The CPU demo (unclip_jax.demo, experiments/decoder.py:tiny): 32x32, block channels (8, 16, 32), attention at
-    # 8x8, fixed variance (3 output channels); pairs with the demo CLIP (experiments/clip.py:tiny: width 64).
-    # About 70 MFLOPs per image.
+    # The CPU demo (unclip_jax.demo, experiments/decoder.py:tiny): 32x32, block channels (16, 32, 64), attention at
+    # 16x16 and 8x8 (the caption reaches the finer level too: objects land where the caption puts them), fixed
+    # variance (3 output channels); pairs with the demo CLIP (experiments/clip.py:tiny: width 64).
     "tiny": dict(
         out_channels=3,
-        model_channels=8,
+        model_channels=16,
         channel_mult=(1, 2, 4),
         num_res_blocks=1,
-        attention_resolutions=(4,),
+        attention_resolutions=(2, 4),
         num_head_channels=32,
         context_dim=64,
         norm_num_groups=8,
