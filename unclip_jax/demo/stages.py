@@ -82,16 +82,16 @@ PROFILES: dict[str, Profile] = {
             "decoder": dict(steps=25, sampler="ddim", guidance_scale=3.0),
             "super_res": dict(steps=7, sampler="ddim"),
         },
-        budget_s={  # planned for a shared 2-core CPU: about 14 minutes in all
+        budget_s={  # planned for a 2-core CPU: about 15 minutes in all
             "data": 10,
             "clip": 90,
             "embed": 10,
-            "prior": 75,
-            "decoder": 330,
+            "prior": 120,
+            "decoder": 480,
             "upsampler": 100,
             "classifier": 55,
             "sample": 100,
-            "evaluate": 100,
+            "evaluate": 60,
         },
     ),
     "fast": Profile(
