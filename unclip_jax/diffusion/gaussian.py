@@ -468,6 +468,6 @@ class GaussianDiffusion:
         vb = self.vb_terms_bpd(frozen.astype(jnp.float32), x_start.astype(jnp.float32), x_t.astype(jnp.float32), t)[
             "output"
         ]
-        weighted = mse * self.min_snr_weight(t) if self.snr_gamma is not None else mse
+        weighted = mse * self.min_snr_weight(t)  # ones without snr_gamma
         loss = weighted + self.vlb_weight * self.num_timesteps * vb if self.loss_type == "hybrid" else weighted
         return dict(loss=loss, mse=mse, vb=vb, x_t=x_t, model_output=model_output)
