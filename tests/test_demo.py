@@ -248,9 +248,15 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     for k in ("colour", "shape", "size", "count"):
         assert 0 <= ev["attributes_generated"][k]["correct"] <= ev["attributes_generated"][k]["total"]
     assert ev["attributes_generated"]["colour"]["total"] > 0
+    # the decoder alone on the real images' CLIP embeddings is scored on the same captions
+    oracle = ev["attributes_decoder_real_embed"]
+    for k in ("colour", "shape", "count"):
+        assert oracle[k]["total"] == ev["attributes_generated"][k]["total"]
+        assert 0 <= oracle[k]["correct"] <= oracle[k]["total"]
     assert math.isfinite(ev["fid_generated"]) and math.isfinite(ev["clip_score_generated"]["clip_score_raw"])
     with np.load(wd / "samples" / "eval_generated.npz") as z:
         assert z["images"].shape == (stages.PROFILES["fast"].n_eval, 64, 64, 3) and z["images"].dtype == np.uint8
+        assert z["decoder_images_real_embed"].shape == z["images"].shape
 
     text = (wd / "report.html").read_text()
     p = _Collect()
@@ -260,7 +266,7 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     assert len(p.imgs) == len(report.IMAGES) + len(report.LOSS_STAGES) + 1
     assert "not run" not in body
     assert "python -m unclip_jax.main --config=experiments/decoder.py:test" in body
-    assert "Attribute accuracy" in body and "FID" in body
+    assert "Attribute accuracy" in body and "FID" in body and "decoder given the real z_i" in body
 
 
 @pytest.mark.slow

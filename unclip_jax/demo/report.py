@@ -136,14 +136,19 @@ def write_report(workdir: str | Path, stage_names: list[str] | None = None, titl
     if ev:
         gen, real = ev["attributes_generated"], ev["attributes_real"]
         dec = ev.get("attributes_decoder") or {}
-        arows = [[a, _pct(gen.get(a)), _pct(dec.get(a)), _pct(real.get(a))] for a in gen]
+        oracle = ev.get("attributes_decoder_real_embed") or {}
+        arows = [[a, _pct(gen.get(a)), _pct(dec.get(a)), _pct(oracle.get(a)), _pct(real.get(a))] for a in gen]
         parts += [
             "<h3>Attribute accuracy (does the picture show the prompt?)</h3>",
             "<p>The attribute classifier (trained on real images) reads each generated image at 64x64; an "
             "attribute counts only when the caption states it. 'final' is the cascade's output (after the "
-            "upsampler), 'decoder' the decoder's output it upsampled (bicubic to 64x64), 'real' the same "
-            "classifier on the real validation images with the same captions.</p>",
-            _table(["attribute", "generated (final)", "generated (decoder)", "real"], arows),
+            "upsampler), 'decoder' the decoder's output it upsampled (bicubic to 64x64), 'decoder given the "
+            "real z_i' the decoder alone conditioned on each real validation image's own CLIP image embedding "
+            "and caption (no prior: what the decoder loses by itself), 'real' the same classifier on the real "
+            "validation images with the same captions.</p>",
+            _table(
+                ["attribute", "generated (final)", "generated (decoder)", "decoder given the real z_i", "real"], arows
+            ),
         ]
         cg, cr = ev["clip_score_generated"], ev["clip_score_real"]
         cd = ev.get("clip_score_decoder") or {}

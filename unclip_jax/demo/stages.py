@@ -468,8 +468,19 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     gen = pipe(captions, seed=1, settings=settings, progress=True)
     gen_u8 = images_lib.to_uint8(_resize(gen["images"], 64))  # the validation images' size
     dec_u8 = images_lib.to_uint8(_resize(gen["decoder_images"], 64))
+    # The decoder alone, given each real validation image's own CLIP embedding and caption (no prior): with the
+    # cascade's decoder output it tells where an attribute is lost (prior, decoder or upsampler).
+    ctx.command("pipe.decode(pipe.encode_images(<the validation images>), captions=..., stop_after='decoder')")
+    oracle = pipe.decode(
+        pipe.encode_images(real[: len(captions)]), captions=captions, seed=1, settings=settings, stop_after="decoder"
+    )
+    oracle_u8 = images_lib.to_uint8(_resize(oracle["decoder_images"], 64))
     np.savez_compressed(
-        out_dir / "eval_generated.npz", images=gen_u8, decoder_images=dec_u8, captions=np.asarray(captions)
+        out_dir / "eval_generated.npz",
+        images=gen_u8,
+        decoder_images=dec_u8,
+        decoder_images_real_embed=oracle_u8,
+        captions=np.asarray(captions),
     )
     images_lib.save_png(
         images_lib.make_grid(images_lib.to_uint8(gen["images"][:16]), labels=captions[:16], ncols=4),
@@ -510,6 +521,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     p = ctx.profile
     with np.load(ctx.path("samples", "eval_generated.npz")) as z:
         gen, dec, captions = z["images"], z["decoder_images"], [str(c) for c in z["captions"]]
+        oracle = z["decoder_images_real_embed"] if "decoder_images_real_embed" in z else None  # older sample runs
     n = len(captions)
     val = _read_set(ctx, "val_64")
     real = val["images"][:n]
@@ -520,7 +532,13 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     acc_gen = attributes.score(attributes.predict(model, variables, gen), attrs, captions)
     acc_dec = attributes.score(attributes.predict(model, variables, dec), attrs, captions)
     acc_real = attributes.score(attributes.predict(model, variables, real), attrs, captions)
-    for name, acc in (("generated (final)", acc_gen), ("generated (decoder)", acc_dec), ("real", acc_real)):
+    acc_oracle = (
+        None if oracle is None else attributes.score(attributes.predict(model, variables, oracle), attrs, captions)
+    )
+    rows = [("generated (final)", acc_gen), ("generated (decoder)", acc_dec), ("real", acc_real)]
+    if acc_oracle is not None:
+        rows.insert(2, ("decoder given the real z_i", acc_oracle))
+    for name, acc in rows:
         ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
 
     ctx.command(f"clip_score.clip_score(demo CLIP image embeds of {n} generated / real images, caption embeds)")
@@ -549,6 +567,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     return {
         "attributes_generated": acc_gen,
         "attributes_decoder": acc_dec,
+        "attributes_decoder_real_embed": acc_oracle,
         "attributes_real": acc_real,
         "clip_score_generated": cs_gen,
         "clip_score_decoder": cs_dec,
