@@ -535,11 +535,14 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     acc_oracle = (
         None if oracle is None else attributes.score(attributes.predict(model, variables, oracle), attrs, captions)
     )
-    rows = [("generated (final)", acc_gen), ("generated (decoder)", acc_dec), ("real", acc_real)]
-    if acc_oracle is not None:
-        rows.insert(2, ("decoder given the real z_i", acc_oracle))
-    for name, acc in rows:
-        ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
+    for name, acc in (
+        ("generated (final)", acc_gen),
+        ("generated (decoder)", acc_dec),
+        ("decoder given the real z_i", acc_oracle),
+        ("real", acc_real),
+    ):
+        if acc is not None:
+            ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
 
     ctx.command(f"clip_score.clip_score(demo CLIP image embeds of {n} generated / real images, caption embeds)")
     clip_model, clip_vars = _load_clip(ctx)
