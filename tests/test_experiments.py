@@ -103,3 +103,22 @@ def test_ar_prior_paper_variant_carries_table_3():
     assert (c.batch_size, c.total_steps, c.ema.decay) == (4096, 1_000_000, 0.999)
     assert c.task.drop_text_prob == 0.1 and c.model.overrides.learned_null_text
     assert c.task.guidance_scale > 0
+
+
+def test_tiny_variants_pair_with_the_demo_clip():
+    """Every ``tiny`` experiment trains on the demo CLIP's embeddings (experiments/clip.py:tiny), so their widths agree:
+    a user who ran ``make demo`` can train any prior or decoder variant on ``workdirs/demo/data/embed_train_64``."""
+    from unclip_jax.models import ar_prior, decoder, prior
+
+    c = load("clip").get_config("tiny")
+    proj, text_width = c.model.overrides.projection_dim, c.model.overrides.text.width
+
+    def model_kwargs(name, models):
+        config = load(name).get_config("tiny")
+        return {**models.VARIANTS[config.model.variant], **config.model.overrides}
+
+    assert model_kwargs("prior", prior)["embedding_dim"] == proj == text_width
+    ar = model_kwargs("ar_prior", ar_prior)
+    assert (ar["embedding_dim"], ar["text_hidden_dim"]) == (proj, text_width)
+    assert ar["num_components"] <= ar["embedding_dim"]
+    assert model_kwargs("decoder", decoder)["clip_embeddings_dim"] == proj == text_width

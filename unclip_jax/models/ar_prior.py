@@ -71,17 +71,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
         num_layers=2,
         num_heads=4,
     ),
-    # Trains on the built-in dataset on a CPU; pairs with clip.VARIANTS["tiny"] (projection / text width 256).
+    # The CPU demo's AR prior: pairs with the demo CLIP (experiments/clip.py:tiny: projection and text width 64)
+    # like prior.VARIANTS["tiny"]. 16 components: the demo's z_i need 11 for the paper's criterion (PCA
+    # reconstruction error < 1% of the variance, pca_codec.num_components_for), 15 for 0.5%.
     "tiny": dict(
-        embedding_dim=256,
-        text_hidden_dim=256,
+        embedding_dim=64,
+        text_hidden_dim=64,
         num_text_tokens=77,
-        num_components=64,
+        num_components=16,
         num_buckets=256,
         num_dot_buckets=64,
-        width=256,
-        num_layers=6,
-        num_heads=8,
+        width=128,
+        num_layers=4,
+        num_heads=4,
     ),
     # Paper latent decoder (1664 / 24 blocks / 26 heads) on OpenAI ViT-L/14 embeddings (768, Karlo's CLIP).
     # num_components is a placeholder of the paper's ratio (319/1024 * 768 = 240): re-choose it with
