@@ -61,6 +61,21 @@ def test_guidance_scale_one_equals_unguided_and_no_recompile(pipe, guided_one):
     assert cascade.trace_count() == count + 1
 
 
+def test_prior_alone_needs_no_decoder(pipe, guided_one):
+    """Sampling z_i (stop_after="prior") runs without a decoder and draws the same candidates as the full cascade;
+    asking such a pipeline for images names the missing component."""
+    c = pipe.components
+    prior_only = cascade.UnclipPipeline(
+        pipe.tokenizer, c["text_encoder"], None, prior=c["prior"], diffusions=pipe.diffusions
+    )
+    out = prior_only(PROMPTS, seed=5, settings=_settings(1.0, 1.0), num_candidates=3, stop_after="prior")
+    assert "decoder_images" not in out
+    np.testing.assert_allclose(out["candidates"], guided_one["candidates"], atol=1e-6)
+    np.testing.assert_array_equal(out["image_embeds"], guided_one["image_embeds"])
+    with pytest.raises(ValueError, match="component 'decoder' is not loaded"):
+        prior_only(PROMPTS, seed=5, settings=_settings(1.0, 1.0), stop_after="decoder")
+
+
 def test_slerp_endpoints_and_norms():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(3, 8)).astype(np.float32), 2 * rng.normal(size=(3, 8)).astype(np.float32)

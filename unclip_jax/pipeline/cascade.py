@@ -183,7 +183,7 @@ class Plan:
         mode: ``"generate"`` (captions -> images), ``"decode"`` (given z_i [and x_T] -> images) or ``"invert"``
             (image -> decoder x_T by DDIM inversion).
         text_encoder, prior, decoder, super_res_first, super_res_last, upsampler_1024, image_encoder: modules
-            (None when absent / unused). ``prior`` is a ``PriorTransformer`` (diffusion prior) or an ``ARPrior``
+            (None when absent / unused: sampling z_i alone, ``stop_after="prior"``, has no decoder). ``prior`` is a ``PriorTransformer`` (diffusion prior) or an ``ARPrior``
             (autoregressive prior; then ``prior_diffusion`` is None and ``prior_settings`` is
             `StageSettings.ar_static`).
         prior_diffusion, decoder_diffusion, super_res_diffusion, upsampler_1024_diffusion: respaced diffusions.
@@ -200,9 +200,9 @@ class Plan:
 
     mode: Literal["generate", "decode", "invert"]
     text_encoder: nn.Module
-    decoder: nn.Module
-    decoder_diffusion: GaussianDiffusion
-    decoder_settings: StageSettings
+    decoder: nn.Module | None = None
+    decoder_diffusion: GaussianDiffusion | None = None
+    decoder_settings: StageSettings | None = None
     prior: nn.Module | None = None
     prior_diffusion: GaussianDiffusion | None = None
     prior_settings: StageSettings | None = None
@@ -574,7 +574,7 @@ class UnclipPipeline:
         tokenizer: ``texts -> (input_ids [B, L] int32, attention_mask [B, L] bool)``
             (`unclip_jax.input.tokenizer.ClipTokenizer`).
         text_encoder: CLIP text tower (``CLIPTextModel`` or two-tower ``CLIP``).
-        decoder: `unclip_jax.models.decoder.UnCLIPDecoder`.
+        decoder: `unclip_jax.models.decoder.UnCLIPDecoder` (None: only z_i can be sampled, ``stop_after="prior"``).
         prior: `unclip_jax.models.prior.PriorTransformer` (diffusion prior) or `unclip_jax.models.ar_prior.ARPrior`
             (autoregressive prior, with its fitted codec in ``variables['stats']``); needed for
             ``image_embed_source='prior'``.
@@ -589,7 +589,7 @@ class UnclipPipeline:
         self,
         tokenizer: Any,
         text_encoder: Component,
-        decoder: Component,
+        decoder: Component | None,
         prior: Component | None = None,
         super_res_first: Component | None = None,
         super_res_last: Component | None = None,
@@ -666,22 +666,27 @@ class UnclipPipeline:
             stop_after = "upsampler_1024" if c["upsampler_1024"] else "super_res" if c["super_res_first"] else "decoder"
         if stop_after not in STAGES:
             raise ValueError(f"stop_after={stop_after!r}: expected one of {STAGES}")
-        names = ["text_encoder", "decoder"]
-        dec_diffusion = respace(self.diffusions["decoder"], settings["decoder"].spacing)
-        if decoder_clip_denoised != "default":
-            dec_diffusion = dataclasses.replace(dec_diffusion, clip_denoised=decoder_clip_denoised)
+        names = ["text_encoder"]
         kw: dict[str, Any] = dict(
             mode=mode,
             text_encoder=self.component("text_encoder").module,
-            decoder=self.component("decoder").module,
-            decoder_diffusion=dec_diffusion,
-            decoder_settings=settings["decoder"].static(),
             num_candidates=num_candidates,
             image_embed_source=image_embed_source,
             stop_after=stop_after,
-            decoder_size=self.decoder_size,
             return_intermediates=return_intermediates,
         )
+        # Sampling z_i alone (stop_after="prior") needs no decoder; the zero / learned sources take its shapes.
+        if mode != "generate" or stop_after != "prior" or image_embed_source in ("zero", "learned"):
+            dec_diffusion = respace(self.diffusions["decoder"], settings["decoder"].spacing)
+            if decoder_clip_denoised != "default":
+                dec_diffusion = dataclasses.replace(dec_diffusion, clip_denoised=decoder_clip_denoised)
+            names.append("decoder")
+            kw.update(
+                decoder=self.component("decoder").module,
+                decoder_diffusion=dec_diffusion,
+                decoder_settings=settings["decoder"].static(),
+                decoder_size=self.decoder_size,
+            )
         if mode == "generate" and image_embed_source == "prior":
             prior = self.component("prior").module
             names.append("prior")
