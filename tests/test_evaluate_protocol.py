@@ -2,7 +2,8 @@
 
 Kill-and-resume equals an uninterrupted run (same seed -> identical shards -> same FID), finished shards are not
 redone, captions are deterministic and one per image, the reference statistics are those of the selected images,
-the report is complete, and ``unclip evaluate`` runs end to end from a model folder.
+the report is complete, and ``unclip evaluate`` runs end to end from a model folder, and resumes after its process
+was SIGKILLed in the middle of writing a shard.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -209,19 +213,28 @@ def test_hosts_take_disjoint_shards():
     assert shards[1] == [1, 4, 7]
 
 
-def test_unclip_evaluate_command_end_to_end(tmp_path, mock_coco, model_dir, uninterrupted, capsys):
-    """``unclip evaluate`` from a native model folder reproduces the in-process run (same settings and seed)."""
-    model = model_dir
-    parser = __import__("argparse").ArgumentParser()
-    commands.add_arguments(parser)
-    argv = [
-        "--model", str(model), "--out", str(tmp_path / "out"), "--reference-dir", str(uninterrupted["root"] / "ref"),
+def _evaluate_argv(model, out, ref) -> list[str]:
+    """``unclip evaluate`` arguments of the in-process run's protocol, settings and seed."""
+    return [
+        "--model", str(model), "--out", str(out), "--reference-dir", str(ref),
         "--num-captions", "8", "--seed", "3", "--image-size", "32", "--shard-size", "3", "--batch-size", "8",
         "--kid-subsets", "5", "--candidates", "1", "--inception", "test", "--clip-name", "test cascade CLIP",
         "--prior-steps", "2", "--prior-guidance", "2", "--decoder-steps", "2", "--decoder-guidance", "3",
         "--super-res-steps", "2", "--tfds-decode", "--min-size", "4", "--split", "val2014",
     ]  # fmt: skip
-    assert commands.run(parser.parse_args(argv)) == 0  # (the mock COCO of the fixture is active)
+
+
+def _evaluate_parser():
+    parser = __import__("argparse").ArgumentParser()
+    commands.add_arguments(parser)
+    return parser
+
+
+def test_unclip_evaluate_command_end_to_end(tmp_path, mock_coco, model_dir, uninterrupted, capsys):
+    """``unclip evaluate`` from a native model folder reproduces the in-process run (same settings and seed)."""
+    model = model_dir
+    argv = _evaluate_argv(model, tmp_path / "out", uninterrupted["root"] / "ref")
+    assert commands.run(_evaluate_parser().parse_args(argv)) == 0  # (the mock COCO of the fixture is active)
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "FID" in capsys.readouterr().out
     assert rep["model"]["model_dir"]["path"] == str(model.resolve())
@@ -240,3 +253,62 @@ def test_sharded_generation_equals_unsharded(pipe):
     diff = np.abs(sharded.astype(int) - single.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
     assert np.ptp(sharded) > 50  # real images, not a constant
+
+
+# A real ``unclip evaluate`` process, with the tfds mock COCO and the tests' 8 CPU devices, whose ``np.savez`` of the
+# second generated shard writes half of the file and then SIGKILLs its own process (a job killed mid-write).
+_KILLED_MID_WRITE = """
+import os, signal, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+import numpy as np
+import tensorflow_datasets as tfds
+from unclip_jax import cli
+
+real_savez = np.savez
+
+def savez(file, *args, **arrays):
+    real_savez(file, *args, **arrays)
+    if "gen_00001" in os.fspath(file):
+        with open(file, "r+b") as f:
+            f.truncate(os.path.getsize(file) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+np.savez = savez
+with tfds.testing.mock_data(num_examples=int(sys.argv[1])):
+    sys.exit(cli.main(["evaluate", *sys.argv[2:]]))
+"""
+
+
+def test_process_killed_mid_write_resumes_to_the_uninterrupted_report(tmp_path, mock_coco, model_dir, uninterrupted):
+    """SIGKILL of ``unclip evaluate`` while it writes shard 1: shard 0 stays finished, the half-written file is not
+    taken for a shard, and the command run again generates only shards 1 and 2 and reports the uninterrupted FID."""
+    out = tmp_path / "out"
+    argv = _evaluate_argv(model_dir, out, uninterrupted["root"] / "ref")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_WRITE, str(NUM_EXAMPLES), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    shards = out / "shards"
+    names = sorted(p.name for p in shards.iterdir())
+    assert "gen_00000.npz" in names and "gen_00001.npz" not in names, names
+    partial = [n for n in names if n.startswith(".gen_00001.npz.tmp-")]
+    assert len(partial) == 1, names  # the half-written temporary file is all that is left of shard 1
+    assert not (out / "report.json").exists()
+    stamp = os.stat(shards / "gen_00000.npz").st_mtime_ns
+
+    assert commands.run(_evaluate_parser().parse_args(argv)) == 0  # resumed (the fixture's mock COCO is active)
+    assert os.stat(shards / "gen_00000.npz").st_mtime_ns == stamp  # finished shards are not redone
+    for j in range(CONFIG.num_shards):
+        a = protocol.load_generated_shard(uninterrupted["root"] / "run", j)
+        b = protocol.load_generated_shard(out, j)
+        for k in ("features", "image_embeds", "text_embeds", "cos"):
+            np.testing.assert_array_equal(a[k], b[k])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["results"]["fid"] == uninterrupted["report"]["results"]["fid"]
