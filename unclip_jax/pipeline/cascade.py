@@ -183,9 +183,9 @@ class Plan:
         mode: ``"generate"`` (captions -> images), ``"decode"`` (given z_i [and x_T] -> images) or ``"invert"``
             (image -> decoder x_T by DDIM inversion).
         text_encoder, prior, decoder, super_res_first, super_res_last, upsampler_1024, image_encoder: modules
-            (None when absent / unused: sampling z_i alone, ``stop_after="prior"``, has no decoder). ``prior`` is a ``PriorTransformer`` (diffusion prior) or an ``ARPrior``
-            (autoregressive prior; then ``prior_diffusion`` is None and ``prior_settings`` is
-            `StageSettings.ar_static`).
+            (None when absent / unused: sampling z_i alone, ``stop_after="prior"``, has no decoder). ``prior`` is a
+            ``PriorTransformer`` (diffusion prior) or an ``ARPrior`` (autoregressive prior; then ``prior_diffusion``
+            is None and ``prior_settings`` is `StageSettings.ar_static`).
         prior_diffusion, decoder_diffusion, super_res_diffusion, upsampler_1024_diffusion: respaced diffusions.
         prior_settings, ...: `StageSettings.static` of each stage.
         num_candidates: prior samples per caption; the one with the largest z_i . z_t is kept (section 2.2).
