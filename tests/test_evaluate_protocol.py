@@ -8,6 +8,7 @@ was SIGKILLed in the middle of writing a shard.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -224,8 +225,8 @@ def _evaluate_argv(model, out, ref) -> list[str]:
     ]  # fmt: skip
 
 
-def _evaluate_parser():
-    parser = __import__("argparse").ArgumentParser()
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
     commands.add_arguments(parser)
     return parser
 
