@@ -5,10 +5,12 @@ Modules:
     gaussian   GaussianDiffusion: q_sample, posterior, eps/x0/v conversions, p_mean_variance, training losses.
     respace    space_timesteps ("ddimN", "N", "10,10,5", "unclipN", lists) and respace().
     sampling   ancestral DDPM (UnCLIPScheduler), DDIM (eta), DDIM inversion; each one lax.scan.
+    config     diffusion_from_config: the one reader of config.diffusion / diffusion.json fields.
     guidance   classifier-free guidance as a wrapper of denoise_fn.
     timesteps  training timestep sampling: uniform, importance sampling of the VLB terms.
 """
 
+from unclip_jax.diffusion.config import diffusion_from_config
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.diffusion.guidance import classifier_free_guidance
 from unclip_jax.diffusion.respace import respace, space_timesteps
@@ -28,6 +30,7 @@ __all__ = [
     "ddim_reverse_loop",
     "ddim_sample",
     "ddim_sample_loop",
+    "diffusion_from_config",
     "get_named_beta_schedule",
     "p_sample",
     "p_sample_loop",
