@@ -16,15 +16,16 @@ PKG = Path(__file__).resolve().parents[1] / "unclip_jax"
 
 # For each part of the package: the other parts of unclip_jax it may import.
 ALLOWED = {
-    "diffusion": {"diffusion"},
-    "layers": {"layers"},
-    "models": {"layers", "models"},
-    "convert": {"convert", "models", "layers"},
-    "input": {"input", "models", "layers", "parallel"},
-    "parallel": {"parallel", "layers"},
-    "train": {"train", "diffusion", "layers", "models", "input", "parallel", "convert", "checkpoints"},
-    "checkpoints": {"checkpoints"},
-    "pipeline": {"pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "checkpoints"},
+    "stages": {"stages"},
+    "diffusion": {"diffusion", "stages"},
+    "layers": {"layers", "stages"},
+    "models": {"layers", "models", "stages"},
+    "convert": {"convert", "models", "layers", "diffusion", "stages"},
+    "input": {"input", "models", "layers", "parallel", "stages"},
+    "parallel": {"parallel", "layers", "stages"},
+    "train": {"train", "diffusion", "layers", "models", "input", "parallel", "convert", "checkpoints", "stages"},
+    "checkpoints": {"checkpoints", "stages"},
+    "pipeline": {"pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "checkpoints", "stages"},
     "evaluate": {
         "evaluate",
         "pipeline",
@@ -35,7 +36,10 @@ ALLOWED = {
         "parallel",
         "checkpoints",
         "diffusion",
+        "stages",
     },
+    # `unclip plan`: ahead-of-time compiles of the train step and the cascade for TPU topologies.
+    "plan": {"plan", "train", "pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "stages"},
 }
 # Modules at the top of the package that may import anything (the entry points).
 ENTRY_POINTS = {"main", "cli", "demo", "bench", "__init__"}
