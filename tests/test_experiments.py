@@ -122,3 +122,24 @@ def test_tiny_variants_pair_with_the_demo_clip():
     assert (ar["embedding_dim"], ar["text_hidden_dim"]) == (proj, text_width)
     assert ar["num_components"] <= ar["embedding_dim"]
     assert model_kwargs("decoder", decoder)["clip_embeddings_dim"] == proj == text_width
+
+
+def test_load_experiment_is_the_config_unclip_train_uses(tmp_path, monkeypatch):
+    """``load_experiment(spec, overrides)`` = ``--config=spec --config.<field>=value``: locked, overrides checked."""
+    from unclip_jax import main as main_lib
+    from unclip_jax.train.config_loading import load_experiment
+
+    monkeypatch.chdir(ROOT)
+    argv = ["unclip train", "--config=experiments/prior.py:bench", "--workdir=x", "--config.optim.lr=0.5"]
+    fv = main_lib.make_flags(argv)
+    fv(argv)
+    config = load_experiment("experiments/prior.py:bench", overrides={"optim.lr": 0.5})
+    assert config.to_dict() == fv.config.to_dict() and config.is_locked
+    monkeypatch.chdir(tmp_path)  # relative specs also resolve against the repository root
+    assert load_experiment("experiments/decoder.py:test").to_dict() == load("decoder").get_config("test").to_dict()
+    with pytest.raises(KeyError, match="lrr"):
+        load_experiment("experiments/prior.py:test", overrides={"optim.lrr": 1.0})
+    with pytest.raises(TypeError, match="lr"):
+        load_experiment("experiments/prior.py:test", overrides={"optim.lr": "fast"})
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_experiment("experiments/nope.py:test")
