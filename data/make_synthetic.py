@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 
 from unclip_jax.input import precompute, sources, synthetic
+from unclip_jax.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png_dir", default=None, help="also write PNG files + captions.jsonl here")
     p.add_argument("--png_count", type=int, default=64, help="how many examples go to --png_dir")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    setup_logging()
     src = sources.SyntheticSource(args.num_examples, seed=args.seed, image_size=args.image_size)
     manifest = precompute.prepare(src, args.out, shard_size=args.shard_size)
     print(f"{args.out}: {manifest.get('num_records')} examples")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+
+from unclip_jax.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard_size", type=int, default=1024)
     p.add_argument("--hidden_dtype", default="float32", choices=("float32", "float16"))
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    setup_logging()
 
     import jax
     import jax.numpy as jnp

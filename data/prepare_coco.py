@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from unclip_jax.input import precompute, sources
+from unclip_jax.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="tensorflow-datasets data dir")
     p.add_argument("--shard_size", type=int, default=512, help="images per shard")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    setup_logging()
     import tensorflow_datasets as tfds
 
     tfds.builder("coco_captions/2014", data_dir=args.data_dir).download_and_prepare()

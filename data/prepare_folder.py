@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import logging
+import os
 
 from unclip_jax.input import precompute, sources
+from unclip_jax.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min_size", type=int, default=16, help="skip images whose short side is smaller")
     p.add_argument("--shard_size", type=int, default=1024)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    if args.tars:
-        src = sources.TarSource(sorted(glob.glob(args.tars)), image_size=args.image_size, min_size=args.min_size)
-    elif args.root:
-        src = sources.FolderSource(args.root, args.captions, image_size=args.image_size, min_size=args.min_size)
-    else:
-        p.error("give --root (with --captions) or --tars")
+    setup_logging()
+    try:
+        if args.tars:
+            paths = sorted(glob.glob(args.tars))
+            if not paths:
+                p.error(f"--tars {args.tars!r} matches no file")
+            src = sources.TarSource(paths, image_size=args.image_size, min_size=args.min_size)
+        elif args.root:
+            if not os.path.isdir(args.root):
+                p.error(f"--root {args.root!r} is not a folder")
+            src = sources.FolderSource(args.root, args.captions, image_size=args.image_size, min_size=args.min_size)
+        else:
+            p.error("give --root (with --captions) or --tars")
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     manifest = precompute.prepare(src, args.out, shard_size=args.shard_size)
     print(json.dumps({k: manifest.get(k) for k in ("num_items", "num_records", "skipped")}, indent=1))
     return 0

@@ -126,6 +126,8 @@ def shard_paths(folder: str) -> list[str]:
 
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder!r} does not exist (prepare it with data/prepare_*.py first)")
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: the job that writes {folder!r} has not finished (run it again to resume)"

@@ -342,7 +342,7 @@ def finalize(out_dir: str) -> dict:
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, arrayrecord.MANIFEST))
-    log.warning(
+    log.info(
         "%s: %d records from %d items in %d shards; %s",
         out_dir,
         num_records,

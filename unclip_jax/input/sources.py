@@ -214,15 +214,16 @@ class TarSource(_ImageChecks, Source):
         _ImageChecks.__init__(self, image_size, min_size, max_pixels, max_caption_chars)
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         self.index: list[tuple[str, str, dict[str, tarfile.TarInfo]]] = []
+        if not self.paths:
+            raise FileNotFoundError("TarSource: no tar shards given (a --tars pattern that matched nothing?)")
         for p in self.paths:
-            with tarfile.open(p) as tf:
-                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for m in tf.getmembers():
-                    if not m.isfile():
-                        continue
-                    base = os.path.basename(m.name)
-                    key, _, ext = base.partition(".")
-                    groups.setdefault(os.path.join(os.path.dirname(m.name), key), {})[ext.lower()] = m
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for m in _tar_members(p):
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                key, _, ext = base.partition(".")
+                groups.setdefault(os.path.join(os.path.dirname(m.name), key), {})[ext.lower()] = m
             self.index.extend((p, k, g) for k, g in groups.items())
         self.name = f"tar({len(self.paths)} shards)"
         self._open: dict[str, tarfile.TarFile] = {}
@@ -254,6 +255,35 @@ class TarSource(_ImageChecks, Source):
 
     def describe(self) -> dict:
         return {**super().describe(), "paths": self.paths, "image_size": self.image_size}
+
+
+def _tar_members(path: str) -> list[tarfile.TarInfo]:
+    """The members of a tar shard, checked whole: a shard cut short (mid-member, or exactly at a header boundary,
+    where ``tarfile`` alone would list fewer members without a word) is a one-line ``ValueError`` naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tar shard {path}: no such file")
+    try:
+        with tarfile.open(path) as tf:
+            members = tf.getmembers()
+            for m in members:  # reading past the end of a member raises for a shard cut inside one
+                if m.isfile() and m.offset_data + m.size > os.path.getsize(path):
+                    raise tarfile.ReadError("unexpected end of data")
+    except tarfile.TarError as e:
+        raise ValueError(f"tar shard {path} is damaged ({e}); re-create it or leave it out") from None
+    # A complete archive ends with two zero blocks after the last member's padded data (POSIX.1-1988).
+    end = 0
+    if members:
+        last = members[-1]
+        end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
+        raise ValueError(
+            f"tar shard {path} is truncated after {len(members)} members (no end-of-archive marker); "
+            "re-create it or leave it out"
+        )
+    return members
 
 
 COCO_SPLITS = {

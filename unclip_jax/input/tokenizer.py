@@ -20,10 +20,13 @@ import gzip
 import html
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
@@ -188,15 +191,27 @@ class ClipTokenizer:
         n = self.context_length
         ids = np.full((len(texts), n), self.pad_token_id, dtype=np.int32)
         mask = np.zeros((len(texts), n), dtype=bool)
+        cut: list[tuple[str, int]] = []  # (caption, tokens dropped)
         for b, text in enumerate(texts):
             tokens = [self.sot_token_id, *self.encode(text), self.eot_token_id]
             if len(tokens) > n:
                 if not self.truncate:
                     raise ValueError(f"caption {text[:80]!r}: {len(tokens)} tokens exceed context_length={n}")
+                cut.append((text, len(tokens) - n))
                 tokens = tokens[:n]
                 tokens[-1] = self.eot_token_id
             ids[b, : len(tokens)] = tokens
             mask[b, : len(tokens)] = True
+        if cut:
+            text, dropped = cut[0]
+            more = f" (and {len(cut) - 1} more captions)" if len(cut) > 1 else ""
+            log.warning(
+                "caption %r is longer than the %d-token context: its last %d tokens were dropped%s",
+                text[:60] + ("..." if len(text) > 60 else ""),
+                n,
+                dropped,
+                more,
+            )
         return ids, mask
 
     def save_hf_files(self, folder: str | os.PathLike) -> Path:
