@@ -17,6 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "unclip_jax"
 # For each part of the package: the other parts of unclip_jax it may import.
 ALLOWED = {
     "stages": {"stages"},
+    "logs": {"logs"},
     "diffusion": {"diffusion", "stages"},
     "layers": {"layers", "stages"},
     "models": {"layers", "models", "stages"},
@@ -81,6 +82,48 @@ def test_every_part_imports_only_what_the_design_allows():
                 violations.append(f"{path.relative_to(PKG)}: part {part!r} is not in the design table")
             elif target not in ALLOWED[part]:
                 violations.append(f"{path.relative_to(PKG)} ({part}) imports {mod}")
+    assert not violations, "\n".join(violations)
+
+
+# Private names of other libraries' types that are their public protocol (namedtuple API).
+PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_SubParsersAction"}
+
+
+def _private_uses(path: Path):
+    """``from unclip_jax.x import _name`` of another module, and ``obj._name`` on anything but ``self``/``cls``
+    where ``_name`` is not defined in the same file (another module's private part)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    own = path.relative_to(PKG.parent).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    defined |= {
+        t.attr for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Attribute)
+    }
+    defined |= {
+        n.target.attr for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Attribute)
+    }
+    defined |= {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    defined |= {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("unclip_jax")
+            and node.module != own
+        ):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    yield f"imports {a.name} from {node.module}"
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+            if not name.startswith("_") or name.startswith("__") or name in PUBLIC_UNDERSCORE or name in defined:
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            yield f"line {node.lineno}: uses {ast.unparse(node)}"
+
+
+def test_no_private_names_cross_modules():
+    violations = [f"{path.relative_to(PKG)} {use}" for path in sorted(PKG.rglob("*.py")) for use in _private_uses(path)]
     assert not violations, "\n".join(violations)
 
 
