@@ -102,26 +102,44 @@ class DecoderTask:
         return dict(self.module.init({"params": rng}, x, jnp.zeros((b,), jnp.int32), **cond))
 
     def loss(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
-        variables = {"params": params, **extra}
+        return self.loss_from_draws(params, batch, self.draws(rng, batch), extra)
+
+    def draws(self, rng: jax.Array, batch: base.Batch) -> dict[str, jax.Array]:
+        """The step's random draws: ``t`` [B], ``weights`` [B], ``noise`` like the image, the CFG drop masks
+        ``drop_image_embeds`` / ``drop_caption`` [B] bool and the ``dropout`` key."""
         k_t, k_noise, k_img, k_cap, k_dropout = jax.random.split(rng, 5)
-        x_start = base.to_model_range(batch["image"])
-        b = x_start.shape[0]
-        cond = self._cond(batch)
-        cond.update(
+        shape = batch["image"].shape
+        b = shape[0]
+        t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
+        return dict(
+            t=t,
+            weights=weights,
+            noise=jax.random.normal(k_noise, shape, jnp.float32),
             drop_image_embeds=base.bernoulli(k_img, self.drop_image_prob, b),
             drop_caption=base.bernoulli(k_cap, self.drop_caption_prob, b),
+            dropout=k_dropout,
+        )
+
+    def loss_from_draws(
+        self, params: Any, batch: base.Batch, draws: dict[str, jax.Array], extra: Any
+    ) -> tuple[jax.Array, dict]:
+        """The hybrid loss of ``batch`` for given :meth:`draws` (what :meth:`loss` computes)."""
+        variables = {"params": params, **extra}
+        x_start = base.to_model_range(batch["image"])
+        cond = self._cond(batch)
+        cond.update(
+            drop_image_embeds=draws["drop_image_embeds"],
+            drop_caption=draws["drop_caption"],
             null_caption=self._null(cond),
         )
-        t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
-        noise = jax.random.normal(k_noise, x_start.shape, x_start.dtype)
 
         def denoise(x_t, t_model, **kw):
             return self.module.apply(
-                variables, x_t, t_model, **kw, deterministic=False, rngs={"dropout": k_dropout}
+                variables, x_t, t_model, **kw, deterministic=False, rngs={"dropout": draws["dropout"]}
             ).astype(jnp.float32)
 
-        out = self.diffusion.training_losses(denoise, x_start, t, noise, **cond)
-        loss = base.weighted_mean(out["loss"], weights)
+        out = self.diffusion.training_losses(denoise, x_start, draws["t"], draws["noise"], **cond)
+        loss = base.weighted_mean(out["loss"], draws["weights"])
         return loss, {"loss": loss, "mse": jnp.mean(out["mse"]), "vb": jnp.mean(out["vb"])}
 
     def sample(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> dict[str, Any]:

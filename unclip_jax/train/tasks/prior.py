@@ -108,21 +108,38 @@ class PriorTask:
         )
 
     def loss(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
-        variables = {"params": params, **extra}
+        return self.loss_from_draws(params, batch, self.draws(rng, batch), extra)
+
+    def draws(self, rng: jax.Array, batch: base.Batch) -> dict[str, jax.Array]:
+        """The step's random draws: ``t`` [B], ``weights`` [B], ``noise`` like z_i, the caption drop mask
+        ``drop_text`` [B] bool and the ``dropout`` key."""
         k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
-        x_start = self.module.apply(variables, batch["image_embeds"].astype(jnp.float32), method="normalize")
-        b = x_start.shape[0]
+        shape = batch["image_embeds"].shape
+        b = shape[0]
         t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
-        noise = jax.random.normal(k_noise, x_start.shape, x_start.dtype)
-        cond = self._cond(self._inputs(batch), base.bernoulli(k_drop, self.drop_text_prob, b))
+        return dict(
+            t=t,
+            weights=weights,
+            noise=jax.random.normal(k_noise, shape, jnp.float32),
+            drop_text=base.bernoulli(k_drop, self.drop_text_prob, b),
+            dropout=k_dropout,
+        )
+
+    def loss_from_draws(
+        self, params: Any, batch: base.Batch, draws: dict[str, jax.Array], extra: Any
+    ) -> tuple[jax.Array, dict]:
+        """The x0 MSE of ``batch`` for given :meth:`draws` (what :meth:`loss` computes)."""
+        variables = {"params": params, **extra}
+        x_start = self.module.apply(variables, batch["image_embeds"].astype(jnp.float32), method="normalize")
+        cond = self._cond(self._inputs(batch), draws["drop_text"])
 
         def denoise(x_t, t_model, **kw):
             return self.module.apply(
-                variables, x_t, t_model, **kw, deterministic=False, rngs={"dropout": k_dropout}
+                variables, x_t, t_model, **kw, deterministic=False, rngs={"dropout": draws["dropout"]}
             ).astype(jnp.float32)
 
-        out = self.diffusion.training_losses(denoise, x_start, t, noise, **cond)
-        loss = base.weighted_mean(out["loss"], weights)
+        out = self.diffusion.training_losses(denoise, x_start, draws["t"], draws["noise"], **cond)
+        loss = base.weighted_mean(out["loss"], draws["weights"])
         return loss, {"loss": loss, "mse": jnp.mean(out["mse"])}
 
     def sample(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> dict[str, Any]:
