@@ -15,7 +15,7 @@ paper (appendix C table 3: lr 1.6e-4, weight decay 4.0e-2, beta2 0.91, eps 1e-10
 0.999, batch 4096, 1M iterations).
 """
 
-from unclip_jax.train.defaults import apply_table3, base_config
+from unclip_jax.train.defaults import apply_table3, apply_test, base_config
 
 VARIANTS = ("test", "tiny", "karlo", "paper")
 
@@ -23,8 +23,7 @@ VARIANTS = ("test", "tiny", "karlo", "paper")
 def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/ar_prior.py:{arg}: expected one of {VARIANTS}")
-    c = base_config("prior")  # the prior's data pipeline and defaults
-    c.task.name = "ar_prior"
+    c = base_config("ar_prior")  # reads the prior's data pipeline (unclip_jax.stages.TASKS)
     c.task.codec = ""  # fitted codec .npz; '' = <data.folder>/ar_prior_codec.npz or fit on the folder
     c.task.codec_fit_examples = 100_000
     c.task.guidance_scale = 0.0  # previews; <= 0: no classifier-free guidance
@@ -33,12 +32,7 @@ def get_config(arg: str = "test"):
     c.task.top_p = 1.0
     c.model.overrides.learned_null_text = True
     if arg == "test":
-        c.model.variant = "test"
-        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
-        c.optim.lr = 1e-3
-        c.ema.decay = 0.99
-        c.checkpoint.every = 10
-        c.data.read_threads, c.data.prefetch_batches = 1, 0
+        apply_test(c)
     elif arg == "tiny":
         # On the demo's embeddings (workdirs/demo/data/embed_train_64): about 5 minutes on 2 CPU cores; its samples
         # match their caption's image as closely as the demo's diffusion prior's do (README, "The autoregressive prior").

@@ -11,7 +11,7 @@ bench, karlo (ViT-L/14 shape), paper (ViT-H/16 shape). Optimiser after CLIP's pa
 weight decay 0.2, cosine schedule).
 """
 
-from unclip_jax.train.defaults import base_config
+from unclip_jax.train.defaults import apply_test, base_config
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
@@ -24,13 +24,8 @@ def get_config(arg: str = "test"):
     c.optim.schedule = "cosine"
     c.ema.decay = 0.999
     if arg == "test":
-        c.model.variant = "test"
+        apply_test(c)
         c.data.image_size = 32
-        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
-        c.optim.lr, c.optim.schedule = 1e-3, "constant"
-        c.ema.decay = 0.99
-        c.checkpoint.every = 10
-        c.data.read_threads, c.data.prefetch_batches = 1, 0
     elif arg == "tiny":
         # The demo CLIP (unclip_jax.demo): a narrow two-tower model; the prior / decoder / upsampler ``tiny``
         # variants pair with its width 64 (embeddings and caption states).
@@ -46,11 +41,10 @@ def get_config(arg: str = "test"):
     elif arg == "bench":
         c.model.variant = "tiny"
         c.data.image_size = 64
-        c.batch_size, c.total_steps, c.log_every = 64, 2000, 50
+        c.batch_size, c.total_steps, c.log_every = 64, 100, 50
         c.optim.lr, c.optim.warmup_steps = 5e-4, 100
         c.checkpoint.every = 500
-        if arg == "bench":
-            c.total_steps, c.export.at_end = 100, False
+        c.export.at_end = False
     else:
         c.model.variant = arg
         c.data.image_size = 224 if arg == "karlo" else 256

@@ -10,7 +10,7 @@ Variants: test (16x16, pairs with clip ``test``), tiny (the CPU demo: the ``tiny
 bench, karlo (fine-tune Karlo's decoder), paper (appendix C table 3).
 """
 
-from unclip_jax.train.defaults import apply_table3, base_config
+from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
@@ -24,14 +24,9 @@ def get_config(arg: str = "test"):
     c.diffusion.loss_type = "hybrid"
     c.diffusion.clip_denoised = 1.0
     if arg == "test":
-        c.model.variant = "test"
+        apply_test(c)
         c.data.image_size = 16
-        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
-        c.optim.lr = 1e-3
-        c.ema.decay = 0.99
         c.diffusion.sample_steps = "unclip8"
-        c.checkpoint.every = 10
-        c.data.read_threads, c.data.prefetch_batches = 1, 0
     elif arg == "tiny":
         # Minutes of CPU: v-prediction (Salimans & Ho 2022) with fixed variance and L_simple, which samples cleanly
         # long before an epsilon / learned-variance model of this size does.
@@ -45,16 +40,8 @@ def get_config(arg: str = "test"):
         c.diffusion.sample_steps = "unclip25"
         c.checkpoint.every = 100
     elif arg == "bench":
-        c.model.variant = "bench"
+        apply_bench(c, batch_size=32)
         c.data.image_size = 64
-        c.batch_size, c.total_steps, c.log_every = 32, 3000, 50
-        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
-        c.ema.decay, c.ema.warmup = 0.999, True
-        c.diffusion.sample_steps = "unclip25"
-        c.checkpoint.every = 500
-        c.preview_every = 1000
-        if arg == "bench":
-            c.total_steps, c.export.at_end = 100, False
     else:
         apply_table3(c, "decoder")
         c.model.variant = arg

@@ -10,7 +10,7 @@ Variants (``:arg``): test (seconds on CPU, pairs with clip ``test``), tiny (the 
 Karlo prior: CLIP ViT-L/14, the empty caption as null input), paper (appendix C table 3).
 """
 
-from unclip_jax.train.defaults import apply_table3, base_config
+from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
@@ -27,13 +27,8 @@ def get_config(arg: str = "test"):
     c.optim.b2 = 0.96
     c.optim.eps = 1e-6
     if arg == "test":
-        c.model.variant = "test"
-        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
-        c.optim.lr = 1e-3
-        c.ema.decay = 0.99
+        apply_test(c)
         c.diffusion.sample_steps = "unclip8"
-        c.checkpoint.every = 10
-        c.data.read_threads, c.data.prefetch_batches = 1, 0
     elif arg == "tiny":
         c.model.variant = "tiny"
         c.batch_size, c.total_steps, c.log_every = 64, 750, 25
@@ -42,15 +37,7 @@ def get_config(arg: str = "test"):
         c.diffusion.sample_steps = "unclip25"
         c.checkpoint.every = 250
     elif arg == "bench":
-        c.model.variant = "bench"
-        c.batch_size, c.total_steps, c.log_every = 64, 3000, 50
-        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
-        c.ema.decay, c.ema.warmup = 0.999, True
-        c.diffusion.sample_steps = "unclip25"
-        c.checkpoint.every = 500
-        c.preview_every = 1000
-        if arg == "bench":
-            c.total_steps, c.export.at_end = 100, False
+        apply_bench(c, batch_size=64)
     elif arg == "karlo":
         apply_table3(c, "prior")
         c.model.variant = "karlo"

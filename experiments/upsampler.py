@@ -11,7 +11,7 @@ Variants: test (tiny crops, seconds on CPU), tiny (the CPU demo: 32 -> 128 on 32
 ``tiny`` decoder's 32x32 output), bench, karlo, paper.
 """
 
-from unclip_jax.train.defaults import apply_table3, base_config
+from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
@@ -31,14 +31,9 @@ def get_config(arg: str = "test"):
     c.data.crop_fraction = 0.25
     c.data.low_res_factor = 4
     if variant == "test":
-        c.model.variant = "test"
+        apply_test(c)
         c.data.target_size, c.data.crop_fraction = 32, 0.5  # 16x16 crops of 4x4 low-res
-        c.batch_size, c.total_steps, c.log_every = 8, 20, 5
-        c.optim.lr = 1e-3
-        c.ema.decay = 0.99
         c.diffusion.sample_steps = "ddim5"
-        c.checkpoint.every = 10
-        c.data.read_threads, c.data.prefetch_batches = 1, 0
     elif variant == "tiny":
         c.model.variant = "tiny"
         c.diffusion.mean_type = "v"  # minutes of CPU: v-prediction samples cleanly in a few DDIM steps much sooner
@@ -48,14 +43,7 @@ def get_config(arg: str = "test"):
         c.ema.decay, c.ema.warmup = 0.995, True
         c.checkpoint.every = 100
     elif variant == "bench":
-        c.model.variant = "bench"
-        c.batch_size, c.total_steps, c.log_every = 16, 3000, 50
-        c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
-        c.ema.decay, c.ema.warmup = 0.999, True
-        c.checkpoint.every = 500
-        c.preview_every = 1000
-        if variant == "bench":
-            c.total_steps, c.export.at_end = 100, False
+        apply_bench(c, batch_size=16)
     else:
         apply_table3(c, "upsampler_1024" if stage2 else "upsampler")
         c.model.variant = "paper_1024" if stage2 and variant == "paper" else variant

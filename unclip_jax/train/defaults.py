@@ -4,17 +4,27 @@ Experiments are ``ml_collections.ConfigDict`` s; the command line overrides any 
 (``--config.optim.lr=1e-4``) and an unknown field or a wrong type is an error naming it.
 Fields that may be "unset" use typed empty values ('' / 0) instead of None so that
 overrides keep their types.
+
+The config an experiment returns is complete and locked, so the training code indexes it
+(``config.optim.lr``) and every default is written once: here, or for the diffusion fields in
+:data:`unclip_jax.diffusion.config.DEFAULTS`. The presets :func:`apply_test` and
+:func:`apply_bench` are the ``test`` and ``bench`` variants' shared settings, and
+:func:`apply_table3` the paper's hyperparameters.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-STAGES = ("prior", "decoder", "upsampler", "clip")
+from unclip_jax import stages
+from unclip_jax.diffusion.config import DEFAULTS as DIFFUSION_DEFAULTS
+
+STAGES = stages.TASK_NAMES
 
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
-    """Defaults for ``stage``; see each sub-dict's module for the meaning of its fields."""
+    """Defaults for the task ``stage`` (a :data:`unclip_jax.stages.TASKS` name); see each sub-dict's module for
+    the meaning of its fields."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
     c = ml_collections.ConfigDict()
@@ -42,17 +52,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.overrides = ml_collections.ConfigDict()
 
-    # unclip_jax.diffusion (unused by clip)
-    c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.steps = 1000
-    c.diffusion.schedule = "cosine"
-    c.diffusion.mean_type = "epsilon"
-    c.diffusion.var_type = "fixed_small_log"
-    c.diffusion.loss_type = "mse"
-    c.diffusion.clip_denoised = 1.0  # <= 0: no clipping
-    c.diffusion.vlb_weight = 0.001
-    c.diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # Min-SNR-gamma weighting (None: off)
-    c.diffusion.sample_steps = "unclip25"  # previews
+    # unclip_jax.diffusion.config.diffusion_from_config (unused by clip and ar_prior)
+    c.diffusion = ml_collections.ConfigDict(dict(DIFFUSION_DEFAULTS))
+    c.diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # None: off; typed for --config overrides
+    c.diffusion.sample_steps = "unclip25"  # previews (unclip_jax.diffusion.respace)
 
     # unclip_jax.train.optim
     c.optim = ml_collections.ConfigDict()
@@ -111,6 +114,31 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
     c.export = ml_collections.ConfigDict()
     c.export.at_end = True
+    return c
+
+
+def apply_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``test`` variant of every experiment: the model's ``test`` variant, 20 steps of 8 examples that compile
+    and run in seconds on a CPU (what the tests train), a checkpoint every 10 steps, no read-ahead threads."""
+    c.model.variant = "test"
+    c.batch_size, c.total_steps, c.log_every = 8, 20, 5
+    c.optim.lr, c.optim.schedule = 1e-3, "constant"
+    c.ema.decay = 0.99
+    c.checkpoint.every = 10
+    c.data.read_threads, c.data.prefetch_batches = 1, 0
+    return c
+
+
+def apply_bench(c: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+    """The ``bench`` variant of the diffusion stages: the model's ``bench`` variant (the sizes ``make bench`` times,
+    :mod:`unclip_jax.bench`) at ``batch_size``, 100 steps of a warmed-up cosine schedule, no export."""
+    c.model.variant = "bench"
+    c.batch_size, c.total_steps, c.log_every = batch_size, 100, 50
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
+    c.ema.decay, c.ema.warmup = 0.999, True
+    c.checkpoint.every = 500
+    c.preview_every = 1000
+    c.export.at_end = False
     return c
 
 
