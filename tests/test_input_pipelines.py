@@ -7,8 +7,8 @@ import contextlib
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unclip_jax import parallel
 from unclip_jax.input import pipelines, precompute, sources, testing
 from unclip_jax.input.arrayrecord import ShardReader
 
@@ -193,11 +193,12 @@ def test_global_batch_must_split_over_hosts(embed_dir):
         _take(pipelines.make_pipeline("upsampler", embed_dir, global_batch_size=2, target_size=256), 1)
 
 
-def test_make_global_batch_shards_over_the_data_axis(embed_dir):
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+def test_global_batch_shards_over_the_data_axis(embed_dir):
+    """A pipeline's per-process batch becomes global arrays sharded over the mesh's data axis (as the loop feeds)."""
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    assert mesh.shape["data"] == len(jax.devices()) == 8
     (b,) = _take(pipelines.make_pipeline("prior", embed_dir, global_batch_size=8, seed=0), 1)
-    g = pipelines.make_global_batch(b, sharding)
+    g = parallel.global_batch(b, mesh)
     assert g["text_hidden_states"].shape == (8, 77, 16)
     assert g["text_hidden_states"].sharding.shard_shape((8, 77, 16)) == (1, 77, 16)
     np.testing.assert_array_equal(np.asarray(g["input_ids"]), b["input_ids"])

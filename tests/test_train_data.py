@@ -100,22 +100,11 @@ def test_embed_folder_feeds_every_stage():
 
 
 def experiment(stage: str, arg: str = "test", **overrides):
-    """``experiments/<stage>.py:get_config(arg)`` with the shared data folder and dotted overrides."""
-    import importlib.util
+    """``experiments/<stage>.py:<arg>`` with the shared data folder and dotted overrides (``**{"optim.lr": 1e-3}``),
+    as ``unclip train --config=... --config.<field>=...`` builds it."""
+    from unclip_jax.train.config_loading import load_experiment
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(f"_exp_{stage}", os.path.join(root, "experiments", f"{stage}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    config.data.folder = shared_embed_folder()
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return config
+    return load_experiment(f"experiments/{stage}.py:{arg}", {"data.folder": shared_embed_folder(), **overrides})
 
 
 def first_batch(config) -> dict:

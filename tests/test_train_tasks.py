@@ -30,6 +30,7 @@ from unclip_jax.models import ar_prior as ar_lib
 from unclip_jax.models import pca_codec
 from unclip_jax.train import loop, optim
 from unclip_jax.train import metrics as metrics_lib
+from unclip_jax.train.config_loading import load_experiment
 from unclip_jax.train.tasks import base, make_task
 from unclip_jax.train.tasks.decoder import DecoderTask
 from unclip_jax.train.tasks.prior import PriorTask
@@ -187,13 +188,8 @@ def _recording_bernoulli(monkeypatch) -> list[tuple[float, int, np.ndarray, np.n
 
 
 def _experiment(stage: str, arg: str = "test"):
-    """``experiments/<stage>.py:get_config(arg)`` without a data folder."""
-    spec = importlib.util.spec_from_file_location(
-        f"_exp_tasks_{stage}", os.path.join(ROOT, "experiments", f"{stage}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """``experiments/<stage>.py:<arg>`` without a data folder."""
+    return load_experiment(f"experiments/{stage}.py:{arg}")
 
 
 def _rate_close(mask: np.ndarray, p: float, sigmas: float = 5.0) -> None:
@@ -206,10 +202,9 @@ def test_decoder_drops_image_embedding_10_and_caption_50_percent_independently(m
     cfg = _experiment("decoder")
     task = DecoderTask(
         _StubNet(in_channels=3, out_channels=6),  # learned-range variance: 2 x 3 channels
-        base.make_diffusion(cfg.diffusion),
+        cfg.diffusion,
         drop_image_prob=cfg.task.drop_image_prob,
         drop_caption_prob=cfg.task.drop_caption_prob,
-        sample_steps=cfg.diffusion.sample_steps,
     )
     b, d, length = 20_000, 4, 3
     rng = np.random.default_rng(0)
@@ -255,7 +250,7 @@ def test_prior_drops_the_caption_10_percent(monkeypatch, learned_null_text):
     )
     task = PriorTask(
         _StubNet(out_channels=d, learned_null_text=learned_null_text),
-        base.make_diffusion(cfg.diffusion),
+        cfg.diffusion,
         drop_text_prob=cfg.task.drop_text_prob,
         null_caption=None if learned_null_text else null,
     )

@@ -240,21 +240,6 @@ def abstract_init(
     return abstract, logical_shardings(abstract, mesh, rules)
 
 
-def sharded_init(init_fn: Callable[..., Any], *args: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """Runs ``init_fn`` directly into its shards: eval_shape -> shardings -> ``jit(out_shardings=...)``.
-
-    ``init_fn`` may return ``nn.Partitioned`` boxes; the result is unboxed. Nothing is ever
-    materialised unsharded, so models larger than one device's memory initialise fine.
-    """
-    _, shardings = abstract_init(init_fn, *args, mesh=mesh, rules=rules)
-
-    def unboxed(*a):
-        return nn.unbox(init_fn(*a))
-
-    with mesh_context(mesh, rules):
-        return jax.jit(unboxed, out_shardings=shardings)(*args)
-
-
 def initialize_distributed(dist_cfg: Any = None) -> bool:
     """Calls ``jax.distributed.initialize`` when a multi-process run is configured.
 

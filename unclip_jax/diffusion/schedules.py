@@ -25,11 +25,6 @@ COSINE_S = 0.008
 MAX_BETA = 0.999
 
 
-def cosine_alpha_bar(t: float | np.ndarray) -> float | np.ndarray:
-    """The continuous cosine alpha_bar(t) for t in [0, 1] (Improved DDPM eq. 17, without the 1/f(0) norm)."""
-    return np.cos((t + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2
-
-
 def betas_for_alpha_bar(
     num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = MAX_BETA
 ) -> np.ndarray:

@@ -4,7 +4,7 @@ Every pipeline is ``MapDataset.source(shards) -> [host slice] -> shuffle -> repe
 (random_)map -> to_iter_dataset (threaded read-ahead) -> batch -> [prefetch]`` and yields
 dicts of numpy arrays with a leading batch axis of ``global_batch_size //
 process_count`` (each host yields its part of the global batch; turn it into one global
-``jax.Array`` with :func:`make_global_batch`). Host ``i`` of ``n`` reads the records
+``jax.Array`` with :func:`unclip_jax.parallel.global_batch`). Host ``i`` of ``n`` reads the records
 ``i, i + n, i + 2n, ...`` (disjoint, together all records). Randomness (order, crops,
 degradations) is a pure function of ``seed`` and the record position, so the stream is
 deterministic, and the iterator state is small and checkpointable::
@@ -66,12 +66,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from unclip_jax import stages
 from unclip_jax.input import degradations
 from unclip_jax.input.arrayrecord import ShardReader, decode_record
 from unclip_jax.input.sources import decode_png
 from unclip_jax.input.validate import center_crop_arr
 
-STAGES = ("prior", "decoder", "upsampler", "clip")
+STAGES = stages.INPUT_STAGES  # the pipelines the registry's tasks read
 EMBED_FIELDS = ("input_ids", "text_mask", "text_hidden_states", "text_embeds", "image_embeds")
 _DTYPES = {"input_ids": np.int32, "text_mask": np.bool_}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # same numbers as unclip_jax.models.clip
@@ -252,30 +253,3 @@ def make_pipeline(
     elif cfg.prefetch_batches > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return ds
-
-
-def prior_pipeline(folder: str, **kwargs):
-    return make_pipeline("prior", folder, **kwargs)
-
-
-def decoder_pipeline(folder: str, **kwargs):
-    return make_pipeline("decoder", folder, **kwargs)
-
-
-def upsampler_pipeline(folder: str, **kwargs):
-    return make_pipeline("upsampler", folder, **kwargs)
-
-
-def clip_pipeline(folder: str, **kwargs):
-    return make_pipeline("clip", folder, **kwargs)
-
-
-def make_global_batch(batch: dict[str, np.ndarray], sharding) -> dict:
-    """Host-local batch (leading axis B_local) -> global ``jax.Array`` s laid out by ``sharding``.
-
-    ``sharding`` is e.g. ``NamedSharding(mesh, PartitionSpec(("data", "fsdp")))`` over the
-    training mesh; every host passes its own part (``jax.make_array_from_process_local_data``).
-    """
-    import jax
-
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -4,8 +4,8 @@ Flow (flax lm1b / big_vision style):
 
 1. mesh + logical rules from ``config.mesh`` (:mod:`unclip_jax.parallel`);
 2. the task (``config.task.name``) and its model / diffusion (:mod:`unclip_jax.train.tasks`);
-3. the stage's grain pipeline (:mod:`unclip_jax.input.pipelines`), each process loading
-   its own share of the global batch;
+3. the grain pipeline the stage registry names for the task (:data:`unclip_jax.stages.TASKS`,
+   :mod:`unclip_jax.input.pipelines`), each process loading its own share of the global batch;
 4. abstract-first state: ``jax.eval_shape(init)`` -> logical specs -> ``NamedSharding`` s
    -> either ``jit(init, out_shardings)`` or, when ``WORKDIR/checkpoints`` has one, an
    Orbax restore onto those shardings (automatic resume, any mesh);
@@ -26,7 +26,6 @@ every save, so the last checkpoint is always a good one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unclip_jax import parallel
+from unclip_jax import parallel, stages
 from unclip_jax.train import checkpoint as ckpt_lib
 from unclip_jax.train import metrics as metrics_lib
 from unclip_jax.train import optim
@@ -52,30 +51,27 @@ log = logging.getLogger("unclip_jax.train")
 
 
 # ----------------------------------------------------------------------------- data
-# Tasks that read another stage's pipeline.
-PIPELINE_OF_TASK = {"ar_prior": "prior"}
-
-
 def make_train_iterator(config: Any) -> Iterator[dict[str, np.ndarray]]:
-    """The stage's grain iterator over ``config.data.folder`` (checkpointable ``get_state`` / ``set_state``).
+    """The task's grain iterator over ``config.data.folder`` (checkpointable ``get_state`` / ``set_state``).
 
-    ``config.data`` fields with the names of :class:`unclip_jax.input.pipelines.PipelineConfig`
-    are passed through; the stage is ``config.task.name`` (the AR prior reads the prior's fields) and the batch
+    The pipeline and whether it tokenises captions are the registry row's (``input_stage``, ``tokenizer`` of
+    :func:`unclip_jax.stages.task`); ``config.data`` fields with the names of
+    :class:`unclip_jax.input.pipelines.PipelineConfig` are passed through, with ``config.seed`` and the global batch
     ``config.batch_size``.
     """
     from unclip_jax.input import pipelines
 
-    data = config.data
-    folder = data.get("folder", "")
+    row = stages.task(config.task.name)
+    folder = config.data.folder
     if not folder:
         raise ValueError("config.data.folder is empty: set it to a finished shard folder (unclip_jax.input.precompute)")
-    fields = {f.name for f in dataclasses.fields(pipelines.PipelineConfig)} - {"stage", "global_batch_size"}
-    kw = {k: v for k, v in data.items() if k in fields and v is not None}
-    kw.setdefault("seed", int(config.seed))
-    stage = PIPELINE_OF_TASK.get(config.task.name, config.task.name)
-    pcfg = pipelines.PipelineConfig(stage=stage, global_batch_size=int(config.batch_size), **kw)
+    fields = {f.name for f in dataclasses.fields(pipelines.PipelineConfig)} - {"stage", "global_batch_size", "seed"}
+    kw = {k: v for k, v in config.data.items() if k in fields}
+    pcfg = pipelines.PipelineConfig(
+        stage=row.input_stage, global_batch_size=int(config.batch_size), seed=int(config.seed), **kw
+    )
     tokenizer = None
-    if config.task.name == "clip":
+    if row.tokenizer:
         from unclip_jax.input.tokenizer import ClipTokenizer
 
         tokenizer = ClipTokenizer()
@@ -305,8 +301,8 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         every=int(ck.every),
-        keep=int(ck.get("keep", 3)),
-        async_save=bool(ck.get("async_save", True)),
+        keep=int(ck.keep),
+        async_save=bool(ck.async_save),
     )
     rng = jax.random.PRNGKey(int(config.seed))
     init_rng, base_rng = jax.random.split(rng)
@@ -320,7 +316,7 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     else:
         state, shardings, _ = init_state(task, tx, init_rng, first, mesh, rules)
         start = 0
-        if config.get("init_from", ""):
+        if config.init_from:
             state = ckpt_lib.init_from_native(state, shardings, config.init_from)
             log.info("initialised params, EMA and %s from %s", sorted(state.extra), config.init_from)
         if primary:
@@ -332,8 +328,8 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
         schedule,
         base_rng=base_rng,
         ema_decay=float(config.ema.decay),
-        ema_warmup=bool(config.ema.get("warmup", False)),
-        grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
+        ema_warmup=bool(config.ema.warmup),
+        grad_accum_steps=int(config.optim.grad_accum_steps),
     )
     t0 = time.perf_counter()
     compiled = compile_train_step(train_step, state, first, shardings, mesh, rules)
@@ -342,17 +338,17 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log.info("%s: %d parameters, mesh %s, rules %s", task.name, n_params, dict(mesh.shape), config.mesh.rules)
 
-    preview_every = int(config.get("preview_every", 0))
+    preview_every = int(config.preview_every)
     preview_fn = None
     if preview_every > 0:
-        n = int(config.get("preview_count", 4))
+        n = int(config.preview_count)
         preview_batch = jax.jit(lambda b: jax.tree.map(lambda x: x[:n], b), out_shardings=parallel.replicated(mesh))(
             first
         )
         with parallel.mesh_context(mesh, rules):
             preview_fn = jax.jit(lambda p, e, b, r: task.sample(p, b, r, e), out_shardings=parallel.replicated(mesh))
 
-    log_every = int(config.get("log_every", 10))
+    log_every = int(config.log_every)
     progress = metrics_lib.Progress(total, start, int(config.batch_size), flops)
     pending: list[tuple[int, dict]] = []  # device metrics not yet looked at
     to_log: list[tuple[int, dict]] = []
@@ -394,11 +390,11 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
                     break
         checkpointer.wait()
         export_dir = None
-        if not preempted and config.get("export", {}).get("at_end", True):
+        if not preempted and config.export.at_end:
             export_dir = os.path.join(workdir, "export", "ema")
             variables = {"params": state.ema_params, **state.extra}
             ckpt_lib.export_params(
-                task.module, variables, export_dir, variant=config.model.get("variant"), diffusion=_diffusion(config)
+                task.module, variables, export_dir, variant=config.model.variant, diffusion=task.diffusion_config
             )
             log.info("exported EMA params to %s", export_dir)
     finally:
@@ -456,13 +452,6 @@ def export_from_checkpoint(config: Any, workdir: str, out_dir: str | None = None
         task.module,
         {"params": state.ema_params, **state.extra},
         out_dir,
-        variant=config.model.get("variant"),
-        diffusion=_diffusion(config),
+        variant=config.model.variant,
+        diffusion=task.diffusion_config,
     )
-
-
-def _diffusion(config: Any) -> dict[str, Any] | None:
-    """``config.diffusion`` as plain JSON values, for the export's ``diffusion.json`` (None when the task has none)."""
-    if "diffusion" not in config or config.task.name in ("clip", "ar_prior"):
-        return None
-    return json.loads(config.diffusion.to_json())

@@ -31,10 +31,10 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
       ValueError: naming ``config.optim.schedule`` when unknown.
     """
     lr = float(optim_cfg.lr)
-    warmup = int(optim_cfg.get("warmup_steps", 0))
-    kind = optim_cfg.get("schedule", "constant")
-    decay = int(optim_cfg.get("decay_steps", 0)) or max(1, int(total_steps) - warmup)
-    end = lr * float(optim_cfg.get("end_lr_factor", 0.0))
+    warmup = int(optim_cfg.warmup_steps)
+    kind = optim_cfg.schedule
+    decay = int(optim_cfg.decay_steps) or max(1, int(total_steps) - warmup)
+    end = lr * float(optim_cfg.end_lr_factor)
     if kind == "constant":
         after = optax.constant_schedule(lr)
     elif kind == "cosine":
@@ -61,16 +61,16 @@ def make_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTran
     """
     schedule = make_schedule(optim_cfg, total_steps)
     chain = []
-    clip = float(optim_cfg.get("grad_clip_norm", 0.0) or 0.0)
+    clip = float(optim_cfg.grad_clip_norm)
     if clip > 0:
         chain.append(optax.clip_by_global_norm(clip))
     chain.append(
         optax.adamw(
             schedule,
-            b1=float(optim_cfg.get("b1", 0.9)),
-            b2=float(optim_cfg.get("b2", 0.999)),
-            eps=float(optim_cfg.get("eps", 1e-8)),
-            weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+            b1=float(optim_cfg.b1),
+            b2=float(optim_cfg.b2),
+            eps=float(optim_cfg.eps),
+            weight_decay=float(optim_cfg.weight_decay),
             mask=decay_mask,
         )
     )

@@ -13,7 +13,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 
 @flax.struct.dataclass
@@ -34,19 +33,6 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     extra: Any
-
-
-def create(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state from unboxed model variables ``{'params': ..., other collections...}``."""
-    variables = dict(variables)
-    params = variables.pop("params")
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
-        opt_state=tx.init(params),
-        extra=variables,
-    )
 
 
 def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:

@@ -43,18 +43,19 @@ class ArPriorTask:
     """Autoregressive prior (:class:`unclip_jax.models.ar_prior.ARPrior`) with its fitted codec."""
 
     name = "ar_prior"
+    diffusion_config = None
 
     def __init__(
         self,
         module: ar_lib.ARPrior,
         codec: pca_codec.State,
         *,
-        drop_text_prob: float = 0.1,
+        drop_text_prob: float,
         null_caption: dict[str, np.ndarray] | None = None,
-        guidance_scale: float | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        guidance_scale: float | None,
+        temperature: float,
+        top_k: int,
+        top_p: float,
     ):
         pca_codec.check(
             codec,
@@ -191,8 +192,8 @@ def codec_from_config(config: Any, module: ar_lib.ARPrior) -> pca_codec.State:
     """The codec of an experiment: ``config.task.codec`` (an .npz of :func:`pca_codec.save`); when empty,
     ``<config.data.folder>/ar_prior_codec.npz`` if it exists; else one fitted on ``config.task.codec_fit_examples``
     records of ``config.data.folder`` (deterministic, so every process fits the same codec)."""
-    path = config.task.get("codec", "") or ""
-    folder = config.get("data", {}).get("folder", "") if "data" in config else ""
+    path = config.task.codec
+    folder = config.data.folder
     cached = os.path.join(folder, CODEC_FILE) if folder else ""
     if not path and cached and os.path.exists(cached):
         path = cached
@@ -200,28 +201,21 @@ def codec_from_config(config: Any, module: ar_lib.ARPrior) -> pca_codec.State:
         return pca_codec.load(path)
     if not folder:
         raise ValueError("ar_prior task: set config.task.codec (a fitted codec .npz) or config.data.folder to fit one")
-    image, text = read_embeddings(folder, int(config.task.get("codec_fit_examples", 100_000)))
+    image, text = read_embeddings(folder, int(config.task.codec_fit_examples))
     return fit_codec(module, image, text)
 
 
 def make_ar_prior_task(config: Any) -> ArPriorTask:
     """The task of ``config`` (``experiments/ar_prior.py``): model ``config.model.variant``, codec, sampling."""
     module = ar_lib.build(config.model.variant, **base.model_kwargs(config.model))
-    null = None
-    if not module.learned_null_text:
-        path = config.task.get("null_caption", "") or ""
-        if not path and config.data.get("folder", ""):
-            candidate = os.path.join(config.data.folder, "null_caption.npz")
-            path = candidate if os.path.exists(candidate) else ""
-        null = base.load_arrays(path, ("text_embeds", "text_hidden_states", "text_mask"), "config.task.null_caption")
-    guidance = float(config.task.get("guidance_scale", 0.0))
+    guidance = float(config.task.guidance_scale)
     return ArPriorTask(
         module,
         codec_from_config(config, module),
-        drop_text_prob=config.task.get("drop_text_prob", 0.1),
-        null_caption=null,
+        drop_text_prob=config.task.drop_text_prob,
+        null_caption=None if module.learned_null_text else base.null_caption(config),
         guidance_scale=guidance if guidance > 0 else None,
-        temperature=float(config.task.get("temperature", 1.0)),
-        top_k=int(config.task.get("top_k", 0)),
-        top_p=float(config.task.get("top_p", 1.0)),
+        temperature=float(config.task.temperature),
+        top_k=int(config.task.top_k),
+        top_p=float(config.task.top_p),
     )

@@ -12,6 +12,11 @@ The train loop knows a model only through a :class:`Task`:
   (``[B, H, W, 3]`` float in [0, 1], written as a PNG grid) and scalar metrics
   (logged under ``preview/``).
 - ``module``: the linen module (exported with :func:`unclip_jax.convert.native.save_native`).
+- ``diffusion_config``: the ``config.diffusion`` fields the task trains with (written beside the
+  export as ``diffusion.json``), or None for a task without a diffusion.
+
+A task is built from the experiment config by its factory, ``make_<name>_task(config)``, which the
+stage registry names (:data:`unclip_jax.stages.TASKS`; :func:`unclip_jax.train.tasks.make_task`).
 
 Batches are dicts of arrays with the batch on axis 0. Images are NHWC; ``uint8`` images
 are mapped from [0, 255] to [-1, 1], float images are taken to be in [-1, 1] already.
@@ -19,7 +24,7 @@ are mapped from [0, 255] to [-1, 1], float images are taken to be in [-1, 1] alr
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -28,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.diffusion.config import diffusion_from_config
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.diffusion.respace import respace
-from unclip_jax.diffusion.schedules import get_named_beta_schedule
+from unclip_jax.input.precompute import NULL_CAPTION_FILE
 
 Batch = Mapping[str, jax.Array]
 
@@ -40,6 +46,7 @@ class Task(Protocol):
 
     name: str
     module: nn.Module
+    diffusion_config: Mapping[str, Any] | None
 
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]: ...
 
@@ -63,35 +70,41 @@ def dtype_of(name: str, field: str) -> Any:
 def model_kwargs(model_cfg: Any) -> dict[str, Any]:
     """``dtype`` / ``param_dtype`` / ``remat`` and the free-form ``overrides`` of ``config.model``."""
     kw = dict(
-        dtype=dtype_of(model_cfg.get("dtype", "float32"), "config.model.dtype"),
-        param_dtype=dtype_of(model_cfg.get("param_dtype", "float32"), "config.model.param_dtype"),
+        dtype=dtype_of(model_cfg.dtype, "config.model.dtype"),
+        param_dtype=dtype_of(model_cfg.param_dtype, "config.model.param_dtype"),
+        remat=bool(model_cfg.remat),
     )
-    if "remat" in model_cfg:
-        kw["remat"] = bool(model_cfg.remat)
-    overrides = model_cfg.get("overrides", None)
-    if overrides:
-        kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in dict(overrides).items()})
+    kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_cfg.overrides).items()})
     return kw
 
 
-def make_diffusion(diff_cfg: Any) -> GaussianDiffusion:
-    """A :class:`GaussianDiffusion` from ``config.diffusion`` (steps, schedule, mean/var/loss types)."""
-    betas = get_named_beta_schedule(diff_cfg.get("schedule", "cosine"), int(diff_cfg.get("steps", 1000)))
-    clip = diff_cfg.get("clip_denoised", 1.0)
-    return GaussianDiffusion(
-        betas=betas,
-        model_mean_type=diff_cfg.get("mean_type", "epsilon"),
-        model_var_type=diff_cfg.get("var_type", "fixed_small_log"),
-        loss_type=diff_cfg.get("loss_type", "mse"),
-        clip_denoised=None if clip is None or clip <= 0 else float(clip),
-        vlb_weight=float(diff_cfg.get("vlb_weight", 0.001)),
-        snr_gamma=None if diff_cfg.get("snr_gamma", None) is None else float(diff_cfg.snr_gamma),
-    )
+def diffusions(diffusion_config: Mapping[str, Any]) -> tuple[dict[str, Any], GaussianDiffusion, GaussianDiffusion]:
+    """``config.diffusion`` as plain values, its training diffusion and the preview diffusion.
+
+    The training diffusion is :func:`unclip_jax.diffusion.config.diffusion_from_config`; previews sample with it
+    respaced to ``sample_steps`` (e.g. "unclip25", "ddim27"; :func:`unclip_jax.diffusion.respace.respace`).
+    """
+    plain = dict(diffusion_config.items())
+    diffusion = diffusion_from_config(plain)
+    return plain, diffusion, respace(diffusion, str(plain["sample_steps"]))
 
 
-def sampling_diffusion(diffusion: GaussianDiffusion, steps: str | int) -> GaussianDiffusion:
-    """The respaced diffusion used for previews (``config.diffusion.sample_steps``, e.g. "unclip25", "ddim27")."""
-    return respace(diffusion, str(steps))
+def data_file(config: Any, field: str, default_name: str) -> str | None:
+    """``config.task.<field>`` or, when empty, ``<config.data.folder>/<default_name>`` if that exists."""
+    if config.task[field]:
+        return config.task[field]
+    folder = config.data.folder
+    candidate = os.path.join(folder, default_name) if folder else ""
+    return candidate if candidate and os.path.exists(candidate) else None
+
+
+NULL_CAPTION_KEYS = ("text_embeds", "text_hidden_states", "text_mask")
+
+
+def null_caption(config: Any) -> dict[str, np.ndarray] | None:
+    """The empty caption's CLIP encoding (``config.task.null_caption`` or the data folder's), None when neither."""
+    path = data_file(config, "null_caption", NULL_CAPTION_FILE)
+    return load_arrays(path, NULL_CAPTION_KEYS, "config.task.null_caption")
 
 
 def to_model_range(images: jax.Array) -> jax.Array:
@@ -140,8 +153,3 @@ def replace_rows(drop: jax.Array, value: jax.Array, null: jax.Array) -> jax.Arra
     """``where(drop[b], null, value[b])`` with ``null`` of shape [1|B, ...] broadcast over the batch."""
     d = drop.reshape(drop.shape + (1,) * (value.ndim - 1))
     return jnp.where(d, jnp.asarray(null).astype(value.dtype), value)
-
-
-def grid_rows(n: int) -> int:
-    """Rows of a near-square preview grid of ``n`` tiles."""
-    return max(1, int(math.floor(math.sqrt(n))))

@@ -32,6 +32,7 @@ class ClipTask:
     """Contrastive training of :class:`unclip_jax.models.clip.CLIP`."""
 
     name = "clip"
+    diffusion_config = None
 
     def __init__(self, module: clip_lib.CLIP):
         self.module = module
@@ -79,3 +80,8 @@ class ClipTask:
         sims = t @ v.T
         labels = jnp.arange(sims.shape[0])
         return {"retrieval_t2i": jnp.mean(jnp.argmax(sims, 1) == labels)}
+
+
+def make_clip_task(config: Any) -> ClipTask:
+    """The task of ``config`` (``experiments/clip.py``): model ``config.model.variant``."""
+    return ClipTask(clip_lib.build(config.model.variant, **base.model_kwargs(config.model)))

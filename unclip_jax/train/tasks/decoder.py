@@ -21,6 +21,7 @@ visible (then the sampler must use the same zeros).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -53,13 +54,15 @@ class DecoderTask:
     def __init__(
         self,
         module: decoder_lib.UnCLIPDecoder,
-        diffusion: base.GaussianDiffusion,
+        diffusion_config: Mapping[str, Any],
         *,
-        drop_image_prob: float = 0.1,
-        drop_caption_prob: float = 0.5,
-        sample_steps: str = "unclip25",
+        drop_image_prob: float,
+        drop_caption_prob: float,
         null_caption: dict[str, np.ndarray] | None = None,
     ):
+        """``diffusion_config`` is ``config.diffusion`` (its fields and the previews' ``sample_steps``)."""
+        self.diffusion_config, self.diffusion, self.sample_diffusion = base.diffusions(diffusion_config)
+        diffusion = self.diffusion
         if diffusion.model_mean_type not in ("epsilon", "v"):
             raise ValueError(
                 f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the decoder predicts epsilon "
@@ -71,8 +74,6 @@ class DecoderTask:
                 f"out_channels={module.out_channels} (learned_range needs 2 * in_channels)"
             )
         self.module = module
-        self.diffusion = diffusion
-        self.sample_diffusion = base.sampling_diffusion(diffusion, sample_steps)
         self.drop_image_prob = float(drop_image_prob)
         self.drop_caption_prob = float(drop_caption_prob)
         self.null_caption = null_caption
@@ -153,3 +154,15 @@ class DecoderTask:
 
         x = sampling.p_sample_loop(self.sample_diffusion, denoise, x_real.shape, rng, cond=cond)
         return {"images": base.to_unit_range(jnp.concatenate([x_real, x], axis=0))}
+
+
+def make_decoder_task(config: Any) -> DecoderTask:
+    """The task of ``config`` (``experiments/decoder.py``): model ``config.model.variant``, ``config.diffusion``, the
+    two classifier-free guidance dropouts and the null caption."""
+    return DecoderTask(
+        decoder_lib.build(config.model.variant, **base.model_kwargs(config.model)),
+        config.diffusion,
+        drop_image_prob=config.task.drop_image_prob,
+        drop_caption_prob=config.task.drop_caption_prob,
+        null_caption=base.null_caption(config),
+    )

@@ -20,6 +20,7 @@ text_mask, as Karlo does).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,10 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.diffusion import sampling, timesteps
+from unclip_jax.input.precompute import STATS_FILE
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.train.tasks import base
-
-NULL_KEYS = ("text_embeds", "text_hidden_states", "text_mask")
 
 
 class PriorTask:
@@ -41,21 +41,20 @@ class PriorTask:
     def __init__(
         self,
         module: prior_lib.PriorTransformer,
-        diffusion: base.GaussianDiffusion,
+        diffusion_config: Mapping[str, Any],
         *,
-        drop_text_prob: float = 0.1,
-        sample_steps: str = "unclip25",
+        drop_text_prob: float,
         stats: dict[str, np.ndarray] | None = None,
         null_caption: dict[str, np.ndarray] | None = None,
     ):
-        if diffusion.model_mean_type != "x_start":
+        """``diffusion_config`` is ``config.diffusion`` (its fields and the previews' ``sample_steps``)."""
+        self.diffusion_config, self.diffusion, self.sample_diffusion = base.diffusions(diffusion_config)
+        if self.diffusion.model_mean_type != "x_start":
             raise ValueError(
-                f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the unCLIP prior predicts x_start"
+                f"config.diffusion.mean_type={self.diffusion.model_mean_type!r}: the unCLIP prior predicts x_start"
             )
         self.module = module
-        self.diffusion = diffusion
         self.drop_text_prob = float(drop_text_prob)
-        self.sample_diffusion = base.sampling_diffusion(diffusion, sample_steps)
         self.stats = stats
         self.null_caption = null_caption
         if drop_text_prob > 0 and not module.learned_null_text and null_caption is None:
@@ -155,3 +154,22 @@ class PriorTask:
         z = self.module.apply(variables, z, method="denormalize")
         cos = jnp.sum(z * target, -1) / (jnp.linalg.norm(z, axis=-1) * jnp.linalg.norm(target, axis=-1) + 1e-8)
         return {"cosine_to_target": jnp.mean(cos)}
+
+
+def prior_stats(config: Any) -> dict[str, np.ndarray] | None:
+    """``clip_mean`` / ``clip_std`` of ``config.task.stats`` (or the data folder's stats file), None when neither."""
+    path = base.data_file(config, "stats", STATS_FILE)
+    arrays = base.load_arrays(path, ("mean", "std"), "config.task.stats")
+    return None if arrays is None else {"clip_mean": arrays["mean"], "clip_std": arrays["std"]}
+
+
+def make_prior_task(config: Any) -> PriorTask:
+    """The task of ``config`` (``experiments/prior.py``): model ``config.model.variant``, ``config.diffusion``, the
+    caption dropout, the embedding statistics and the null caption."""
+    return PriorTask(
+        prior_lib.build(config.model.variant, **base.model_kwargs(config.model)),
+        config.diffusion,
+        drop_text_prob=config.task.drop_text_prob,
+        stats=prior_stats(config),
+        null_caption=base.null_caption(config),
+    )

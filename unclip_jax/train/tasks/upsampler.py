@@ -14,6 +14,7 @@ the network sees ``concat(x_t, upsampled low_res)`` (6 channels). Loss: L_simple
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -35,13 +36,11 @@ class UpsamplerTask:
 
     name = "upsampler"
 
-    def __init__(
-        self,
-        module: upsampler_lib.SuperResUNet,
-        diffusion: base.GaussianDiffusion,
-        *,
-        sample_steps: str = "ddim27",
-    ):
+    def __init__(self, module: upsampler_lib.SuperResUNet, diffusion_config: Mapping[str, Any]):
+        """``diffusion_config`` is ``config.diffusion`` (its fields and the previews' ``sample_steps``: "ddim..." samples
+        with DDIM, anything else with DDPM ancestral steps)."""
+        self.diffusion_config, self.diffusion, self.sample_diffusion = base.diffusions(diffusion_config)
+        diffusion = self.diffusion
         if diffusion.model_mean_type not in ("epsilon", "v") or diffusion.learned_variance:
             raise ValueError(
                 "config.diffusion: the upsampler predicts epsilon (or v, for small briefly trained models) with a "
@@ -49,9 +48,7 @@ class UpsamplerTask:
                 f"(got mean_type={diffusion.model_mean_type!r}, var_type={diffusion.model_var_type!r})"
             )
         self.module = module
-        self.diffusion = diffusion
-        self.sample_steps = str(sample_steps)
-        self.sample_diffusion = base.sampling_diffusion(diffusion, sample_steps)
+        self.sample_steps = str(self.diffusion_config["sample_steps"])
 
     def _low_res(self, batch: base.Batch) -> jax.Array:
         base.require(batch, ("image", "low_res"), self.name)
@@ -90,3 +87,8 @@ class UpsamplerTask:
         loop = sampling.ddim_sample_loop if self.sample_steps.startswith("ddim") else sampling.p_sample_loop
         x = loop(self.sample_diffusion, denoise, x_real.shape, rng, cond={"low_res": low})
         return {"images": base.to_unit_range(jnp.concatenate([low, x, x_real], axis=0))}
+
+
+def make_upsampler_task(config: Any) -> UpsamplerTask:
+    """The task of ``config`` (``experiments/upsampler.py``): model ``config.model.variant`` and ``config.diffusion``."""
+    return UpsamplerTask(upsampler_lib.build(config.model.variant, **base.model_kwargs(config.model)), config.diffusion)
