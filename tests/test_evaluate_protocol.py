@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax.evaluate import commands, protocol
+from unclip_jax.evaluate import commands, generation, protocol, reference
+from unclip_jax.evaluate import instruments as instruments_lib
+from unclip_jax.evaluate import report as report_lib
 from unclip_jax.evaluate.fid import FeatureStats, fid_from_features, load_stats
 from unclip_jax.input import sources
 from unclip_jax.pipeline import StageSettings
@@ -61,8 +63,8 @@ def pipe(model_dir):
 
 @pytest.fixture(scope="module")
 def instruments(pipe):
-    features, ident = protocol.inception_instrument("test")
-    return protocol.Instruments(features, ident, protocol.pipeline_clip_scorer(pipe, "test cascade CLIP"))
+    features, ident = instruments_lib.inception_instrument("test")
+    return protocol.Instruments(features, ident, instruments_lib.pipeline_clip_scorer(pipe, "test cascade CLIP"))
 
 
 class CountingGenerator:
@@ -79,7 +81,7 @@ class CountingGenerator:
 
 
 def _generator(pipe, fn_wrapper=None, settings=SETTINGS):
-    g = protocol.pipeline_generator(pipe, settings, model={"name": "random test cascade, seed 0"}, num_candidates=1)
+    g = generation.pipeline_generator(pipe, settings, model={"name": "random test cascade, seed 0"}, num_candidates=1)
     if fn_wrapper is not None:
         g = dataclasses.replace(g, fn=fn_wrapper(g.fn))
     return g
@@ -90,7 +92,7 @@ def uninterrupted(tmp_path_factory, mock_coco, pipe, instruments):
     root = tmp_path_factory.mktemp("eval")
     counter = CountingGenerator(_generator(pipe).fn)
     gen = dataclasses.replace(_generator(pipe), fn=counter)
-    report = protocol.evaluate(mock_coco, root / "ref", root / "run", CONFIG, gen, instruments, progress=False)
+    report = report_lib.evaluate(mock_coco, root / "ref", root / "run", CONFIG, gen, instruments, progress=False)
     return dict(root=root, report=report, calls=counter.calls)
 
 
@@ -105,7 +107,7 @@ def test_caption_selection_is_deterministic_and_one_per_image(mock_coco, uninter
         protocol.select_items(12, 13, 0)
 
     # The selected captions are exactly the draws of select_items from the source's captions, one per image.
-    caps = protocol.load_captions(uninterrupted["root"] / "ref")
+    caps = reference.load_captions(uninterrupted["root"] / "ref")
     items, u = protocol.select_items(NUM_EXAMPLES, CONFIG.num_captions, CONFIG.seed)
     assert [c["item"] for c in caps] == items.tolist()
     assert len({c["item"] for c in caps}) == CONFIG.num_captions
@@ -118,7 +120,7 @@ def test_caption_selection_is_deterministic_and_one_per_image(mock_coco, uninter
 
 def test_reference_stats_are_the_selected_images_features(mock_coco, uninterrupted, instruments):
     ref = uninterrupted["root"] / "ref"
-    caps = protocol.load_captions(ref)
+    caps = reference.load_captions(ref)
     src = mock_coco()
     images = {}
     for c in caps:
@@ -148,11 +150,11 @@ def test_report_is_complete_and_consistent(uninterrupted):
     assert rep["clip_model"] == "test cascade CLIP" and rep["inception"]["variant"] == "test"
     assert rep["reference"]["num_images"] == CONFIG.num_captions
     # FID from the merged per-shard statistics equals FID of all features at once.
-    gen = np.concatenate([protocol.load_generated_shard(root / "run", j)["features"] for j in range(3)])
-    ref = np.concatenate([protocol.load_reference_shard(root / "ref", j)["features"] for j in range(3)])
+    gen = np.concatenate([generation.load_generated_shard(root / "run", j)["features"] for j in range(3)])
+    ref = np.concatenate([reference.load_reference_shard(root / "ref", j)["features"] for j in range(3)])
     assert res["fid"] == pytest.approx(fid_from_features(gen, ref), rel=1e-9)
     # Hessel's score is 100 * mean(max(cos, 0)) of the stored cosines.
-    cos = np.concatenate([protocol.load_generated_shard(root / "run", j)["cos"] for j in range(3)])
+    cos = np.concatenate([generation.load_generated_shard(root / "run", j)["cos"] for j in range(3)])
     assert res["clip_score_hessel"] == pytest.approx(100 * np.maximum(cos, 0).mean(), rel=1e-12)
     # 3 shards of 3, 3, 2 captions, one generation batch (8, padded) each.
     assert uninterrupted["calls"] == 3
@@ -163,11 +165,11 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, mock_coco, pipe, inst
     # Reference: interrupted after 1 shard, resumed -> identical statistics and captions.
     ref2 = tmp_path / "ref"
     with pytest.raises(protocol.Interrupted):
-        protocol.prepare_reference(
+        reference.prepare_reference(
             mock_coco, ref2, CONFIG, instruments.features, instruments.inception, progress=False, stop_after_shards=1
         )
     assert sorted(p.name for p in (ref2 / "shards").iterdir()) == ["ref_00000.npz"]
-    protocol.prepare_reference(mock_coco, ref2, CONFIG, instruments.features, instruments.inception, progress=False)
+    reference.prepare_reference(mock_coco, ref2, CONFIG, instruments.features, instruments.inception, progress=False)
     assert (ref2 / "captions.jsonl").read_text() == (ref / "captions.jsonl").read_text()
     with np.load(ref / "reference_stats.npz") as a, np.load(ref2 / "reference_stats.npz") as b:
         for k in ("mu", "sigma", "m2", "n"):
@@ -177,20 +179,22 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, mock_coco, pipe, inst
     run = tmp_path / "run"
     killed = CountingGenerator(_generator(pipe).fn, fail_after=1)
     with pytest.raises(KeyboardInterrupt):
-        protocol.evaluate(mock_coco, ref2, run, CONFIG, _generator(pipe, lambda f: killed), instruments, progress=False)
+        report_lib.evaluate(
+            mock_coco, ref2, run, CONFIG, _generator(pipe, lambda f: killed), instruments, progress=False
+        )
     done = sorted(p.name for p in (run / "shards").iterdir())
     assert done == ["gen_00000.npz"] and not (run / "report.json").exists()
     stamp = os.stat(run / "shards" / "gen_00000.npz").st_mtime_ns
 
     resumed = CountingGenerator(_generator(pipe).fn)
-    rep = protocol.evaluate(
+    rep = report_lib.evaluate(
         mock_coco, ref2, run, CONFIG, _generator(pipe, lambda f: resumed), instruments, progress=False
     )
     assert resumed.calls == 2  # only the two unfinished shards were generated
     assert os.stat(run / "shards" / "gen_00000.npz").st_mtime_ns == stamp
     for j in range(CONFIG.num_shards):
-        a = protocol.load_generated_shard(uninterrupted["root"] / "run", j)
-        b = protocol.load_generated_shard(run, j)
+        a = generation.load_generated_shard(uninterrupted["root"] / "run", j)
+        b = generation.load_generated_shard(run, j)
         for k in ("features", "image_embeds", "text_embeds", "cos"):
             np.testing.assert_array_equal(a[k], b[k])
     want = uninterrupted["report"]["results"]
@@ -201,9 +205,9 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, mock_coco, pipe, inst
     # Resuming with other settings is refused, naming what differs.
     other = {**SETTINGS, "decoder": StageSettings(2, guidance_scale=5.0)}
     with pytest.raises(ValueError, match="generation"):
-        protocol.generate_shards(ref2, run, CONFIG, _generator(pipe, settings=other), instruments, progress=False)
+        generation.generate_shards(ref2, run, CONFIG, _generator(pipe, settings=other), instruments, progress=False)
     with pytest.raises(ValueError, match="seed"):
-        protocol.prepare_reference(
+        reference.prepare_reference(
             mock_coco, ref2, dataclasses.replace(CONFIG, seed=4), instruments.features, instruments.inception
         )
 
@@ -249,7 +253,7 @@ def test_sharded_generation_equals_unsharded(pipe):
     captions = [f"a photo of thing number {i}" for i in range(8)]
     sharded = _generator(pipe).fn(captions, 5)
     one = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
-    single = protocol.pipeline_generator(pipe, SETTINGS, model={}, num_candidates=1, mesh=one).fn(captions, 5)
+    single = generation.pipeline_generator(pipe, SETTINGS, model={}, num_candidates=1, mesh=one).fn(captions, 5)
     assert sharded.shape == single.shape == (8, 32, 32, 3) and sharded.dtype == np.uint8
     diff = np.abs(sharded.astype(int) - single.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
@@ -307,8 +311,8 @@ def test_process_killed_mid_write_resumes_to_the_uninterrupted_report(tmp_path, 
     assert commands.run(_evaluate_parser().parse_args(argv)) == 0  # resumed (the fixture's mock COCO is active)
     assert os.stat(shards / "gen_00000.npz").st_mtime_ns == stamp  # finished shards are not redone
     for j in range(CONFIG.num_shards):
-        a = protocol.load_generated_shard(uninterrupted["root"] / "run", j)
-        b = protocol.load_generated_shard(out, j)
+        a = generation.load_generated_shard(uninterrupted["root"] / "run", j)
+        b = generation.load_generated_shard(out, j)
         for k in ("features", "image_embeds", "text_embeds", "cos"):
             np.testing.assert_array_equal(a[k], b[k])
     rep = json.loads((out / "report.json").read_text())

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unclip_jax.evaluate import instruments as instruments_lib
 from unclip_jax.evaluate import protocol, sweep
+from unclip_jax.evaluate import report as report_lib
 from unclip_jax.input import sources
 
 CONFIG = protocol.ProtocolConfig(num_captions=6, seed=1, image_size=32, shard_size=4, batch_size=8, kid_subsets=3)
@@ -53,7 +55,7 @@ def setup(tmp_path_factory):
         rows.append({"file_name": f"im{i}.png", "caption": f"caption {'x' * i}"})
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     source_fn = lambda: sources.FolderSource(str(root), image_size=32)  # noqa: E731
-    features, ident = protocol.inception_instrument("test")
+    features, ident = instruments_lib.inception_instrument("test")
     inst = protocol.Instruments(features, ident, protocol.ClipScorer("fake clip", _embed_images, _embed_texts))
     return root, source_fn, inst
 
@@ -66,7 +68,7 @@ def test_sweep_over_two_guidance_values_writes_table_and_plot(setup):
     rows = out["rows"]
     assert [r["decoder_guidance"] for r in rows] == [1.0, 4.0]
     # Each row is that point's own protocol run (check against a separate single evaluation at decoder scale 4).
-    single = protocol.evaluate(
+    single = report_lib.evaluate(
         source_fn, root / "ref", root / "single", CONFIG, make_generator(points[1]), inst, progress=False
     )
     assert rows[1]["fid"] == single["results"]["fid"]

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from unclip_jax.pipeline import StageSettings, cascade, images, manipulations, testing
+from unclip_jax.pipeline import Component, StageSettings, UnclipPipeline, images, manipulations, program, slerp, testing
 from unclip_jax.pipeline.loading import PipelineLoadError, load_pipeline
 
 PROMPTS = ["a red cube", "a blue ball on grass"]
@@ -52,22 +52,20 @@ def test_guidance_scale_one_equals_unguided_and_no_recompile(pipe, guided_one):
         err = np.abs(guided_one[key] - unguided[key]).max()
         assert err < 1e-5, (key, err)
     # Same shapes and plan with other prompts, seed and guidance scales: no new trace / compilation.
-    count = cascade.trace_count()
+    count = program.trace_count()
     again = pipe(["two dogs", "a house"], seed=9, settings=_settings(4.0, 8.0), num_candidates=3, stop_after="decoder")
-    assert cascade.trace_count() == count
+    assert program.trace_count() == count
     assert np.abs(again["decoder_images"] - guided_one["decoder_images"]).max() > 1e-2
     # A different plan (here: stop after the prior) is a new program, and the counter sees it.
     pipe(PROMPTS, seed=0, settings=_settings(None, None), num_candidates=3, stop_after="prior")
-    assert cascade.trace_count() == count + 1
+    assert program.trace_count() == count + 1
 
 
 def test_prior_alone_needs_no_decoder(pipe, guided_one):
     """Sampling z_i (stop_after="prior") runs without a decoder and draws the same candidates as the full cascade;
     asking such a pipeline for images names the missing component."""
     c = pipe.components
-    prior_only = cascade.UnclipPipeline(
-        pipe.tokenizer, c["text_encoder"], None, prior=c["prior"], diffusions=pipe.diffusions
-    )
+    prior_only = UnclipPipeline(pipe.tokenizer, c["text_encoder"], None, prior=c["prior"], diffusions=pipe.diffusions)
     out = prior_only(PROMPTS, seed=5, settings=_settings(1.0, 1.0), num_candidates=3, stop_after="prior")
     assert "decoder_images" not in out
     np.testing.assert_allclose(out["candidates"], guided_one["candidates"], atol=1e-6)
@@ -79,9 +77,9 @@ def test_prior_alone_needs_no_decoder(pipe, guided_one):
 def test_slerp_endpoints_and_norms():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(3, 8)).astype(np.float32), 2 * rng.normal(size=(3, 8)).astype(np.float32)
-    np.testing.assert_allclose(cascade.slerp(a, b, 0.0), a, atol=1e-5)
-    np.testing.assert_allclose(cascade.slerp(a, b, 1.0), b, atol=1e-5)
-    mid = np.asarray(cascade.slerp(a, b, 0.5))
+    np.testing.assert_allclose(slerp(a, b, 0.0), a, atol=1e-5)
+    np.testing.assert_allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = np.asarray(slerp(a, b, 0.5))
     np.testing.assert_allclose(
         np.linalg.norm(mid, axis=1), 0.5 * (np.linalg.norm(a, axis=1) + np.linalg.norm(b, axis=1)), rtol=1e-5
     )
@@ -113,8 +111,8 @@ def manip_pipe(pipe):
     dec = pipe.components["decoder"]
     params = jax.tree.map(lambda x: x, dec.variables["params"])
     params["unet"]["conv_out"] = {k: v * OUT_SCALE for k, v in params["unet"]["conv_out"].items()}
-    comps = dict(pipe.components, decoder=cascade.Component(dec.module, {"params": params}))
-    return cascade.UnclipPipeline(pipe.tokenizer, **comps)
+    comps = dict(pipe.components, decoder=Component(dec.module, {"params": params}))
+    return UnclipPipeline(pipe.tokenizer, **comps)
 
 
 @pytest.fixture(scope="module")

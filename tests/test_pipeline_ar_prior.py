@@ -18,7 +18,7 @@ from PIL import Image
 from unclip_jax import cli
 from unclip_jax.models import ar_prior
 from unclip_jax.models.prior import PriorTransformer
-from unclip_jax.pipeline import StageSettings, cascade, testing
+from unclip_jax.pipeline import StageSettings, program, testing
 from unclip_jax.pipeline.loading import PipelineLoadError, load_pipeline
 
 PROMPTS = ["a red cube", "a blue ball on grass"]
@@ -88,7 +88,7 @@ def test_pipeline_prior_equals_direct_ar_sample(ar_pipe):
     np.testing.assert_array_equal(out["candidate_index"], best)
     np.testing.assert_allclose(out["image_embeds"], cands[np.arange(2), best], atol=1e-5)
     # Guidance scale and temperature are traced: other values run the same program and change the draw.
-    count = cascade.trace_count()
+    count = program.trace_count()
     other = ar_pipe(
         PROMPTS,
         seed=11,
@@ -96,7 +96,7 @@ def test_pipeline_prior_equals_direct_ar_sample(ar_pipe):
         num_candidates=2,
         stop_after="prior",
     )
-    assert cascade.trace_count() == count
+    assert program.trace_count() == count
     assert (other["prior_codes"] != out["prior_codes"]).any()
 
 
@@ -114,19 +114,19 @@ def test_evaluate_uses_the_same_loader_and_settings(model_dir, ar_pipe):
     import argparse
 
     from unclip_jax.evaluate import commands as eval_commands
-    from unclip_jax.evaluate import protocol
-    from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
-    from unclip_jax.pipeline.commands import _load, _stage_settings
+    from unclip_jax.evaluate import generation, instruments
+    from unclip_jax.pipeline import DEFAULT_SETTINGS
+    from unclip_jax.pipeline.flags import load_from_args, stage_settings
 
     parser = argparse.ArgumentParser()
     eval_commands.add_arguments(parser)
     argv = ["--model", str(model_dir), "--prior", "ar", "--prior-temperature", "0.7", "--prior-top-k", "3"]
     args = parser.parse_args([*argv, "--stop-after", "decoder"])
-    pipe = _load(args, ("text_encoder", "decoder", "prior"))
+    pipe = load_from_args(args, ("text_encoder", "decoder", "prior"))
     assert pipe.prior_kind == "ar" and args.path_prior is None and args.prior_kind == "ar"
-    settings = _stage_settings(args, DEFAULT_SETTINGS)
+    settings = stage_settings(args, DEFAULT_SETTINGS)
     assert settings["prior"].temperature == 0.7 and settings["prior"].top_k == 3
-    gen = protocol.pipeline_generator(ar_pipe, settings, model={}, mesh=protocol.local_mesh())
+    gen = generation.pipeline_generator(ar_pipe, settings, model={}, mesh=instruments.local_mesh())
     assert gen.settings["prior_kind"] == "ar"
     assert gen.settings["stages"]["prior"]["temperature"] == 0.7
     assert "temperature" not in gen.settings["stages"]["decoder"]

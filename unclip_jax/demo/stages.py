@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.evaluate.protocol import json_default
+from unclip_jax.evaluate.storage import json_default
 
 REPO = Path(__file__).resolve().parents[2]
 MARKERS = "stages"
@@ -390,14 +390,14 @@ def _pipeline(ctx: Context):
 
 
 def _settings(ctx: Context) -> dict[str, Any]:
-    from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
+    from unclip_jax.pipeline import DEFAULT_SETTINGS
 
     return {k: dataclasses.replace(DEFAULT_SETTINGS[k], **v) for k, v in ctx.profile.sample_settings.items()}
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     """``[N, h, w, 3]`` in [-1, 1] -> ``[N, size, size, 3]`` (bicubic, antialiased; the cascade's resize)."""
-    from unclip_jax.pipeline.cascade import resize
+    from unclip_jax.pipeline import resize
 
     images = np.asarray(images, np.float32)
     return images if images.shape[1] == size else np.asarray(resize(images, size))

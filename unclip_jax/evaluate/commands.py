@@ -30,11 +30,15 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``unclip evaluate`` options to ``parser``."""
-    from unclip_jax.pipeline.commands import _add_common, _float_list
+    from unclip_jax.pipeline.flags import add_pipeline_arguments, float_list
 
-    _add_common(parser, guided=("prior", "decoder"), default_out="eval/coco30k")
-    parser._option_string_actions["--out"].help = "run folder (report.json, shards/; a sweep: sweep.md/.json/.png)"
-    parser._option_string_actions["--stop-after"].help = "last stage (default super_res: the 256x256 samples)"
+    add_pipeline_arguments(
+        parser,
+        guided=("prior", "decoder"),
+        default_out="eval/coco30k",
+        out_help="run folder (report.json, shards/; a sweep: sweep.md/.json/.png)",
+        stop_after_help="last stage (default super_res: the 256x256 samples)",
+    )
     p = parser.add_argument_group("protocol")
     p.add_argument("--num-captions", type=int, default=30_000, help="N captions from COCO val2014 (one per image)")
     p.add_argument("--image-size", type=int, default=256, help="reference crop and sample size")
@@ -56,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--kid-subset-size", type=int, default=1000)
     m.add_argument("--precision-recall", action="store_true", help="also improved precision/recall (slow at 30k)")
     s = parser.add_argument_group("sweep (figure 11)")
-    s.add_argument("--sweep-decoder", type=_float_list, default=None, help="decoder guidance scales, e.g. 1,2,4,8")
-    s.add_argument("--sweep-prior", type=_float_list, default=None, help="prior guidance scales (default: fixed)")
+    s.add_argument("--sweep-decoder", type=float_list, default=None, help="decoder guidance scales, e.g. 1,2,4,8")
+    s.add_argument("--sweep-prior", type=float_list, default=None, help="prior guidance scales (default: fixed)")
     parser.add_argument("--distributed-auto", action="store_true", help="jax.distributed.initialize() (TPU pods)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -108,31 +112,34 @@ def run(args: argparse.Namespace) -> int:
 
     parallel.initialize_distributed({"auto": True} if args.distributed_auto else None)
 
+    from unclip_jax.evaluate import instruments as instruments_lib
     from unclip_jax.evaluate import protocol, sweep
-    from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
-    from unclip_jax.pipeline.commands import _COMPONENT_FLAGS, _load, _stage_settings
+    from unclip_jax.evaluate.generation import pipeline_generator
+    from unclip_jax.evaluate.report import evaluate
+    from unclip_jax.evaluate.storage import model_identity
+    from unclip_jax.pipeline import DEFAULT_SETTINGS
+    from unclip_jax.pipeline.flags import component_paths, load_from_args, stage_settings
 
     config = _config(args)
     require = ("text_encoder", "decoder") + (("prior",) if args.image_embeds == "prior" else ())
     if args.clip is None:
         require += ("image_encoder",)
-    pipe = _load(args, require)
-    paths = {comp: getattr(args, f"path_{comp}", None) for comp in _COMPONENT_FLAGS}
-    model = protocol.model_identity(args.model, paths)
-    mesh = protocol.local_mesh()
-    features, inception = protocol.inception_instrument(args.inception, args.inception_weights, mesh)
+    pipe = load_from_args(args, require)
+    model = model_identity(args.model, component_paths(args))
+    mesh = instruments_lib.local_mesh()
+    features, inception = instruments_lib.inception_instrument(args.inception, args.inception_weights, mesh)
     if args.clip is not None:
-        clip = protocol.folder_clip_scorer(args.clip, args.clip_name)
+        clip = instruments_lib.folder_clip_scorer(args.clip, args.clip_name)
     else:
         name = args.clip_name or f"pipeline text_encoder + image_encoder (model sha256 {model['sha256'][:16]})"
-        clip = protocol.pipeline_clip_scorer(pipe, name)
+        clip = instruments_lib.pipeline_clip_scorer(pipe, name)
     instruments = protocol.Instruments(features, inception, clip)
-    settings = _stage_settings(args, DEFAULT_SETTINGS)
+    settings = stage_settings(args, DEFAULT_SETTINGS)
     ref_dir = args.reference_dir or args.out / "reference"
     progress = not args.quiet
 
     def generator(point: dict[str, Any]) -> protocol.Generator:
-        return protocol.pipeline_generator(
+        return pipeline_generator(
             pipe,
             _with_guidance(settings, point),
             model=model,
@@ -151,9 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if result["paths"]:
             print(Path(result["paths"]["markdown"]).read_text(), flush=True)
         return 0
-    report = protocol.evaluate(
-        _source_fn(args), ref_dir, args.out, config, generator({}), instruments, progress=progress
-    )
+    report = evaluate(_source_fn(args), ref_dir, args.out, config, generator({}), instruments, progress=progress)
     print(json.dumps(report["results"], indent=2), flush=True)
     print(f"[evaluate] wrote {args.out / 'report.json'}", flush=True)
     return 0

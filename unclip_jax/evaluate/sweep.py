@@ -2,7 +2,7 @@
 
 Figure 11 of Ramesh et al. 2022 plots MS-COCO FID against the decoder's classifier-free guidance scale: guidance
 costs unCLIP far less FID than GLIDE because the scene is fixed by z_i. :func:`run_sweep` runs the MS-COCO protocol
-(:mod:`unclip_jax.evaluate.protocol`) once per (decoder scale, prior scale) point, every point sharing one
+(:func:`unclip_jax.evaluate.report.evaluate`) once per (decoder scale, prior scale) point, every point sharing one
 reference folder (statistics computed once) and resuming like a single run (finished points only recompute their
 report), then writes
 
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from unclip_jax.evaluate import protocol
+from unclip_jax.evaluate.report import evaluate
+from unclip_jax.evaluate.storage import process_index, write_json, write_text
 
 COLUMNS = (
     ("decoder_guidance", "decoder guidance"),
@@ -129,12 +131,10 @@ def write_outputs(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, me
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "sweep.json", "markdown": out_dir / "sweep.md", "plot": out_dir / "sweep.png"}
-    protocol._write_json(paths["json"], {**meta, "rows": list(rows)})
+    write_json(paths["json"], {**meta, "rows": list(rows)})
     md = f"# Guidance sweep: {meta.get('title', 'MS-COCO zero-shot')}\n\n" + markdown_table(rows)
     md += f"\nCLIP model: {meta.get('clip_model')}; Inception: {meta.get('inception', {}).get('variant')}\n"
-    tmp = paths["markdown"].with_name(f".sweep.md.tmp-{os.getpid()}")
-    tmp.write_text(md)
-    os.replace(tmp, paths["markdown"])
+    write_text(paths["markdown"], md)
     plot(rows, paths["plot"], title=meta.get("title", "MS-COCO zero-shot"))
     return paths
 
@@ -153,7 +153,7 @@ def run_sweep(
     """Runs the protocol at every point and writes the table and plot.
 
     Args:
-        source_fn, ref_dir, config, instruments: as :func:`unclip_jax.evaluate.protocol.evaluate`.
+        source_fn, ref_dir, config, instruments: as :func:`unclip_jax.evaluate.report.evaluate`.
         out_dir: sweep folder; point ``p`` runs in ``out_dir/points/<point_name(p)>``.
         points: ``{"decoder": scale, "prior": scale or None}`` (:func:`sweep_points`).
         make_generator: point -> :class:`~unclip_jax.evaluate.protocol.Generator` sampling with those scales.
@@ -168,9 +168,7 @@ def run_sweep(
         run_dir = out_dir / "points" / point_name(point)
         if progress:
             print(f"[sweep] point {i + 1}/{len(points)}: {point_name(point)}", flush=True)
-        report = protocol.evaluate(
-            source_fn, ref_dir, run_dir, config, make_generator(point), instruments, progress=progress
-        )
+        report = evaluate(source_fn, ref_dir, run_dir, config, make_generator(point), instruments, progress=progress)
         reports.append(report)
         rows.append(row_of(point, report, run_dir))
     meta = {
@@ -181,7 +179,7 @@ def run_sweep(
         "reference": reports[0]["reference"]["stats"],
         "config": reports[0]["config"],
     }
-    paths = write_outputs(rows, out_dir, meta) if protocol._process_index() == 0 else {}
+    paths = write_outputs(rows, out_dir, meta) if process_index() == 0 else {}
     if progress and paths:
         print(f"[sweep] wrote {paths['markdown']}, {paths['json']}, {paths['plot']}", flush=True)
     return {"rows": rows, "paths": paths}

@@ -31,166 +31,7 @@ from typing import Any
 
 import numpy as np
 
-# Stage name -> (flag prefix, default steps, default sampler, default guidance).
-_STAGE_FLAGS = {
-    "prior": "prior",
-    "decoder": "decoder",
-    "super_res": "super-res",
-    "upsampler_1024": "upsampler-1024",
-}
-_COMPONENT_FLAGS = {
-    "prior": "prior",
-    "decoder": "decoder",
-    "super_res_first": "super-res",
-    "super_res_last": "super-res-last",
-    "upsampler_1024": "upsampler-1024",
-    "text_encoder": "text-encoder",
-    "image_encoder": "image-encoder",
-}
-
-
-def _steps(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
-
-
-def _float_list(value: str) -> list[float]:
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from e
-
-
-def _add_common(parser: argparse.ArgumentParser, guided: tuple[str, ...], default_out: str) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", type=Path, default=None, help="pipeline folder (diffusers Karlo layout or native)")
-    for comp, flag in _COMPONENT_FLAGS.items():
-        g.add_argument(
-            f"--{flag}",
-            dest=f"path_{comp}",
-            type=Path,
-            default=None,
-            help=f"{comp}: training workdir (export/ema), native or diffusers folder (overrides --model)"
-            + (
-                "; a diffusion (PriorTransformer) or autoregressive (ARPrior, native/workdir only) prior, detected "
-                "from the folder; 'ar' / 'diffusion' (no such file) = --prior-kind ar / diffusion"
-                if comp == "prior"
-                else ""
-            ),
-        )
-    if "prior" in guided:
-        g.add_argument(
-            "--prior-kind",
-            dest="prior_kind",
-            choices=("auto", "diffusion", "ar"),
-            default="auto",
-            help="which prior to use: auto (whatever the prior folder holds), diffusion or ar (autoregressive; "
-            "without --prior PATH it is looked up in MODEL/ar_prior, then MODEL/prior). '--prior ar' is short for "
-            "'--prior-kind ar'",
-        )
-    s = parser.add_argument_group("sampling (per stage; defaults: Karlo's)")
-    for stage, flag in _STAGE_FLAGS.items():
-        note = " (diffusion prior only)" if stage == "prior" else ""
-        s.add_argument(f"--{flag}-steps", dest=f"{stage}_steps", type=_steps, default=None, help=f"{stage} steps{note}")
-        s.add_argument(f"--{flag}-sampler", dest=f"{stage}_sampler", choices=("ddpm", "ddim"), default=None)
-        s.add_argument(f"--{flag}-eta", dest=f"{stage}_eta", type=float, default=None, help=f"DDIM eta{note}")
-        if stage in guided:
-            s.add_argument(
-                f"--{flag}-guidance",
-                dest=f"{stage}_guidance",
-                type=float,
-                default=None,
-                help="classifier-free guidance scale (<= 0: unguided)",
-            )
-    if "prior" in guided:
-        s.add_argument(
-            "--prior-temperature",
-            dest="prior_temperature",
-            type=float,
-            default=None,
-            help="AR prior only: softmax temperature of the code tokens (default 1)",
-        )
-        s.add_argument(
-            "--prior-top-k",
-            dest="prior_top_k",
-            type=int,
-            default=None,
-            help="AR prior only: keep the k most likely code tokens (default 0: off)",
-        )
-        s.add_argument(
-            "--prior-top-p",
-            dest="prior_top_p",
-            type=float,
-            default=None,
-            help="AR prior only: nucleus sampling of the code tokens, in (0, 1] (default 1: off)",
-        )
-    s.add_argument(
-        "--stop-after",
-        choices=("decoder", "super_res", "upsampler_1024"),
-        default=None,
-        help="last stage to run (default: the last upsampler loaded)",
-    )
-    s.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(default_out), help="grid PNG; singles are written beside it")
-
-
-def _stage_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    from unclip_jax.pipeline.cascade import StageSettings
-
-    out = {}
-    for stage, base in defaults.items():
-        steps = getattr(args, f"{stage}_steps", None)
-        sampler = getattr(args, f"{stage}_sampler", None)
-        eta = getattr(args, f"{stage}_eta", None)
-        guidance = getattr(args, f"{stage}_guidance", None)
-        kw = {}
-        for name in ("temperature", "top_k", "top_p"):  # the AR prior's (only the prior has these flags)
-            value = getattr(args, f"{stage}_{name}", None)
-            if value is not None:
-                kw[name] = value
-        if steps is not None:
-            kw["steps"] = steps
-        if sampler is not None:
-            kw["sampler"] = sampler
-        if eta is not None:
-            kw["eta"] = eta
-            if eta and kw.get("sampler", base.sampler) == "ddpm":
-                kw["sampler"] = "ddim"
-        if guidance is not None:
-            kw["guidance_scale"] = guidance if guidance > 0 else None
-        out[stage] = StageSettings(**{**base.__dict__, **kw})
-    return out
-
-
-def _resolve_prior_kind(args: argparse.Namespace) -> str:
-    """``--prior ar`` / ``--prior diffusion`` (no such file or folder) is ``--prior-kind``; returns the kind and clears
-    ``args.path_prior`` in that case (so that later readers of the paths see no prior path)."""
-    kind = getattr(args, "prior_kind", "auto") or "auto"
-    path = getattr(args, "path_prior", None)
-    if path is not None and str(path) in ("ar", "diffusion") and not Path(path).exists():
-        if kind not in ("auto", str(path)):
-            raise SystemExit(f"unclip: --prior {path} contradicts --prior-kind {kind}")
-        kind, args.path_prior = str(path), None
-    args.prior_kind = kind
-    return kind
-
-
-def _load(args: argparse.Namespace, require: tuple[str, ...]):
-    from unclip_jax.pipeline.loading import PipelineLoadError, load_pipeline
-
-    kind = _resolve_prior_kind(args)
-    paths = {comp: getattr(args, f"path_{comp}", None) for comp in _COMPONENT_FLAGS}
-    if args.model is None and not any(paths.values()):
-        raise SystemExit("unclip: give --model DIR or component paths (--prior, --decoder, ...)")
-    require = require + (() if args.stop_after == "decoder" else ("super_res_first",))
-    t0 = time.perf_counter()
-    try:
-        pipe = load_pipeline(args.model, paths=paths, require=require, prior_kind=kind)
-    except PipelineLoadError as e:  # names the component and the folders searched
-        raise SystemExit(f"unclip: {e}") from e
-    loaded = [k for k, v in pipe.components.items() if v is not None]
-    kind_note = f" (prior: {pipe.prior_kind})" if pipe.prior_kind else ""
-    print(f"[unclip] loaded {', '.join(loaded)}{kind_note} in {time.perf_counter() - t0:.1f}s", flush=True)
-    return pipe
+from unclip_jax.pipeline.flags import add_pipeline_arguments, float_list, load_from_args, stage_settings
 
 
 def _write(result: dict[str, Any], out: Path, labels: list[str], ncols: int | None = None) -> None:
@@ -222,15 +63,15 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         default="prior",
         help="decoder z_i: prior sample, the CLIP text embedding (zero-shot), zeros or the learned CFG embedding",
     )
-    _add_common(parser, guided=("prior", "decoder"), default_out="samples/grid.png")
+    add_pipeline_arguments(parser, guided=("prior", "decoder"), default_out="samples/grid.png")
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
+    from unclip_jax.pipeline.settings import DEFAULT_SETTINGS
 
     require = ("text_encoder", "decoder") + (("prior",) if args.image_embeds == "prior" else ())
-    pipe = _load(args, require)
-    settings = _stage_settings(args, DEFAULT_SETTINGS)
+    pipe = load_from_args(args, require)
+    settings = stage_settings(args, DEFAULT_SETTINGS)
     out = _timed(
         "sample",
         pipe,
@@ -250,8 +91,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------- manipulations
 def _manip_defaults() -> dict[str, Any]:
-    from unclip_jax.pipeline.cascade import DEFAULT_SETTINGS
     from unclip_jax.pipeline.manipulations import MANIPULATION_DECODER
+    from unclip_jax.pipeline.settings import DEFAULT_SETTINGS
 
     return {**DEFAULT_SETTINGS, "decoder": MANIPULATION_DECODER}
 
@@ -266,13 +107,13 @@ def add_vary_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=4, help="number of variations")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of decoding (0 reconstructs)")
     parser.add_argument("--caption", default="", help="caption conditioning of the decoder (default: none)")
-    _add_common(parser, guided=("decoder",), default_out="samples/vary.png")
+    add_pipeline_arguments(parser, guided=("decoder",), default_out="samples/vary.png")
 
 
 def run_vary(args: argparse.Namespace) -> int:
     from unclip_jax.pipeline import images, manipulations
 
-    pipe = _load(args, ("text_encoder", "decoder", "image_encoder"))
+    pipe = load_from_args(args, ("text_encoder", "decoder", "image_encoder"))
     img = images.load_image(args.image, _image_size(pipe))
     out = _timed(
         "vary",
@@ -283,7 +124,7 @@ def run_vary(args: argparse.Namespace) -> int:
         eta=args.eta,
         seed=args.seed,
         caption=args.caption,
-        settings=_stage_settings(args, _manip_defaults()),
+        settings=stage_settings(args, _manip_defaults()),
         stop_after=args.stop_after,
         progress=True,
     )
@@ -300,13 +141,13 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
         "--x-T", dest="x_T", choices=("slerp", "fixed"), default="slerp", help="decoder latent: slerped or fixed"
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta of decoding")
-    _add_common(parser, guided=("decoder",), default_out="samples/interpolate.png")
+    add_pipeline_arguments(parser, guided=("decoder",), default_out="samples/interpolate.png")
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
     from unclip_jax.pipeline import images, manipulations
 
-    pipe = _load(args, ("text_encoder", "decoder", "image_encoder"))
+    pipe = load_from_args(args, ("text_encoder", "decoder", "image_encoder"))
     size = _image_size(pipe)
     out = _timed(
         "interpolate",
@@ -318,7 +159,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
         x_T_mode=args.x_T,
         eta=args.eta,
         seed=args.seed,
-        settings=_stage_settings(args, _manip_defaults()),
+        settings=stage_settings(args, _manip_defaults()),
         stop_after=args.stop_after,
         progress=True,
     )
@@ -332,16 +173,16 @@ def add_textdiff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", default="a photo", help="caption of the current image")
     parser.add_argument("--to", dest="target", required=True, help="caption of the edit")
     parser.add_argument(
-        "--thetas", type=_float_list, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], help="comma-separated slerp amounts"
+        "--thetas", type=float_list, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], help="comma-separated slerp amounts"
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta of decoding")
-    _add_common(parser, guided=("decoder",), default_out="samples/textdiff.png")
+    add_pipeline_arguments(parser, guided=("decoder",), default_out="samples/textdiff.png")
 
 
 def run_textdiff(args: argparse.Namespace) -> int:
     from unclip_jax.pipeline import images, manipulations
 
-    pipe = _load(args, ("text_encoder", "decoder", "image_encoder"))
+    pipe = load_from_args(args, ("text_encoder", "decoder", "image_encoder"))
     out = _timed(
         "textdiff",
         manipulations.text_diff,
@@ -352,7 +193,7 @@ def run_textdiff(args: argparse.Namespace) -> int:
         thetas=args.thetas,
         eta=args.eta,
         seed=args.seed,
-        settings=_stage_settings(args, _manip_defaults()),
+        settings=stage_settings(args, _manip_defaults()),
         stop_after=args.stop_after,
         progress=True,
     )

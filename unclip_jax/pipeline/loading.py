@@ -46,7 +46,9 @@ from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
 from unclip_jax.models.decoder import UnCLIPDecoder
 from unclip_jax.models.prior import PriorTransformer
 from unclip_jax.models.upsampler import SuperResUNet
-from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion, prior_kind
+from unclip_jax.pipeline.cascade import Component, UnclipPipeline
+from unclip_jax.pipeline.priors import prior_kind
+from unclip_jax.pipeline.settings import default_diffusion
 
 COMPONENTS = (
     "text_encoder",
@@ -351,7 +353,7 @@ def load_pipeline(
         loaded[name], folders[name] = comp, folder
     diffusions = {}
     for name, stage in _STAGE_OF.items():
-        if name == "prior" and loaded.get(name) is not None and isinstance(loaded[name].module, ARPrior):
+        if name == "prior" and loaded.get(name) is not None and prior_kind(loaded[name].module) == "ar":
             continue  # the autoregressive prior has no diffusion
         if stage not in diffusions and loaded.get(name) is not None:
             diffusions[stage] = find_diffusion(stage, folders[name], root)

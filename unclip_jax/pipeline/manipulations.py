@@ -10,7 +10,7 @@
   fitted on a set of embeddings).
 
 All decoding goes through `UnclipPipeline.decode` / `invert` (compiled once per shape and setting). ``slerp``
-interpolates directions spherically and norms linearly (`cascade.slerp`); the text-diff direction is rescaled to
+interpolates directions spherically and norms linearly (`unclip_jax.pipeline.ops.slerp`); the text-diff direction is rescaled to
 ``|z_i|`` so that the edit only rotates z_i (CLIP embeddings of open models are not unit-norm).
 
 Decoding from an inverted x_T disables the decoder's x0 clipping when eta = 0 (so eta = 0 is the exact inverse of
@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.pipeline.cascade import StageSettings, UnclipPipeline, resize, slerp
+from unclip_jax.pipeline.cascade import UnclipPipeline
+from unclip_jax.pipeline.ops import resize, slerp
+from unclip_jax.pipeline.settings import StageSettings
 
 # Decoder default for the manipulations: DDIM 50 steps, no guidance (inversion with guidance is unstable).
 MANIPULATION_DECODER = StageSettings(50, "ddim", eta=0.0, guidance_scale=None)

@@ -29,7 +29,9 @@ from unclip_jax.models import decoder as decoder_lib
 from unclip_jax.models import pca_codec
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import upsampler as upsampler_lib
-from unclip_jax.pipeline.cascade import Component, UnclipPipeline, default_diffusion
+from unclip_jax.pipeline.cascade import Component, UnclipPipeline
+from unclip_jax.pipeline.priors import prior_kind
+from unclip_jax.pipeline.settings import default_diffusion
 
 # variant of each model per cascade size ("test": 16x16 decoder -> 32x32 super-res; "bench": 64 -> 256).
 CASCADES = {
@@ -150,7 +152,7 @@ def save_native_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> Pat
         if comp is None:
             continue
         save_native(comp.module, comp.variables, folder / name)
-        if name in stage_of and not isinstance(comp.module, ar_prior_lib.ARPrior):
+        if name in stage_of and not (name == "prior" and prior_kind(comp.module) == "ar"):
             stage = stage_of[name]
             d = pipe.diffusions[stage]
             schedule = "linear" if stage == "upsampler_1024" else "cosine"
