@@ -24,7 +24,7 @@ folder holds is read from its ``config.json`` (the module class), so ``--prior P
 The training diffusion of a stage is read from a diffusers ``<stage>_scheduler/scheduler_config.json``
 (``UnCLIPScheduler``) or from a ``diffusion.json`` beside a native component (fields of ``config.diffusion``:
 ``steps``, ``schedule``, ``mean_type``, ``var_type``, ``clip_denoised``); otherwise the stage default of
-`cascade.default_diffusion` (Karlo's schedulers) is used.
+`unclip_jax.pipeline.settings.default_diffusion` (Karlo's schedulers) is used.
 """
 
 from __future__ import annotations
