@@ -111,8 +111,15 @@ def save_native(
     return io.write_folder(folder, config, tensors, weights_name=WEIGHTS, extra_files=extra_files)
 
 
-def load_native(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_native(
+    folder: str | os.PathLike, packages: tuple[str, ...] = ("unclip_jax.models",)
+) -> tuple[nn.Module, dict[str, Any]]:
     """Reads a folder written by :func:`save_native`.
+
+    Args:
+      folder: the native folder.
+      packages: the packages whose module classes may be instantiated (the networks by default; a caller that
+        saved a module of its own, e.g. the demo's attribute classifier, names its package).
 
     Returns:
       (module, variables) with variables = {'params': ..., maybe 'stats': ...} of jnp arrays.
@@ -130,8 +137,8 @@ def load_native(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         )
     path = config["module"]
     mod_name, _, cls_name = path.rpartition(".")
-    if not mod_name.startswith("unclip_jax.models"):
-        raise io.ConversionError(f"{folder / io.CONFIG}: module {path!r} is not under unclip_jax.models")
+    if not any(mod_name == p or mod_name.startswith(p + ".") for p in packages):
+        raise io.ConversionError(f"{folder / io.CONFIG}: module {path!r} is not under {' or '.join(packages)}")
     try:
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError) as e:
