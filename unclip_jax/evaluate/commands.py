@@ -31,6 +31,7 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``unclip evaluate`` options to ``parser``."""
     from unclip_jax.pipeline.flags import add_pipeline_arguments, float_list
+    from unclip_jax.pipeline.plan import IMAGE_EMBED_SOURCES
 
     add_pipeline_arguments(
         parser,
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=250, help="images per resumable shard")
     p.add_argument("--batch-size", type=int, default=8, help="captions per generation call per host")
     p.add_argument("--candidates", type=int, default=2, help="prior candidates per caption (paper 2, Karlo 1)")
-    p.add_argument("--image-embeds", choices=("prior", "text", "zero", "learned"), default="prior")
+    p.add_argument("--image-embeds", choices=IMAGE_EMBED_SOURCES, default="prior")
     p.add_argument("--reference-dir", type=Path, default=None, help="captions + reference statistics cache")
     p.add_argument("--split", default="val2014", help="COCO split (a key of input.sources.COCO_SPLITS)")
     p.add_argument("--tfds-data-dir", default=None, help="tensorflow-datasets data dir of coco_captions/2014")

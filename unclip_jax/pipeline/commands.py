@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from unclip_jax.pipeline.flags import add_pipeline_arguments, float_list, load_from_args, stage_settings
+from unclip_jax.pipeline.plan import IMAGE_EMBED_SOURCES
 
 
 def _write(result: dict[str, Any], out: Path, labels: list[str], ncols: int | None = None) -> None:
@@ -59,7 +60,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=2, help="prior samples per image; largest z_i.z_t kept")
     parser.add_argument(
         "--image-embeds",
-        choices=("prior", "text", "zero", "learned"),
+        choices=IMAGE_EMBED_SOURCES,
         default="prior",
         help="decoder z_i: prior sample, the CLIP text embedding (zero-shot), zeros or the learned CFG embedding",
     )

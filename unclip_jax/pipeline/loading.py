@@ -46,8 +46,8 @@ from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
 from unclip_jax.models.decoder import UnCLIPDecoder
 from unclip_jax.models.prior import PriorTransformer
 from unclip_jax.models.upsampler import SuperResUNet
+from unclip_jax.pipeline import priors
 from unclip_jax.pipeline.cascade import Component, UnclipPipeline
-from unclip_jax.pipeline.priors import prior_kind
 from unclip_jax.pipeline.settings import default_diffusion
 
 COMPONENTS = (
@@ -216,7 +216,7 @@ def _load_prior(
                 first_error = e
         if comp is None:
             return None, None, first_error
-    found = prior_kind(comp.module)
+    found = priors.prior_kind(comp.module)
     if kind != "auto" and found != kind:
         hint = f" (or put it in {root / AR_PRIOR_FOLDER})" if kind == "ar" and path is None and root else ""
         raise PipelineLoadError(
@@ -353,7 +353,7 @@ def load_pipeline(
         loaded[name], folders[name] = comp, folder
     diffusions = {}
     for name, stage in _STAGE_OF.items():
-        if name == "prior" and loaded.get(name) is not None and prior_kind(loaded[name].module) == "ar":
+        if name == "prior" and loaded.get(name) is not None and priors.prior_kind(loaded[name].module) == "ar":
             continue  # the autoregressive prior has no diffusion
         if stage not in diffusions and loaded.get(name) is not None:
             diffusions[stage] = find_diffusion(stage, folders[name], root)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 
@@ -20,7 +20,7 @@ from unclip_jax.pipeline.priors import PriorSampler, prior_sampler
 from unclip_jax.pipeline.settings import STAGES, StageSettings
 
 ImageEmbedSource = Literal["prior", "text", "zero", "learned"]
-IMAGE_EMBED_SOURCES: tuple[str, ...] = ("prior", "text", "zero", "learned")
+IMAGE_EMBED_SOURCES: tuple[str, ...] = get_args(ImageEmbedSource)
 ProgressFn = Callable[[str, int], None]  # (stage, steps) as each stage finishes
 
 
