@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unclip_jax.evaluate import attributes
+from unclip_jax.demo import attributes
 from unclip_jax.input import synthetic
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax.demo import report, stages
-from unclip_jax.evaluate import attributes
+from unclip_jax.demo import attributes, report, stages
 from unclip_jax.input import synthetic
 from unclip_jax.pipeline import images as images_lib
 from unclip_jax.train.metrics import JsonlWriter

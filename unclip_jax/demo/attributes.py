@@ -1,10 +1,10 @@
-"""Do the pictures show the prompts? An attribute classifier for the built-in captioned-shapes set.
+"""Do the pictures show the prompts? The demo's attribute classifier for the built-in captioned-shapes set.
 
 A small fully convolutional detector (:class:`AttributeNet`) is trained on real renderings
 of :mod:`unclip_jax.input.synthetic` to find the objects (objectness peaks) and read their
 colour, shape and size cell by cell; :func:`decode` turns that into one class per
-attribute head (:data:`HEADS`). It is near-perfect on real held-out images,
-so its accuracy on *generated* images, scored against the attributes of the prompts
+attribute head (:data:`HEADS`). Its accuracy on real held-out images is the demo report's
+reference row; its accuracy on *generated* images, scored against the attributes of the prompts
 that produced them, measures how well the cascade follows the captions (the role the
 paper's human evaluations and CLIP score play, made exact by a dataset whose captions
 come from known scenes).
@@ -24,7 +24,6 @@ when it says "... background"; position (one object) and the relation / arrangem
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,10 +124,10 @@ class AttributeNet(nn.Module):
     with dilations 1, 2, 4 (receptive field 64 pixels) and a 1x1 conv, all ReLU. Per cell of the
     16x16 grid it predicts an objectness logit (a Gaussian peak at each object's centre) and the
     colour / shape / size of the object covering the cell; a global average of the features
-    gives the background. Reading attributes locally (the same weights everywhere) is what makes
-    it near-perfect on real images after a minute of CPU training and robust to objects drawn
-    in unusual places; :func:`decode` turns the maps into the per-attribute heads of
-    :data:`HEADS`. About 30 MFLOPs per image (``default``).
+    gives the background. Attributes are read locally (the same weights everywhere), so objects
+    drawn in unusual places are read like any other; :func:`decode` turns the maps into the
+    per-attribute heads of :data:`HEADS`. Saved and loaded in the native format
+    (:func:`save_classifier`, :func:`load_classifier`).
 
     Attributes:
       features: channels of the 32x32 stage, the 16x16 stride-2 conv and the 16x16 stages.
@@ -414,31 +413,27 @@ def predict(model: AttributeNet, variables: Any, images: np.ndarray, batch_size:
 
 
 def save_classifier(folder: str | os.PathLike, model: AttributeNet, variables: Any) -> Path:
-    """Writes ``config.json`` (variant fields) + ``params.msgpack`` to ``folder``."""
-    from flax import serialization
+    """Writes the classifier as a native folder (:func:`unclip_jax.convert.native.save_native`)."""
+    from unclip_jax.convert.native import save_native
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"features": list(model.features), "kind": "detector"}
-    (folder / "params.msgpack").write_bytes(serialization.to_bytes(jax.device_get(variables)))
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
+    return save_native(model, variables, folder)
 
 
 def load_classifier(folder: str | os.PathLike) -> tuple[AttributeNet, dict[str, Any]]:
-    """Reads a folder of :func:`save_classifier`."""
-    from flax import serialization
+    """Reads a folder of :func:`save_classifier`.
 
-    folder = Path(folder)
-    for name in ("config.json", "params.msgpack"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: missing (expected a folder written by save_classifier)")
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("kind") != "detector":
-        raise ValueError(f"{folder / 'config.json'}: an older classifier format {cfg}; retrain it")
-    model = AttributeNet(features=tuple(cfg["features"]))
-    target = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))))
-    return model, serialization.from_bytes(target, (folder / "params.msgpack").read_bytes())
+    Raises:
+      ConversionError: naming the folder when it is not a native folder of an :class:`AttributeNet`.
+    """
+    from unclip_jax.convert.io import ConversionError
+    from unclip_jax.convert.native import is_native, load_native
+
+    if not is_native(folder):
+        raise ConversionError(f"{folder}: not a native classifier folder; delete it and re-run to retrain")
+    model, variables = load_native(folder, packages=(__name__,))
+    if not isinstance(model, AttributeNet):
+        raise ConversionError(f"{folder}: holds a {type(model).__name__}, expected the demo's AttributeNet")
+    return model, variables
 
 
 # ------------------------------------------------------------------------------------------------ scoring

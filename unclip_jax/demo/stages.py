@@ -344,13 +344,14 @@ def _read_set(ctx: Context, name: str, n: int | None = None) -> dict[str, Any]:
 
 def stage_classifier(ctx: Context) -> dict[str, Any]:
     """Trains the attribute classifier on real training images; validates on the real validation set."""
-    from unclip_jax.evaluate import attributes
+    from unclip_jax.convert import native
+    from unclip_jax.demo import attributes
 
     p = ctx.profile
     train = _read_set(ctx, "train_64", p.classifier_train)
     val = _read_set(ctx, "val_64")
     ctx.command(
-        f"unclip_jax.evaluate.attributes.train_classifier(<{len(train['captions'])} real train_64 images>, "
+        f"unclip_jax.demo.attributes.train_classifier(<{len(train['captions'])} real train_64 images>, "
         f"variant='{p.classifier_variant}', steps={p.classifier_steps})"
     )
     model, variables, history = attributes.train_classifier(
@@ -369,7 +370,7 @@ def stage_classifier(ctx: Context) -> dict[str, Any]:
     real = attributes.score(pred, val["attrs"], val["captions"])
     ctx.log("  real validation accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in real.items()))
     return {
-        "files": [_rel(ctx, folder / "params.msgpack")],
+        "files": [_rel(ctx, folder / native.WEIGHTS)],
         "head_accuracy": heads,
         "real_val": real,
         "metrics": _rel(ctx, folder / "metrics.jsonl"),
@@ -515,7 +516,8 @@ def fid_features(ctx: Context) -> Callable[[np.ndarray, str], np.ndarray]:
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
     """Attribute accuracy (generated vs real), CLIP score and FID (real Inception weights) on the validation set."""
-    from unclip_jax.evaluate import attributes, clip_score, fid
+    from unclip_jax.demo import attributes
+    from unclip_jax.evaluate import clip_score, fid
     from unclip_jax.input.tokenizer import ClipTokenizer
 
     p = ctx.profile
