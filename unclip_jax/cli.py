@@ -4,6 +4,7 @@
     unclip convert import|export ...                                  # the weight bridge
     unclip sample|vary|interpolate|textdiff ...                       # the cascade and manipulations
     unclip evaluate ...                                               # FID / CLIP score protocol
+    unclip plan --config=experiments/decoder.py:paper --topology=v5p:4x4x8  # TPU fit, compiled on this machine
 
 Sub-commands are imported lazily so that `unclip --help` stays fast and light.
 """
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "interpolate": ("unclip_jax.pipeline.commands", ("interpolate",), "interpolate between two images"),
     "textdiff": ("unclip_jax.pipeline.commands", ("textdiff",), "edit an image along a text diff"),
     "evaluate": ("unclip_jax.evaluate.commands", (), "FID / CLIP score (MS-COCO 30k protocol, sweeps)"),
+    "plan": ("unclip_jax.plan.commands", ("unclip plan",), "compile a train step for a TPU slice: memory, FLOPs, days"),
 }
 
 

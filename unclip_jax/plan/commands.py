@@ -1,0 +1,94 @@
+"""``unclip plan``: compile an experiment's train step for a TPU slice on this machine and report the fit.
+
+    unclip plan --config=experiments/decoder.py:paper --topology=v5p:4x4x8 [--config.<field>=value ...]
+        [--json=OUT.json] [--mfu=0.4] [--cache_dir=DIR]
+
+Needs libtpu (``pip install -e '.[tpu]'``; ``make install`` does it) and no TPU. Compiles are cached in
+``--cache_dir`` (default ``$XDG_CACHE_HOME/unclip_jax/plan_xla``, i.e. ``~/.cache/unclip_jax/plan_xla``), so a
+repeated plan of the same program is quick. Exit code 0 when the step fits the chip's HBM with 10% headroom and the
+fsdp bound holds, 1 when it compiled but does not, 2 on a usage error (one line on stderr says what to do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from unclip_jax.plan.topology import PlanError  # noqa: E402
+
+PROG = "unclip plan"
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/unclip_jax/plan_xla`` (``~/.cache/...`` when unset): the plans' XLA compilation cache."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "unclip_jax", "plan_xla")
+
+
+def make_flags(argv: list[str]) -> flags.FlagValues:
+    """A fresh flag set; ml_collections registers the ``--config.<field>`` overrides from ``argv``."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment, e.g. experiments/decoder.py:paper", flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:4x4x8 (128 chips), v5e:16x16 (256)", flag_values=fv)
+    flags.DEFINE_string("json", None, "also write the plan as JSON here", flag_values=fv)
+    flags.DEFINE_float("mfu", 0.4, "model-FLOPs utilisation the days to total_steps are quoted at", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, "persistent XLA compilation cache (default: see --help)", flag_values=fv)
+    return fv
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``cache_dir`` for every compile (however quick)."""
+    import jax
+
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv`` (argv[0] is the program name), plans, prints; returns the exit code."""
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + make_flags(argv[:1]).get_help())
+        print("  --config.<field>=value: override any field of the experiment's config (mesh, remat, accumulation)")
+        return 0
+    try:
+        fv = make_flags(argv)
+        fv(argv)
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+        print(f"{PROG}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    if fv.config is None or not fv.topology:
+        print(f"{PROG}: usage: --config=experiments/<stage>.py:<variant> --topology=v5p:4x4x8 [--json=OUT]",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from unclip_jax.plan import report, train_step
+
+    enable_compilation_cache(fv.cache_dir or default_cache_dir())
+    try:
+        plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu)
+    except PlanError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    plan["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    plan["overrides"] = [a for a in argv if a.startswith("--config.")]
+    print(report.format_train(plan))
+    if fv.json:
+        os.makedirs(os.path.dirname(os.path.abspath(fv.json)), exist_ok=True)
+        with open(fv.json, "w") as f:
+            json.dump(plan, f, indent=1, default=str)
+    return 0 if plan["fits"] and plan["fsdp_check"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

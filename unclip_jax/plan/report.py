@@ -1,0 +1,80 @@
+"""Plain-text and markdown renderings of plans (:func:`unclip_jax.plan.train_step.plan_train` results)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from unclip_jax.plan.chips import GIB
+
+ESTIMATE_NOTE = (
+    "Compile-time estimates, not measured runs: XLA's TPU compiler (libtpu) compiled each train step for the slice "
+    "on a CPU machine; memory is the compiled program's, FLOPs and bytes are XLA's cost analysis per chip, the "
+    "roofline is max(FLOPs / peak bf16, bytes / HBM bandwidth) and days are total_steps x FLOPs / (peak x MFU)."
+)
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _mesh(plan: dict[str, Any]) -> str:
+    m = plan["mesh"]
+    return "x".join(str(m[k]) for k in ("data", "fsdp", "tensor"))
+
+
+def format_train(plan: dict[str, Any]) -> str:
+    """The human-readable report of one train plan."""
+    b, c, m, f = plan["bytes_per_chip"], plan["bytes_total"], plan["memory"], plan["fsdp_check"]
+    r = plan["roofline"]
+    lines = [
+        f"{plan['task']}:{plan['variant']} on {plan['topology']}: {plan['chips']} x {plan['device_kind']} "
+        f"({plan['chip']}, {plan['hbm_gib']:.0f} GiB HBM)",
+        f"  mesh data x fsdp x tensor = {_mesh(plan)}, rules {plan['rules']!r}; batch {plan['batch_size']} "
+        f"(accumulation {plan['grad_accum_steps']}), remat {plan['remat']}, {plan['dtype']} compute / "
+        f"{plan['param_dtype']} params, {plan['parameters'] / 1e6:.1f}M parameters",
+        "  per chip (GiB; of the total):",
+        f"    params {gib(b['params'])} of {gib(c['params'])}, optimizer {gib(b['opt_state'])} of "
+        f"{gib(c['opt_state'])}, EMA {gib(b['ema'])} of {gib(c['ema'])}, batch {gib(b['batch'])} of {gib(c['batch'])}",
+        f"    compiled: arguments {gib(m['argument'])}, outputs {gib(m['output'])}, aliased {gib(m['alias'])}, "
+        f"temporaries {gib(m['temp'])}, code {gib(m['generated_code'])}",
+        f"    used {gib(m['used'])} of {plan['hbm_gib']:.0f} GiB: "
+        + ("fits with >= 10% headroom" if plan["fits"] else "DOES NOT FIT with 10% headroom")
+        + f" ({100 * plan['headroom']:.0f}% free)",
+        f"  fsdp bound: params+optimizer+EMA per chip {gib(f['state_per_chip'])} GiB <= 1.1 x total / "
+        f"{f['shard_ways']} = {gib(f['bound'])} GiB: " + ("ok" if f["ok"] else "FAILS (replicated by accident?)"),
+    ]
+    if not f["ok"]:
+        for row in f["largest_replicated"]:
+            lines.append(f"    replicated: {row['path']} {tuple(row['shape'])} {row['bytes'] / 2**20:.1f} MiB")
+    lines += [
+        f"  per chip per step: {plan['flops_per_chip'] / 1e12:.2f} TFLOP, {plan['bytes_accessed_per_chip'] / GIB:.1f} "
+        f"GiB accessed",
+        f"  roofline step {r['step_s']:.3f} s (compute {r['compute_s']:.3f} s, memory {r['memory_s']:.3f} s); at "
+        f"{100 * plan['mfu']:.0f}% MFU {plan['step_s_at_mfu']:.3f} s/step, {plan['days_at_mfu']:.1f} days for "
+        f"{plan['total_steps']:,} steps",
+        f"  (compiled in {plan['compile_s']:.0f} s; {ESTIMATE_NOTE})",
+    ]
+    return "\n".join(lines)
+
+
+def markdown_table(plans: Sequence[dict[str, Any]]) -> str:
+    """One row per stage x topology: mesh, settings, GiB used / HBM, TFLOP per step, step time, days."""
+    head = (
+        "| stage | topology | mesh d x f x t | batch (accum) | remat | GiB used / HBM | fits | fsdp bound "
+        "| TFLOP / chip / step | roofline step | step @ MFU | days @ MFU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for p in plans:
+        if p.get("error"):
+            rows.append(f"| {p['stage']} | {p['topology']} | | | | | error: {p['error']} | | | | | |")
+            continue
+        rows.append(
+            f"| {p['stage']} | {p['topology']} ({p['chips']}) | {_mesh(p)} | {p['batch_size']} "
+            f"({p['grad_accum_steps']}) | {'yes' if p['remat'] else 'no'} | {gib(p['memory']['used'])} / "
+            f"{p['hbm_gib']:.0f} | {'yes' if p['fits'] else '**no**'} | {'ok' if p['fsdp_check']['ok'] else '**fails**'} "
+            f"| {p['flops_per_chip'] / 1e12:.1f} | {p['roofline']['step_s']:.2f} s | {p['step_s_at_mfu']:.2f} s "
+            f"({100 * p['mfu']:.0f}%) | {p['days_at_mfu']:.1f} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,156 @@
+"""``make plan``: the README's "Scale out" table, one ``unclip plan`` per stage x TPU slice at the paper variants.
+
+    python -m unclip_jax.plan.table [--only=decoder] [--force]       # what `make plan` runs (niced)
+
+Each row is one ``unclip plan`` process (:mod:`unclip_jax.plan.commands`), run one at a time; its JSON lands in
+``data/plan/<stage>_<slice>.json`` and is reused while the row's settings are unchanged (``--force`` recompiles),
+so an interrupted run resumes. ``PLAN.md`` (markdown) and ``data/plan/plan.json`` (all rows) are then written from
+whatever rows exist. A big step compiles for many minutes on a small machine: the compiles share the plans'
+persistent XLA cache.
+
+:data:`ROWS` holds, per row, the ``--config.<field>`` settings with which the step fits the slice (what the
+experiment file does not already say for that slice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from unclip_jax.plan import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT_DIR = os.path.join(REPO, "data", "plan")
+MARKDOWN = os.path.join(REPO, "PLAN.md")
+V5P_128, V5E_256 = "v5p:4x4x8", "v5e:16x16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One plan of the table: a stage's experiment on a slice, with the settings that make it fit."""
+
+    stage: str
+    experiment: str
+    topology: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}_{self.topology.replace(':', '_')}"
+
+    def argv(self, json_path: str) -> list[str]:
+        return [f"--config={self.experiment}", f"--topology={self.topology}", f"--json={json_path}", *self.overrides]
+
+
+# Channel counts of the upsamplers (320 x (1, 2, 3, 4); 192 x (1, 1, 2, 2, 4, 4)) divide 64 but not 128: with a
+# wider fsdp axis their conv kernels stay replicated (parallel.fit_spec), so they split 64 ways and data takes the rest.
+UPSAMPLER_MESH = ("--config.mesh.fsdp=64", "--config.mesh.data=-1")
+ROWS: tuple[Row, ...] = (
+    Row("prior", "experiments/prior.py:paper", V5P_128),
+    Row("ar_prior", "experiments/ar_prior.py:paper", V5P_128),
+    Row("upsampler_1024", "experiments/upsampler_1024.py:paper", V5P_128, UPSAMPLER_MESH),
+    Row("upsampler", "experiments/upsampler.py:paper", V5P_128, UPSAMPLER_MESH),
+    Row("clip", "experiments/clip.py:paper", V5P_128, ("--config.model.remat=True",)),
+    Row("decoder", "experiments/decoder.py:paper", V5P_128, ("--config.model.remat=True",)),
+    Row("prior", "experiments/prior.py:paper", V5E_256, ("--config.mesh.fsdp=128", "--config.mesh.data=-1")),
+    Row("ar_prior", "experiments/ar_prior.py:paper", V5E_256, ("--config.mesh.fsdp=128", "--config.mesh.data=-1")),
+    Row("upsampler_1024", "experiments/upsampler_1024.py:paper", V5E_256, UPSAMPLER_MESH),
+    Row("upsampler", "experiments/upsampler.py:paper", V5E_256, UPSAMPLER_MESH),
+    Row(
+        "clip",
+        "experiments/clip.py:paper",
+        V5E_256,
+        ("--config.mesh.fsdp=128", "--config.mesh.data=-1", "--config.model.remat=True"),
+    ),
+    Row(
+        "decoder",
+        "experiments/decoder.py:paper",
+        V5E_256,
+        ("--config.model.remat=True", "--config.optim.grad_accum_steps=4"),
+    ),
+)
+
+
+def _load(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_row(row: Row, out_dir: str, force: bool = False) -> dict[str, Any]:
+    """Plans one row in its own process (unless its JSON exists with the same settings); returns its JSON."""
+    path = os.path.join(out_dir, f"{row.name}.json")
+    old = _load(path)
+    if old is not None and not force and old.get("overrides") == list(row.overrides) and not old.get("error"):
+        return old
+    os.makedirs(out_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "unclip_jax.plan.commands", *row.argv(path)]
+    print(f"[plan] {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    print(proc.stdout, flush=True)
+    plan = _load(path) if proc.returncode in (0, 1) else None
+    if plan is None:
+        last = [ln for ln in proc.stderr.splitlines() if ln.startswith("unclip plan:")] or proc.stderr.splitlines()[-1:]
+        plan = {"error": last[-1] if last else f"exit {proc.returncode}", "overrides": list(row.overrides)}
+        print(f"[plan] {row.name}: {plan['error']}", flush=True)
+    plan.update(stage=row.stage, topology=row.topology, wall_s=time.perf_counter() - t0)
+    with open(path, "w") as f:
+        json.dump(plan, f, indent=1, default=str)
+    return plan
+
+
+def write_outputs(rows: tuple[Row, ...], out_dir: str, markdown: str) -> list[dict[str, Any]]:
+    """PLAN.md and ``plan.json`` from the rows' JSON files that exist (missing rows are left out)."""
+    plans = []
+    for row in rows:
+        plan = _load(os.path.join(out_dir, f"{row.name}.json"))
+        if plan is not None:
+            plans.append({**plan, "stage": row.stage, "topology": row.topology, "command": _command(row)})
+    with open(os.path.join(out_dir, "plan.json"), "w") as f:
+        json.dump(plans, f, indent=1, default=str)
+    commands = "\n".join(f"    {p['command']}" for p in plans)
+    text = (
+        "# Scale out: the paper's train steps compiled for TPU slices\n\n"
+        f"{report.ESTIMATE_NOTE} Generated by `make plan` (`python -m unclip_jax.plan.table`); every row is one "
+        "`unclip plan` run (below), its full report in `data/plan/`.\n\n"
+        f"{report.markdown_table(plans)}\n\nCommands:\n\n{commands}\n"
+    )
+    with open(markdown, "w") as f:
+        f.write(text)
+    return plans
+
+
+def _command(row: Row) -> str:
+    return " ".join(["unclip plan", f"--config={row.experiment}", f"--topology={row.topology}", *row.overrides])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unclip_jax.plan.table", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated stages and/or slices to (re)plan")
+    parser.add_argument("--force", action="store_true", help="recompile rows whose JSON exists")
+    parser.add_argument("--out_dir", default=OUT_DIR)
+    parser.add_argument("--markdown", default=MARKDOWN)
+    parser.add_argument("--write_only", action="store_true", help="only rewrite PLAN.md / plan.json from the JSONs")
+    args = parser.parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+    if not args.write_only:
+        for row in ROWS:
+            if not only or row.stage in only or row.topology in only:
+                run_row(row, args.out_dir, args.force)
+                write_outputs(ROWS, args.out_dir, args.markdown)
+    write_outputs(ROWS, args.out_dir, args.markdown)
+    print(f"wrote {args.markdown} and {os.path.join(args.out_dir, 'plan.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
