@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.convert import decoder as cd
-from unclip_jax.convert import io
+from unclip_jax.convert import io, registry
 from unclip_jax.convert import upsampler as cu
 from unclip_jax.models import decoder, upsampler
 
@@ -72,11 +72,11 @@ def test_import_of_export_is_bit_exact(exported):
     _assert_tree_equal(variables["params"], dec_params["params"]["unet"])
     module, variables = cd.load_text_proj(root / "text_proj")
     _assert_tree_equal(variables["params"], dec_params["params"]["text_proj"])
-    module, variables = cu.load_super_res_first(root)
+    module, variables = cu.load_upsampler(root, "super_res_first")
     assert module == u
     _assert_tree_equal(variables, up_params)
     # bf16 params import as bf16 (param_dtype override), values rounded from the float32 file.
-    module, variables = cu.load_super_res_first(root, param_dtype=jnp.bfloat16)
+    module, variables = cu.load_upsampler(root, "super_res_first", param_dtype=jnp.bfloat16)
     assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
 
 
@@ -192,9 +192,8 @@ def test_bad_folders_are_named_errors(exported, tmp_path, component, edit, match
     folder = tmp_path / component
     shutil.copytree(root / component, folder)
     edit(folder)
-    load = {"decoder": cd.load_decoder, "text_proj": cd.load_text_proj, "super_res_first": cu.load_super_res_first}
     with pytest.raises(io.ConversionError, match=match) as e:
-        load[component](folder)
+        registry.converter(component).load(folder)
     assert str(folder) in str(e.value)
 
 

@@ -14,6 +14,7 @@ from unclip_jax.convert import decoder as cd
 from unclip_jax.convert import io
 from unclip_jax.convert import pipeline as cp
 from unclip_jax.convert import upsampler as cu
+from unclip_jax.convert.scheduler import karlo_scheduler_configs
 from unclip_jax.models import decoder, upsampler
 
 pytestmark = pytest.mark.torch
@@ -70,7 +71,7 @@ def pipeline_folder(tmp_path_factory, torch_threads):
             for p in net.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         prior.clip_std.abs_().add_(0.5)  # diffusers initialises it to zeros
-    sched = {name: UnCLIPScheduler(**kw) for name, kw in cp.KARLO_SCHEDULERS.items()}
+    sched = {name: UnCLIPScheduler.from_config(cfg) for name, cfg in karlo_scheduler_configs().items()}
     pipe = UnCLIPPipeline(
         prior=prior,
         decoder=unet,
@@ -103,12 +104,12 @@ def _sample(torch, folder):
 
 
 def test_pipeline_round_trip(torch_threads, pipeline_folder, tmp_path):
-    bundle = cp.load_pipeline(pipeline_folder)
+    bundle = cp.read_diffusers_pipeline(pipeline_folder)
     assert set(bundle.models) == set(cp.NETWORKS)
     assert bundle.models["decoder"][0] == decoder.build("test")
     assert bundle.models["super_res_first"][0] == bundle.models["super_res_last"][0] == upsampler.build("test")
     assert "tokenizer/tokenizer_config.json" in bundle.files and cp.MODEL_INDEX in bundle.files
-    out = cp.save_pipeline(bundle, tmp_path / "ours")
+    out = cp.write_diffusers_pipeline(bundle, tmp_path / "ours")
     # Every tensor of every component is bit-identical, every carried file identical.
     for sub in ("prior", "text_encoder", "decoder", "text_proj", "super_res_first", "super_res_last"):
         a = io.read_safetensors(io.find_weights(pipeline_folder / sub))
@@ -119,7 +120,7 @@ def test_pipeline_round_trip(torch_threads, pipeline_folder, tmp_path):
     for rel, text in bundle.files.items():
         assert (out / rel).read_text() == text
     # Import of our export is the same bundle.
-    again = cp.load_pipeline(out)
+    again = cp.read_diffusers_pipeline(out)
     for name, (module, variables) in bundle.models.items():
         module2, variables2 = again.models[name]
         assert module2 == module
@@ -136,14 +137,14 @@ def test_bad_pipeline_folders(pipeline_folder, tmp_path):
     shutil.copytree(pipeline_folder, tmp_path / "p")
     shutil.rmtree(tmp_path / "p" / "text_proj")
     with pytest.raises(io.ConversionError, match=r"component folder\(s\) \['text_proj'\] missing"):
-        cp.load_pipeline(tmp_path / "p")
+        cp.read_diffusers_pipeline(tmp_path / "p")
     (tmp_path / "q").mkdir()
     with pytest.raises(io.ConversionError, match="model_index.json: missing"):
-        cp.load_pipeline(tmp_path / "q")
-    bundle = cp.load_pipeline(pipeline_folder)
+        cp.read_diffusers_pipeline(tmp_path / "q")
+    bundle = cp.read_diffusers_pipeline(pipeline_folder)
     bundle.files = {k: v for k, v in bundle.files.items() if not k.startswith("tokenizer/")}
     with pytest.raises(io.ConversionError, match="no tokenizer"):
-        cp.save_pipeline(bundle, tmp_path / "r")
+        cp.write_diffusers_pipeline(bundle, tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.convert import inception as ci
+from unclip_jax.convert import unpickle
 from unclip_jax.convert.io import ConversionError
 from unclip_jax.convert.mapping import flatten
 from unclip_jax.models import inception as inc
@@ -178,7 +179,7 @@ def test_pytorch_fid_pth_reader(fid_helper, torch_threads, tmp_path, zip_format)
         np.testing.assert_array_equal(v, want.transpose(2, 3, 1, 0) if path_[-1] == "kernel" else want)
     assert len(flat) == len([k for k in state if not k.startswith("fc.") and "num_batches" not in k])
     # The generic reader returns the non-contiguous tensor with its values.
-    np.testing.assert_array_equal(ci.read_torch_pickle(path)["fc.weight"], state["fc.weight"])
+    np.testing.assert_array_equal(unpickle.read_torch_pickle(path)["fc.weight"], state["fc.weight"])
 
 
 @pytest.mark.torch
@@ -205,10 +206,10 @@ def test_reader_refuses_arbitrary_globals(tmp_path):
 
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        for obj in (ci._LEGACY_MAGIC, 1001, {}, {"a": Evil()}, []):
+        for obj in (unpickle.LEGACY_MAGIC, 1001, {}, {"a": Evil()}, []):
             pickle.dump(obj, f, protocol=2)
     with pytest.raises(ConversionError, match="refusing to load global (__builtin__|builtins).print"):
-        ci.read_torch_pickle(path)
+        unpickle.read_torch_pickle(path)
 
 
 def test_sharded_features_equal_unsharded():

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 
+from unclip_jax import stages
+from unclip_jax.diffusion import diffusion_from_config
 from unclip_jax.pipeline import loading
 
 
@@ -19,7 +21,7 @@ def test_native_pipeline_folder_settings_come_from_files(tmp_path):
     (files / "tokenizer").mkdir()
     (files / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
     d = loading.find_diffusion("decoder", None, tmp_path)
-    default = loading.default_diffusion("decoder")
+    default = diffusion_from_config(stages.stage("decoder").diffusion)
     assert d.num_timesteps == 500 and default.num_timesteps == 1000
     assert not np.allclose(d.betas[:10], default.betas[:10])  # linear, not Karlo's cosine default
     assert loading.load_tokenizer(tmp_path, None).pad_token == loading.EOT  # default "!" without files/

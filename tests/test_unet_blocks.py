@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.convert.decoder import unet_rules
 from unclip_jax.convert.mapping import torch_to_flax
+from unclip_jax.convert.unet import unet_rules
 from unclip_jax.layers import unet_blocks as ub
 
 

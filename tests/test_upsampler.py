@@ -74,7 +74,7 @@ def test_matches_diffusers(torch_threads, tmp_path, name):
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.eval().save_pretrained(tmp_path / "super_res_last")
-    module, variables = cu.load_super_res_last(tmp_path)
+    module, variables = cu.load_upsampler(tmp_path, "super_res_last")
     assert module == m
     rng = np.random.default_rng(7)
     x = rng.standard_normal((shape["b"], *shape["size"], 6)).astype(np.float32)

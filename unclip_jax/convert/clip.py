@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.convert import io
-from unclip_jax.convert.mapping import Rule, flax_to_torch, linear, norm, torch_to_flax
+from unclip_jax.convert.mapping import Rule, flax_to_torch, linear, norm, torch_to_flax, transformer_block
 from unclip_jax.convert.native import as_variables, resolve_component_folder
 from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
 
-TRANSFORMERS_VERSION = "5.0.0"
 TEXT_REQUIRED = [
     "hidden_size",
     "intermediate_size",
@@ -46,18 +45,15 @@ VISION_REQUIRED = [
 
 
 def _encoder_rules(flax_prefix: tuple, torch_prefix: str, layers: int) -> list[Rule]:
-    r: list[Rule] = []
-    for i in range(layers):
-        f, t = (*flax_prefix, "encoder", f"layers_{i}"), f"{torch_prefix}.encoder.layers.{i}"
-        r += norm((*f, "norm1"), f"{t}.layer_norm1")
-        r += linear((*f, "attn", "query"), f"{t}.self_attn.q_proj")
-        r += linear((*f, "attn", "key"), f"{t}.self_attn.k_proj")
-        r += linear((*f, "attn", "value"), f"{t}.self_attn.v_proj")
-        r += linear((*f, "attn", "out"), f"{t}.self_attn.out_proj")
-        r += norm((*f, "norm2"), f"{t}.layer_norm2")
-        r += linear((*f, "mlp", "fc1"), f"{t}.mlp.fc1")
-        r += linear((*f, "mlp", "fc2"), f"{t}.mlp.fc2")
-    return r
+    names = ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+    names += ("layer_norm2", "mlp.fc1", "mlp.fc2")
+    return [
+        rule
+        for i in range(layers)
+        for rule in transformer_block(
+            (*flax_prefix, "encoder", f"layers_{i}"), f"{torch_prefix}.encoder.layers.{i}", names
+        )
+    ]
 
 
 def text_rules(module: CLIPTextModel, flax_prefix: tuple = ("params",)) -> list[Rule]:
@@ -115,13 +111,10 @@ def _sub(config: dict, key: str) -> dict:
     return config
 
 
-def text_module_from_config(config: dict, where: str = "config.json", **overrides: Any) -> CLIPTextModel:
-    """Our text tower from a transformers ``CLIPTextConfig`` (or ``CLIPConfig``) dict."""
-    c = _sub(config, "text_config")
-    io.require_fields(c, [*TEXT_REQUIRED, "projection_dim"], where)
-    return CLIPTextModel(
-        vocab_size=c["vocab_size"],
-        context_length=c["max_position_embeddings"],
+def _tower_kwargs(c: dict, required: list[str], where: str) -> dict[str, Any]:
+    """The fields both towers read from a transformers tower config the same way."""
+    io.require_fields(c, [*required, "projection_dim"], where)
+    return dict(
         width=c["hidden_size"],
         layers=c["num_hidden_layers"],
         heads=c["num_attention_heads"],
@@ -129,38 +122,15 @@ def text_module_from_config(config: dict, where: str = "config.json", **override
         projection_dim=c["projection_dim"],
         act=c.get("hidden_act", "quick_gelu"),
         layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-        eos_token_id=c.get("eos_token_id", 49407),
-        **overrides,
     )
 
 
-def vision_module_from_config(config: dict, where: str = "config.json", **overrides: Any) -> CLIPVisionModel:
-    """Our vision tower from a transformers ``CLIPVisionConfig`` (or ``CLIPConfig``) dict."""
-    c = _sub(config, "vision_config")
-    io.require_fields(c, [*VISION_REQUIRED, "projection_dim"], where)
-    return CLIPVisionModel(
-        image_size=c["image_size"],
-        patch_size=c["patch_size"],
-        num_channels=c.get("num_channels", 3),
-        width=c["hidden_size"],
-        layers=c["num_hidden_layers"],
-        heads=c["num_attention_heads"],
-        mlp_dim=c["intermediate_size"],
-        projection_dim=c["projection_dim"],
-        act=c.get("hidden_act", "quick_gelu"),
-        layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-        **overrides,
-    )
-
-
-def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
-    """A ``CLIPTextModelWithProjection`` config.json reproducing ``m``."""
+def _tower_config(m: CLIPTextModel | CLIPVisionModel, architecture: str, model_type: str) -> dict[str, Any]:
+    """The fields both towers write the same way (inverse of :func:`_tower_kwargs`)."""
     return {
-        "architectures": ["CLIPTextModelWithProjection"],
-        "model_type": "clip_text_model",
-        "transformers_version": TRANSFORMERS_VERSION,
-        "vocab_size": m.vocab_size,
-        "max_position_embeddings": m.context_length,
+        "architectures": [architecture],
+        "model_type": model_type,
+        "transformers_version": io.TRANSFORMERS_VERSION,
         "hidden_size": m.width,
         "num_hidden_layers": m.layers,
         "num_attention_heads": m.heads,
@@ -168,31 +138,53 @@ def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
         "projection_dim": m.projection_dim,
         "hidden_act": m.act,
         "layer_norm_eps": m.layer_norm_eps,
-        "eos_token_id": m.eos_token_id,
-        **({"bos_token_id": 49406, "pad_token_id": 1} if m.vocab_size == 49408 and m.eos_token_id != 2 else {}),
         "attention_dropout": 0.0,
         "dtype": "float32",
+    }
+
+
+def text_module_from_config(config: dict, where: str = "config.json", **overrides: Any) -> CLIPTextModel:
+    """Our text tower from a transformers ``CLIPTextConfig`` (or ``CLIPConfig``) dict."""
+    c = _sub(config, "text_config")
+    kwargs = dict(
+        _tower_kwargs(c, TEXT_REQUIRED, where),
+        vocab_size=c["vocab_size"],
+        context_length=c["max_position_embeddings"],
+        eos_token_id=c.get("eos_token_id", 49407),
+    )
+    return CLIPTextModel(**kwargs, **overrides)
+
+
+def vision_module_from_config(config: dict, where: str = "config.json", **overrides: Any) -> CLIPVisionModel:
+    """Our vision tower from a transformers ``CLIPVisionConfig`` (or ``CLIPConfig``) dict."""
+    c = _sub(config, "vision_config")
+    kwargs = dict(
+        _tower_kwargs(c, VISION_REQUIRED, where),
+        image_size=c["image_size"],
+        patch_size=c["patch_size"],
+        num_channels=c.get("num_channels", 3),
+    )
+    return CLIPVisionModel(**kwargs, **overrides)
+
+
+def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
+    """A ``CLIPTextModelWithProjection`` config.json reproducing ``m``."""
+    return {
+        **_tower_config(m, "CLIPTextModelWithProjection", "clip_text_model"),
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.context_length,
+        "eos_token_id": m.eos_token_id,
+        **({"bos_token_id": 49406, "pad_token_id": 1} if m.vocab_size == 49408 and m.eos_token_id != 2 else {}),
     }
 
 
 def vision_config_from_module(m: CLIPVisionModel) -> dict[str, Any]:
     """A ``CLIPVisionModelWithProjection`` config.json reproducing ``m``."""
     return {
-        "architectures": ["CLIPVisionModelWithProjection"],
-        "model_type": "clip_vision_model",
-        "transformers_version": TRANSFORMERS_VERSION,
+        **_tower_config(m, "CLIPVisionModelWithProjection", "clip_vision_model"),
         "image_size": m.image_size,
         "patch_size": m.patch_size,
         "num_channels": m.num_channels,
-        "hidden_size": m.width,
-        "num_hidden_layers": m.layers,
-        "num_attention_heads": m.heads,
-        "intermediate_size": m.mlp_dim,
-        "projection_dim": m.projection_dim,
-        "hidden_act": m.act,
-        "layer_norm_eps": m.layer_norm_eps,
-        "attention_dropout": 0.0,
-        "dtype": "float32",
     }
 
 
@@ -205,7 +197,7 @@ def clip_config_from_module(m: CLIP) -> dict[str, Any]:
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
-        "transformers_version": TRANSFORMERS_VERSION,
+        "transformers_version": io.TRANSFORMERS_VERSION,
         "projection_dim": m.projection_dim,
         "logit_scale_init_value": m.logit_scale_init,
         "text_config": text,
@@ -245,7 +237,8 @@ def _example(module: nn.Module) -> tuple:
     return _example(t) + _example(v)
 
 
-def _rules(module: nn.Module) -> list[Rule]:
+def rules(module: nn.Module) -> list[Rule]:
+    """The parameter map of a tower or of :class:`CLIP` (by its class)."""
     if isinstance(module, CLIPTextModel):
         return text_rules(module)
     if isinstance(module, CLIPVisionModel):
@@ -273,13 +266,13 @@ def _drop_buffers(state: dict, where: str) -> dict:
 
 def state_to_variables(state: dict, module: nn.Module, where: str) -> dict[str, Any]:
     """A transformers state dict -> our variables (cast to ``module.param_dtype``)."""
-    tree = torch_to_flax(_drop_buffers(state, where), _rules(module), expected=abstract_variables(module), where=where)
+    tree = torch_to_flax(_drop_buffers(state, where), rules(module), expected=abstract_variables(module), where=where)
     return jax.tree.map(lambda a: jnp.asarray(a, dtype=module.param_dtype), tree)
 
 
 def variables_to_state(module: nn.Module, variables: dict) -> dict:
     """Our variables -> a transformers state dict (numpy)."""
-    return flax_to_torch(jax.device_get(as_variables(variables)), _rules(module), where=f"{type(module).__name__}")
+    return flax_to_torch(jax.device_get(as_variables(variables)), rules(module), where=f"{type(module).__name__}")
 
 
 def _load(folder, component, build, **overrides):

@@ -5,11 +5,8 @@
 - a pipeline folder's ``decoder/`` + ``text_proj/`` <-> :class:`~unclip_jax.models.decoder.UnCLIPDecoder`
   (variables ``{'params': {'unet': ..., 'text_proj': ...}}``).
 
-Flax parameter names mirror diffusers' module names (``down_blocks_0/resnets_1/conv1`` is
-``down_blocks.0.resnets.1.conv1``; ``to_out`` is ``to_out.0``), so the U-Net's rules are
-derived from the abstract parameter tree (:func:`unet_rules`) and checked against the
-state dict in both directions by :mod:`unclip_jax.convert.mapping`. Residual shortcuts are
-1x1 ``Conv2d`` in PyTorch and ``Dense`` here (``conv1x1_linear``).
+The U-Net's parameter names and config fields shared with the super-resolution U-Net are in
+:mod:`unclip_jax.convert.unet`.
 
 The 4 extra context tokens: ``clip_extra_context_tokens_proj`` keeps diffusers' memory
 order (output ``c * 4 + j`` is token j, channel c), so its weight maps as a plain Linear.
@@ -20,25 +17,32 @@ script already split their fused per-head ``qkv`` weights into ``to_q/to_k/to_v`
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from unclip_jax.convert import io
-from unclip_jax.convert.mapping import Rule, flatten, flax_to_torch, linear, norm, torch_to_flax
+from unclip_jax.convert.mapping import Rule, flax_to_torch, linear, norm
 from unclip_jax.convert.native import as_variables, resolve_component_folder
+from unclip_jax.convert.unet import (
+    DOWN_ATTN,
+    DOWN_PLAIN,
+    UP_ATTN,
+    UP_PLAIN,
+    abstract_params,
+    channels_from_config,
+    check_fixed,
+    load_unet,
+    params_from_state,
+    single_int,
+    unet_config,
+    unet_kwargs,
+    unet_rules,
+)
 from unclip_jax.models.decoder import Decoder, UnCLIPDecoder, UnCLIPTextProj
 
-DIFFUSERS_VERSION = "0.42.1"
-
-_INDEXED = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers)_(\d+)$")
-
-DOWN_PLAIN, DOWN_ATTN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
-UP_PLAIN, UP_ATTN = "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"
 MID_ATTN = "UNetMidBlock2DSimpleCrossAttn"
 
 UNET_REQUIRED = [
@@ -81,87 +85,15 @@ UNET_FIXED = {
 TEXT_PROJ_REQUIRED = ["clip_embeddings_dim", "time_embed_dim", "cross_attention_dim"]
 
 
-# ----------------------------------------------------------------------------------------- shared U-Net helpers
-def torch_module_name(segment: str) -> str:
-    """Flax module name -> diffusers module path segment (``resnets_0`` -> ``resnets.0``)."""
-    m = _INDEXED.match(segment)
-    if m:
-        return f"{m[1]}.{m[2]}"
-    return "to_out.0" if segment == "to_out" else segment
-
-
-def unet_rules(abstract_params: dict[str, Any], flax_prefix: tuple[str, ...] = ("params",)) -> list[Rule]:
-    """Rules for a U-Net whose module names mirror diffusers' (Decoder, SuperResUNet).
-
-    Args:
-      abstract_params: the U-Net's params tree (arrays or ShapeDtypeStructs, unboxed).
-      flax_prefix: path of that tree inside the variables.
-    """
-    rules = []
-    for path, leaf in flatten(abstract_params).items():
-        *mods, name = path
-        key = ".".join(torch_module_name(s) for s in mods)
-        if name == "kernel":
-            if len(leaf.shape) == 4:
-                kind = "conv"
-            else:
-                kind = "conv1x1_linear" if mods[-1] == "conv_shortcut" else "linear"
-            rules.append(Rule((*flax_prefix, *path), f"{key}.weight", kind))
-        elif name in ("scale", "bias"):
-            rules.append(Rule((*flax_prefix, *path), f"{key}.{'weight' if name == 'scale' else 'bias'}"))
-        else:
-            raise ValueError(f"unet_rules: no diffusers name for parameter {'/'.join(path)}")
-    return rules
-
-
-def channels_from_config(config: dict[str, Any], where: str) -> tuple[int, tuple[int, ...]]:
-    """diffusers ``block_out_channels`` -> (model_channels, channel_mult)."""
-    boc = list(config["block_out_channels"])
-    if not boc or any(not isinstance(c, int) or c <= 0 for c in boc) or any(c % boc[0] for c in boc):
-        raise io.ConversionError(
-            f"{where}: block_out_channels={boc} must be positive multiples of the first entry "
-            "(model_channels x channel_mult)"
-        )
-    return boc[0], tuple(c // boc[0] for c in boc)
-
-
-def single_int(config: dict[str, Any], field: str, where: str) -> int:
-    """A config field that may be an int or a list of equal ints."""
-    v = config[field]
-    if isinstance(v, list | tuple):
-        if len(set(v)) != 1:
-            raise io.ConversionError(f"{where}: {field}={v}: per-level values are not supported (all must be equal)")
-        v = v[0]
-    if not isinstance(v, int):
-        raise io.ConversionError(f"{where}: {field}={v!r}: expected an integer")
-    return v
-
-
-def check_fixed(config: dict[str, Any], fixed: dict[str, Any], where: str) -> None:
-    """Every field of ``fixed`` present in ``config`` must have the supported value."""
-    bad = [f"{k}={config[k]!r} (supported: {v!r})" for k, v in fixed.items() if k in config and config[k] != v]
-    if bad:
-        raise io.ConversionError(f"{where}: unsupported option(s) {bad}")
-
-
-def _as_module(cls, kwargs: dict[str, Any], overrides: dict[str, Any], where: str):
-    try:
-        return cls(**{**kwargs, **overrides})
-    except TypeError as e:
-        raise io.ConversionError(f"{where}: {e}") from e
-
-
 # ----------------------------------------------------------------------------------------- decoder U-Net
 def decoder_from_config(config: dict[str, Any], where: str = "config.json", **overrides: Any) -> Decoder:
     """Our :class:`Decoder` from a diffusers ``UNet2DConditionModel`` config (Karlo family only)."""
     io.require_fields(config, UNET_REQUIRED, where)
     check_fixed(config, UNET_FIXED, where)
-    model_channels, channel_mult = channels_from_config(config, where)
+    n = len(channels_from_config(config, where)[1])
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    if len(down) != len(channel_mult) or len(up) != len(channel_mult):
-        raise io.ConversionError(
-            f"{where}: {len(channel_mult)} block_out_channels but {len(down)} down / {len(up)} up block types"
-        )
+    if len(down) != n or len(up) != n:
+        raise io.ConversionError(f"{where}: {n} block_out_channels but {len(down)} down / {len(up)} up block types")
     bad = [t for t in down if t not in (DOWN_PLAIN, DOWN_ATTN)] + [t for t in up if t not in (UP_PLAIN, UP_ATTN)]
     if bad:
         raise io.ConversionError(
@@ -179,31 +111,12 @@ def decoder_from_config(config: dict[str, Any], where: str = "config.json", **ov
             "(the CLIP time embedding is added to the timestep embedding)"
         )
     kwargs = dict(
-        in_channels=config["in_channels"],
-        out_channels=config["out_channels"],
-        model_channels=model_channels,
-        channel_mult=channel_mult,
-        num_res_blocks=single_int(config, "layers_per_block", where),
+        unet_kwargs(config, where, default_sample_size=64),
         attention_resolutions=tuple(2**i for i, a in enumerate(attends) if a),
         num_head_channels=single_int(config, "attention_head_dim", where),
         context_dim=single_int(config, "cross_attention_dim", where),
-        use_scale_shift_norm=_scale_shift(config, where),
-        time_embed_dim=config.get("time_embedding_dim"),
-        norm_num_groups=config.get("norm_num_groups", 32),
-        norm_eps=config.get("norm_eps", 1e-5),
-        flip_sin_to_cos=config.get("flip_sin_to_cos", True),
-        freq_shift=config.get("freq_shift", 0),
-        dropout=config.get("dropout", 0.0),
-        sample_size=config.get("sample_size") or 64,
     )
-    return _as_module(Decoder, kwargs, overrides, where)
-
-
-def _scale_shift(config: dict[str, Any], where: str) -> bool:
-    v = config.get("resnet_time_scale_shift", "default")
-    if v not in ("default", "scale_shift"):
-        raise io.ConversionError(f"{where}: resnet_time_scale_shift={v!r}, expected 'default' or 'scale_shift'")
-    return v == "scale_shift"
+    return io.build_module(Decoder, kwargs, overrides, where)
 
 
 def _block_types(module: Decoder) -> tuple[list[str], list[str]]:
@@ -223,26 +136,13 @@ def decoder_config(module: Decoder) -> dict[str, Any]:
     """A diffusers ``UNet2DConditionModel`` config.json reproducing ``module``."""
     down, up = _block_types(module)
     return {
-        "_class_name": "UNet2DConditionModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": module.sample_size,
-        "in_channels": module.in_channels,
-        "out_channels": module.out_channels,
-        "layers_per_block": module.num_res_blocks,
-        "block_out_channels": list(module.block_out_channels),
+        **unet_config(module, "UNet2DConditionModel"),
         "down_block_types": down,
         "mid_block_type": MID_ATTN,
         "up_block_types": up,
         "cross_attention_dim": module.context_dim,
         "attention_head_dim": module.num_head_channels,
         "class_embed_type": "identity",
-        "resnet_time_scale_shift": "scale_shift" if module.use_scale_shift_norm else "default",
-        "time_embedding_dim": module.time_embed_dim,
-        "norm_num_groups": module.norm_num_groups,
-        "norm_eps": module.norm_eps,
-        "flip_sin_to_cos": module.flip_sin_to_cos,
-        "freq_shift": module.freq_shift,
-        "dropout": module.dropout,
         **UNET_FIXED,
     }
 
@@ -258,20 +158,9 @@ def decoder_example_inputs(module: Decoder) -> tuple:
     )
 
 
-def abstract_params(module: nn.Module, example: tuple) -> dict[str, Any]:
-    """Shapes of ``module``'s params (``jax.eval_shape`` of init, unboxed)."""
-    out = jax.eval_shape(lambda: module.init(jax.random.key(0), *example))
-    return nn.unbox(out)["params"]
-
-
 def decoder_rules(module: Decoder, abstract: dict[str, Any] | None = None) -> list[Rule]:
     """The parameter map of a decoder U-Net (flax paths start with ``params``)."""
     return unet_rules(abstract or abstract_params(module, decoder_example_inputs(module)))
-
-
-def _import(state: dict, rules: list[Rule], abstract: dict, module: nn.Module, where: str) -> dict[str, Any]:
-    tree = torch_to_flax(state, rules, expected={"params": abstract}, where=where)
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype=module.param_dtype), tree)
 
 
 def load_decoder(folder: str | os.PathLike, **overrides: Any) -> tuple[Decoder, dict[str, Any]]:
@@ -284,11 +173,7 @@ def load_decoder(folder: str | os.PathLike, **overrides: Any) -> tuple[Decoder, 
     Returns:
       (module, {'params': ...}).
     """
-    folder = resolve_component_folder(folder, "decoder")
-    module = decoder_from_config(io.read_config(folder), str(Path(folder) / io.CONFIG), **overrides)
-    weights = io.find_weights(folder)
-    abstract = abstract_params(module, decoder_example_inputs(module))
-    return module, _import(io.read_safetensors(weights), unet_rules(abstract), abstract, module, str(weights))
+    return load_unet(folder, "decoder", decoder_from_config, decoder_example_inputs, overrides)
 
 
 def save_decoder(module: Decoder, variables: dict[str, Any], folder: str | os.PathLike) -> Path:
@@ -305,7 +190,7 @@ def text_proj_from_config(config: dict[str, Any], where: str = "config.json", **
     io.require_fields(config, TEXT_PROJ_REQUIRED, where)
     kwargs = {k: config[k] for k in TEXT_PROJ_REQUIRED}
     kwargs["clip_extra_context_tokens"] = config.get("clip_extra_context_tokens", 4)
-    return _as_module(UnCLIPTextProj, kwargs, overrides, where)
+    return io.build_module(UnCLIPTextProj, kwargs, overrides, where)
 
 
 def text_proj_config(module: UnCLIPTextProj) -> dict[str, Any]:
@@ -314,7 +199,7 @@ def text_proj_config(module: UnCLIPTextProj) -> dict[str, Any]:
         raise io.ConversionError(f"UnCLIPTextProj.layer_norm_eps={module.layer_norm_eps}: diffusers uses 1e-5")
     return {
         "_class_name": "UnCLIPTextProjModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
+        "_diffusers_version": io.DIFFUSERS_VERSION,
         "clip_embeddings_dim": module.clip_embeddings_dim,
         "clip_extra_context_tokens": module.clip_extra_context_tokens,
         "cross_attention_dim": module.cross_attention_dim,
@@ -353,7 +238,7 @@ def load_text_proj(folder: str | os.PathLike, **overrides: Any) -> tuple[UnCLIPT
     module = text_proj_from_config(io.read_config(folder), str(Path(folder) / io.CONFIG), **overrides)
     weights = io.find_weights(folder)
     abstract = abstract_params(module, text_proj_example_inputs(module))
-    return module, _import(io.read_safetensors(weights), text_proj_rules(), abstract, module, str(weights))
+    return module, params_from_state(io.read_safetensors(weights), text_proj_rules(), abstract, module, str(weights))
 
 
 def save_text_proj(module: UnCLIPTextProj, variables: dict[str, Any], folder: str | os.PathLike) -> Path:
@@ -377,7 +262,7 @@ def unclip_decoder_from_parts(unet: Decoder, text_proj: UnCLIPTextProj, where: s
         clip_embeddings_dim=text_proj.clip_embeddings_dim,
         clip_extra_context_tokens=text_proj.clip_extra_context_tokens,
     )
-    return _as_module(UnCLIPDecoder, kwargs, overrides, where)
+    return io.build_module(UnCLIPDecoder, kwargs, overrides, where)
 
 
 def load_unclip_decoder(folder: str | os.PathLike, **overrides: Any) -> tuple[UnCLIPDecoder, dict[str, Any]]:

@@ -24,6 +24,9 @@ import numpy as np
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# The library versions written into exported configs (the versions the parity tests run against).
+DIFFUSERS_VERSION = "0.42.1"
+TRANSFORMERS_VERSION = "5.0.0"
 
 
 class ConversionError(ValueError):
@@ -46,6 +49,14 @@ def require_fields(config: Mapping[str, Any], fields: list[str], where: str) -> 
     missing = [f for f in fields if f not in config]
     if missing:
         raise ConversionError(f"{where}: config.json lacks required field(s) {missing}")
+
+
+def build_module(cls: type, kwargs: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> Any:
+    """``cls(**kwargs, **overrides)``; fields the class rejects are a ConversionError naming ``where``."""
+    try:
+        return cls(**{**kwargs, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: {e}") from e
 
 
 def find_weights(folder: str | os.PathLike) -> Path:

@@ -76,6 +76,32 @@ def norm(flax_prefix: Path, torch_prefix: str) -> list[Rule]:
     ]
 
 
+# Flax submodules of a pre-norm transformer block (``unclip_jax.layers.transformer``), in the order of
+# :func:`transformer_block`'s ``torch_names``.
+TRANSFORMER_BLOCK: tuple[Path, ...] = (
+    ("norm1",),
+    ("attn", "query"),
+    ("attn", "key"),
+    ("attn", "value"),
+    ("attn", "out"),
+    ("norm2",),
+    ("mlp", "fc1"),
+    ("mlp", "fc2"),
+)
+
+
+def transformer_block(flax_prefix: Path, torch_prefix: str, torch_names: tuple[str, ...]) -> list[Rule]:
+    """Rules for one transformer block: the :data:`TRANSFORMER_BLOCK` submodules <-> ``torch_names`` (same order;
+    ``norm*`` are LayerNorms, the rest Linears)."""
+    if len(torch_names) != len(TRANSFORMER_BLOCK):
+        raise ValueError(f"transformer_block: {len(torch_names)} torch names for {len(TRANSFORMER_BLOCK)} submodules")
+    rules: list[Rule] = []
+    for sub, name in zip(TRANSFORMER_BLOCK, torch_names):
+        make = norm if sub[0].startswith("norm") else linear
+        rules += make((*flax_prefix, *sub), f"{torch_prefix}.{name}")
+    return rules
+
+
 def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
     """Flattens a nested dict of arrays into {path tuple: array}."""
     out: dict[Path, Any] = {}

@@ -1,6 +1,10 @@
 """A whole diffusers ``UnCLIPPipeline`` folder (Karlo layout) <-> our modules and variables.
 
-Networks (each through its own converter):
+:func:`read_diffusers_pipeline` imports such a folder (``unclip convert import --component pipeline``),
+:func:`write_diffusers_pipeline` exports one; :func:`save_native_bundle` / :func:`load_native_bundle` keep the same
+bundle as native folders. (Loading a pipeline *for sampling*, from any mix of folders, is
+:func:`unclip_jax.pipeline.loading.load_pipeline`.) Networks, each through its converter
+(:func:`unclip_jax.convert.registry.for_component`):
 
 =================  ==========================================  ====================================
 name               folder(s)                                   module
@@ -15,7 +19,8 @@ super_res_last     ``super_res_last/``                         ``models.upsample
 Everything else (``model_index.json``, the three ``*_scheduler/scheduler_config.json`` and the
 ``tokenizer/`` files) is carried verbatim as text in :attr:`UnCLIPBundle.files`, so an
 import followed by an export reproduces the folder (tensors bit for bit). Missing
-scheduler configs / ``model_index.json`` are generated with Karlo's settings on export;
+scheduler configs / ``model_index.json`` are generated on export (Karlo's schedulers are the stage registry's
+default diffusions, :func:`unclip_jax.convert.scheduler.karlo_scheduler_configs`);
 the tokenizer files must be present.
 
 diffusers 0.42.1 keeps ``UnCLIPPipeline`` under ``diffusers.pipelines.deprecated``; call
@@ -34,35 +39,29 @@ from typing import Any
 
 import flax.linen as nn
 
-from unclip_jax.convert import clip as cclip
-from unclip_jax.convert import decoder as cdecoder
-from unclip_jax.convert import io
-from unclip_jax.convert import prior as cprior
-from unclip_jax.convert import upsampler as cupsampler
+from unclip_jax import stages
+from unclip_jax.convert import io, registry
+from unclip_jax.convert.native import load_native, save_native
+from unclip_jax.convert.scheduler import SCHEDULER_CLASS, SCHEDULER_CONFIG, karlo_scheduler_configs
 
 MODEL_INDEX = "model_index.json"
+# The networks of diffusers' UnCLIPPipeline, as pipeline components (each read and written by its converter,
+# registry.for_component).
 NETWORKS = ("prior", "text_encoder", "decoder", "super_res_first", "super_res_last")
-SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
-TEXT_DIRS = (*SCHEDULERS, "tokenizer")
+SCHEDULERS = tuple(s.scheduler for s in stages.STAGES if s.scheduler)
+TOKENIZER = "tokenizer"
+TEXT_DIRS = (*SCHEDULERS, TOKENIZER)
 
-# Karlo's scheduler settings (layout file, "Schedulers").
-KARLO_SCHEDULERS = {
-    "prior_scheduler": dict(prediction_type="sample", variance_type="fixed_small_log", clip_sample_range=5.0),
-    "decoder_scheduler": dict(prediction_type="epsilon", variance_type="learned_range", clip_sample_range=1.0),
-    "super_res_scheduler": dict(prediction_type="epsilon", variance_type="fixed_small_log", clip_sample_range=1.0),
-}
-MODEL_INDEX_CLASSES = {
-    "decoder": ["diffusers", "UNet2DConditionModel"],
-    "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
-    "prior": ["diffusers", "PriorTransformer"],
-    "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
-    "super_res_first": ["diffusers", "UNet2DModel"],
-    "super_res_last": ["diffusers", "UNet2DModel"],
-    "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-    "text_proj": ["unclip", "UnCLIPTextProjModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-}
+
+def model_index_classes() -> dict[str, list[str]]:
+    """The ``model_index.json`` entries of Karlo's pipeline folder: every network folder, scheduler and tokenizer."""
+    out = {}
+    for name in NETWORKS:
+        for folder in registry.for_component(name).folders:
+            out[folder] = registry.converter(folder).index_entry
+    out.update({sched: ["diffusers", SCHEDULER_CLASS] for sched in SCHEDULERS})
+    out[TOKENIZER] = ["transformers", "CLIPTokenizer"]
+    return out
 
 
 @dataclasses.dataclass
@@ -78,27 +77,7 @@ class UnCLIPBundle:
     files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _loaders() -> dict[str, Any]:
-    return {
-        "prior": cprior.load_prior,
-        "text_encoder": cclip.load_text_encoder,
-        "decoder": cdecoder.load_unclip_decoder,
-        "super_res_first": cupsampler.load_super_res_first,
-        "super_res_last": cupsampler.load_super_res_last,
-    }
-
-
-def _savers() -> dict[str, Any]:
-    return {
-        "prior": cprior.save_prior,
-        "text_encoder": cclip.save_text_encoder,
-        "decoder": cdecoder.save_unclip_decoder,  # writes decoder/ and text_proj/ under the given folder
-        "super_res_first": cupsampler.save_upsampler,
-        "super_res_last": cupsampler.save_upsampler,
-    }
-
-
-def load_pipeline(folder: str | os.PathLike, **overrides: Any) -> UnCLIPBundle:
+def read_diffusers_pipeline(folder: str | os.PathLike, **overrides: Any) -> UnCLIPBundle:
     """Imports every network of a diffusers ``UnCLIPPipeline`` folder.
 
     Args:
@@ -121,15 +100,12 @@ def load_pipeline(folder: str | os.PathLike, **overrides: Any) -> UnCLIPBundle:
         raise io.ConversionError(f"{index}: not valid JSON ({e})") from e
     if cfg.get("_class_name") not in ("UnCLIPPipeline", None):
         raise io.ConversionError(f"{index}: _class_name={cfg.get('_class_name')!r}, expected 'UnCLIPPipeline'")
-    needed = ["prior", "text_encoder", "decoder", "text_proj", "super_res_first", "super_res_last", "tokenizer"]
+    converters = {name: registry.for_component(name) for name in NETWORKS}
+    needed = [*(f for c in converters.values() for f in c.folders), TOKENIZER]
     missing = [n for n in needed if not (folder / n).is_dir()]
     if missing:
         raise io.ConversionError(f"{folder}: pipeline component folder(s) {missing} missing")
-    loaders = _loaders()
-    models = {}
-    for name in NETWORKS:
-        src = folder if name == "decoder" else folder / name
-        models[name] = loaders[name](src, **overrides)
+    models = {name: c.load(c.pipeline_path(folder), **overrides) for name, c in converters.items()}
     files = {MODEL_INDEX: index.read_text()}
     for sub in TEXT_DIRS:
         for path in sorted((folder / sub).rglob("*")) if (folder / sub).is_dir() else []:
@@ -143,23 +119,14 @@ def load_pipeline(folder: str | os.PathLike, **overrides: Any) -> UnCLIPBundle:
 
 def default_files() -> dict[str, str]:
     """``model_index.json`` and Karlo's three scheduler configs (everything but the tokenizer)."""
-    version = cdecoder.DIFFUSERS_VERSION
-    index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": version, **MODEL_INDEX_CLASSES}
+    index = {"_class_name": "UnCLIPPipeline", "_diffusers_version": io.DIFFUSERS_VERSION, **model_index_classes()}
     files = {MODEL_INDEX: json.dumps(index, indent=2, sort_keys=True) + "\n"}
-    for name, kw in KARLO_SCHEDULERS.items():
-        cfg = {
-            "_class_name": "UnCLIPScheduler",
-            "_diffusers_version": version,
-            "num_train_timesteps": 1000,
-            "beta_schedule": "squaredcos_cap_v2",
-            "clip_sample": True,
-            **kw,
-        }
-        files[f"{name}/scheduler_config.json"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    for name, cfg in karlo_scheduler_configs().items():
+        files[f"{name}/{SCHEDULER_CONFIG}"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     return files
 
 
-def save_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
+def write_diffusers_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
     """Exports a bundle to a folder diffusers' ``UnCLIPPipeline.from_pretrained`` loads (atomic).
 
     The folder is assembled in a temporary sibling and renamed into place when complete.
@@ -167,17 +134,19 @@ def save_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     missing = [n for n in NETWORKS if n not in bundle.models]
     if missing:
-        raise io.ConversionError(f"save_pipeline: networks {missing} missing from the bundle")
+        raise io.ConversionError(f"write_diffusers_pipeline: networks {missing} missing from the bundle")
     files = {**default_files(), **bundle.files}
     if not any(k.startswith("tokenizer/") for k in files):
-        raise io.ConversionError("save_pipeline: the bundle has no tokenizer/ files (copy them from a CLIP folder)")
+        raise io.ConversionError(
+            "write_diffusers_pipeline: the bundle has no tokenizer/ files (copy them from a CLIP folder)"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        savers = _savers()
         for name in NETWORKS:
             module, variables = bundle.models[name]
-            savers[name](module, variables, tmp if name == "decoder" else tmp / name)
+            c = registry.for_component(name)
+            c.save(module, variables, c.pipeline_path(tmp))
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text)
@@ -207,17 +176,15 @@ def register_diffusers_aliases() -> None:
 NATIVE_FILES = "files"
 
 
-def save_native_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
+def save_native_bundle(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
     """Writes a bundle in the native format: ``folder/<network>/`` (native folders) + ``folder/files/``.
 
     Atomic like every writer here: assembled in a temporary sibling, renamed when complete.
     """
-    from unclip_jax.convert.native import save_native
-
     folder = Path(folder)
     missing = [n for n in NETWORKS if n not in bundle.models]
     if missing:
-        raise io.ConversionError(f"save_native_pipeline: networks {missing} missing from the bundle")
+        raise io.ConversionError(f"save_native_bundle: networks {missing} missing from the bundle")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
@@ -234,10 +201,8 @@ def save_native_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Pat
     return folder
 
 
-def load_native_pipeline(folder: str | os.PathLike) -> UnCLIPBundle:
-    """Reads a folder written by :func:`save_native_pipeline`; a missing network is an error naming it."""
-    from unclip_jax.convert.native import load_native
-
+def load_native_bundle(folder: str | os.PathLike) -> UnCLIPBundle:
+    """Reads a folder written by :func:`save_native_bundle`; a missing network is an error naming it."""
     folder = Path(folder)
     missing = [n for n in NETWORKS if not (folder / n).is_dir()]
     if missing:

@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.convert import io
-from unclip_jax.convert.mapping import Rule, flatten, flax_to_torch, linear, norm, torch_to_flax
+from unclip_jax.convert.mapping import Rule, flatten, flax_to_torch, linear, norm, torch_to_flax, transformer_block
 from unclip_jax.convert.native import as_variables, resolve_component_folder
 from unclip_jax.models.prior import PriorTransformer, example_inputs
 
-DIFFUSERS_VERSION = "0.42.1"
 REQUIRED = [
     "num_attention_heads",
     "attention_head_dim",
@@ -62,16 +61,9 @@ def rules(module: PriorTransformer) -> list[Rule]:
         r += norm((*p, "norm_in"), "norm_in")
     if module.embedding_proj_norm_type == "layer":
         r += norm((*p, "embedding_proj_norm"), "embedding_proj_norm")
+    names = ("norm1", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm3", "ff.net.0.proj", "ff.net.2")
     for i in range(module.num_layers):
-        f, t = (*p, "transformer", f"layers_{i}"), f"transformer_blocks.{i}"
-        r += norm((*f, "norm1"), f"{t}.norm1")
-        r += linear((*f, "attn", "query"), f"{t}.attn1.to_q")
-        r += linear((*f, "attn", "key"), f"{t}.attn1.to_k")
-        r += linear((*f, "attn", "value"), f"{t}.attn1.to_v")
-        r += linear((*f, "attn", "out"), f"{t}.attn1.to_out.0")
-        r += norm((*f, "norm2"), f"{t}.norm3")
-        r += linear((*f, "mlp", "fc1"), f"{t}.ff.net.0.proj")
-        r += linear((*f, "mlp", "fc2"), f"{t}.ff.net.2")
+        r += transformer_block((*p, "transformer", f"layers_{i}"), f"transformer_blocks.{i}", names)
     return r
 
 
@@ -99,7 +91,7 @@ def config_from_module(module: PriorTransformer) -> dict[str, Any]:
             f"PriorTransformer.encoder_hid_dim={module.encoder_hid_dim} != embedding_dim={module.embedding_dim}: "
             "diffusers ties the caption width to embedding_dim, this prior cannot be exported"
         )
-    cfg: dict[str, Any] = {"_class_name": "PriorTransformer", "_diffusers_version": DIFFUSERS_VERSION}
+    cfg: dict[str, Any] = {"_class_name": "PriorTransformer", "_diffusers_version": io.DIFFUSERS_VERSION}
     cfg.update({k: getattr(module, k) for k in REQUIRED})
     cfg.update({src: getattr(module, dst) for src, (dst, _) in OPTIONAL.items()})
     cfg.update(encoder_hid_proj_type="linear", added_emb_type="prd")

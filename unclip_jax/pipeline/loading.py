@@ -21,10 +21,14 @@ folder holds is read from its ``config.json`` (the module class), so ``--prior P
 (``"auto"`` | ``"diffusion"`` | ``"ar"``) asserts the kind; with ``"ar"`` and no explicit path the model folder's
 ``ar_prior/`` subfolder is tried before ``prior/`` (a model folder may hold both priors).
 
-The training diffusion of a stage is read from a diffusers ``<stage>_scheduler/scheduler_config.json``
-(``UnCLIPScheduler``) or from a ``diffusion.json`` beside a native component (fields of ``config.diffusion``:
-``steps``, ``schedule``, ``mean_type``, ``var_type``, ``clip_denoised``); otherwise the stage default of
-`unclip_jax.pipeline.settings.default_diffusion` (Karlo's schedulers) is used.
+The training diffusion of a stage is read from a ``diffusion.json`` beside a native component (the fields of
+``config.diffusion``) or from a diffusers ``<stage>_scheduler/scheduler_config.json`` (``UnCLIPScheduler``,
+translated by `unclip_jax.convert.scheduler`), both through `unclip_jax.diffusion.diffusion_from_config`; otherwise
+the stage registry's default (`unclip_jax.stages.STAGES`, Karlo's schedulers) is used.
+
+Which components exist, which stage each serves, which network classes a folder may hold for it and its scheduler
+subfolder all come from `unclip_jax.stages`; each diffusers / transformers folder is read by its converter
+(`unclip_jax.convert.registry`).
 """
 
 from __future__ import annotations
@@ -36,50 +40,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from unclip_jax.convert import io
+from unclip_jax import stages
+from unclip_jax.convert import io, registry
 from unclip_jax.convert.native import is_native, load_native
 from unclip_jax.convert.pipeline import NATIVE_FILES
-from unclip_jax.diffusion import GaussianDiffusion, get_named_beta_schedule
+from unclip_jax.convert.scheduler import SCHEDULER_CONFIG, diffusion_config
+from unclip_jax.diffusion import GaussianDiffusion, diffusion_from_config
 from unclip_jax.input.tokenizer import EOT, ClipTokenizer
-from unclip_jax.models.ar_prior import ARPrior
-from unclip_jax.models.clip import CLIP, CLIPTextModel, CLIPVisionModel
-from unclip_jax.models.decoder import UnCLIPDecoder
-from unclip_jax.models.prior import PriorTransformer
-from unclip_jax.models.upsampler import SuperResUNet
 from unclip_jax.pipeline import priors
 from unclip_jax.pipeline.cascade import Component, UnclipPipeline
-from unclip_jax.pipeline.settings import default_diffusion
 
-COMPONENTS = (
-    "text_encoder",
-    "prior",
-    "decoder",
-    "super_res_first",
-    "super_res_last",
-    "upsampler_1024",
-    "image_encoder",
-)
-# Which module types a native folder may hold for each component.
-_TYPES: dict[str, tuple[type, ...]] = {
-    "text_encoder": (CLIPTextModel, CLIP),
-    "image_encoder": (CLIPVisionModel, CLIP),
-    "prior": (PriorTransformer, ARPrior),
-    "decoder": (UnCLIPDecoder,),
-    "super_res_first": (SuperResUNet,),
-    "super_res_last": (SuperResUNet,),
-    "upsampler_1024": (SuperResUNet,),
-}
-# diffusers scheduler subfolder per stage.
-_SCHEDULERS = {"prior": "prior_scheduler", "decoder": "decoder_scheduler", "super_res": "super_res_scheduler"}
-_STAGE_OF = {
-    "prior": "prior",
-    "decoder": "decoder",
-    "super_res_first": "super_res",
-    "super_res_last": "super_res",
-    "upsampler_1024": "upsampler_1024",
-}
-
-
+COMPONENTS = stages.COMPONENT_NAMES
+TWO_TOWER_CLIP = "clip"  # a model-folder subfolder (transformers CLIPModel) that serves as text and image encoder
 PRIOR_KIND_CHOICES = ("auto", "diffusion", "ar")
 AR_PRIOR_FOLDER = "ar_prior"  # model-folder subfolder tried first for prior_kind="ar"
 
@@ -110,25 +82,25 @@ def workdir_export(folder: str | os.PathLike) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _diffusers_loader(name: str):
-    from unclip_jax.convert import clip, prior, upsampler
-
-    return {
-        "prior": prior.load_prior,
-        "clip": clip.load_clip,
-        "text_encoder": clip.load_text_encoder,
-        "image_encoder": clip.load_image_encoder,
-        "super_res_first": lambda f: upsampler.load_upsampler(f, "super_res_first"),
-        "super_res_last": lambda f: upsampler.load_upsampler(f, "super_res_last"),
-        "upsampler_1024": lambda f: upsampler.load_upsampler(f, "upsampler_1024"),
-    }[name]
-
-
 def _check_type(name: str, module: Any, where: Path) -> None:
-    if not isinstance(module, _TYPES[name]):
-        raise PipelineLoadError(
-            f"{name}: {where} holds a {type(module).__name__}, expected one of {[t.__name__ for t in _TYPES[name]]}"
-        )
+    allowed = stages.component(name).modules
+    if not isinstance(module, tuple(stages.resolve(p) for p in allowed)):
+        expected = [p.rpartition(":")[2] for p in allowed]
+        raise PipelineLoadError(f"{name}: {where} holds a {type(module).__name__}, expected one of {expected}")
+
+
+def _torch_folder(name: str, folder: Path) -> tuple[registry.Converter, Path] | None:
+    """The converter and the path it reads when ``folder`` holds component ``name`` in diffusers / transformers
+    layout (None when it does not)."""
+    c = registry.for_component(name)
+    if len(c.folders) > 1:  # the decoder: decoder/ (UNet2DConditionModel) + text_proj/ side by side
+        root = folder.parent if folder.name == name else folder
+        return (c, root) if all((root / f / io.CONFIG).is_file() for f in c.folders) else None
+    if not (folder / io.CONFIG).is_file():
+        return None
+    if name in ("text_encoder", "image_encoder") and _is_two_tower_clip(folder):
+        c = registry.converter(TWO_TOWER_CLIP)
+    return c, folder
 
 
 def _candidates(name: str, path: Path, own_folder: bool) -> list[Path]:
@@ -142,7 +114,7 @@ def _candidates(name: str, path: Path, own_folder: bool) -> list[Path]:
     if own_folder:
         out.append(base / name)  # a whole pipeline folder given for one component
     if name in ("text_encoder", "image_encoder"):
-        out.append(path / "clip")  # a two-tower CLIP serves as both
+        out.append(path / TWO_TOWER_CLIP)  # a two-tower CLIP serves as both
     return out
 
 
@@ -173,19 +145,11 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
                 module, variables = load_native(folder)
                 _check_type(name, module, folder)
                 return Component(module, dict(variables)), folder
-            if name == "decoder":
-                # diffusers: decoder/ (UNet2DConditionModel) + text_proj/ (UnCLIPTextProjModel) side by side.
-                root = folder.parent if folder.name == "decoder" else folder
-                if (root / "decoder" / io.CONFIG).is_file() and (root / "text_proj" / io.CONFIG).is_file():
-                    from unclip_jax.convert.decoder import load_unclip_decoder
-
-                    module, variables = load_unclip_decoder(root)
-                    return Component(module, dict(variables)), root
-                continue
-            if (folder / io.CONFIG).is_file():
-                loader = _diffusers_loader("clip" if _is_two_tower_clip(folder) else name)
-                module, variables = loader(folder)
-                return Component(module, dict(variables)), folder
+            found = _torch_folder(name, folder)
+            if found is not None:
+                c, where = found
+                module, variables = c.load(where)
+                return Component(module, dict(variables)), where
         except io.ConversionError as e:
             raise PipelineLoadError(f"{name}: cannot read {folder}: {e}") from e
     raise PipelineLoadError(
@@ -226,36 +190,15 @@ def _load_prior(
     return comp, folder, None
 
 
-def diffusion_from_scheduler_config(config: Mapping[str, Any], where: str) -> GaussianDiffusion:
-    """The training diffusion of a diffusers ``UnCLIPScheduler`` config (``scheduler_config.json``)."""
-    schedule = {"squaredcos_cap_v2": "cosine", "linear": "linear"}.get(config.get("beta_schedule", "squaredcos_cap_v2"))
-    if schedule is None:
-        raise PipelineLoadError(f"{where}: beta_schedule {config.get('beta_schedule')!r} is not supported")
-    mean = {"epsilon": "epsilon", "sample": "x_start"}.get(config.get("prediction_type", "epsilon"))
-    if mean is None:
-        raise PipelineLoadError(f"{where}: prediction_type {config.get('prediction_type')!r} is not supported")
-    var = config.get("variance_type", "fixed_small_log")
-    if var not in ("fixed_small_log", "learned_range"):
-        raise PipelineLoadError(f"{where}: variance_type {var!r} is not supported")
-    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
-    steps = int(config.get("num_train_timesteps", 1000))
-    return GaussianDiffusion(
-        get_named_beta_schedule(schedule, steps), model_mean_type=mean, model_var_type=var, clip_denoised=clip
-    )
-
-
-def diffusion_from_json(config: Mapping[str, Any], where: str) -> GaussianDiffusion:
-    """The diffusion of a ``diffusion.json`` (the fields of ``config.diffusion`` of an experiment)."""
+def _read_diffusion(path: Path, scheduler: bool) -> GaussianDiffusion:
+    """The diffusion of a ``diffusion.json`` or (``scheduler``) of a diffusers ``scheduler_config.json``."""
     try:
-        clip = config.get("clip_denoised", 1.0)
-        return GaussianDiffusion(
-            get_named_beta_schedule(config.get("schedule", "cosine"), int(config.get("steps", 1000))),
-            model_mean_type=config["mean_type"],
-            model_var_type=config["var_type"],
-            clip_denoised=None if clip is None or float(clip) <= 0 else float(clip),
-        )
-    except (KeyError, ValueError) as e:
-        raise PipelineLoadError(f"{where}: bad diffusion config ({e})") from e
+        config = json.loads(path.read_text())
+        if scheduler:
+            config = diffusion_config(config, str(path))
+        return diffusion_from_config(config, str(path))
+    except ValueError as e:  # bad JSON, an unsupported scheduler option, a bad diffusion field
+        raise PipelineLoadError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
 
 
 def find_diffusion(stage: str, component_folder: Path | None, model_dir: Path | None) -> GaussianDiffusion:
@@ -267,16 +210,15 @@ def find_diffusion(stage: str, component_folder: Path | None, model_dir: Path | 
         places.append(model_dir / f"{stage}_diffusion.json")
     for p in places:
         if p.is_file():
-            return diffusion_from_json(json.loads(p.read_text()), str(p))
+            return _read_diffusion(p, scheduler=False)
+    sched = stages.stage(stage).scheduler
     roots = _with_native_files(
         [r for r in (model_dir, component_folder.parent if component_folder else None) if r is not None]
     )
     for root in roots:
-        sched = _SCHEDULERS.get(stage)
-        if sched and (root / sched / "scheduler_config.json").is_file():
-            p = root / sched / "scheduler_config.json"
-            return diffusion_from_scheduler_config(json.loads(p.read_text()), str(p))
-    return default_diffusion(stage)
+        if sched and (root / sched / SCHEDULER_CONFIG).is_file():
+            return _read_diffusion(root / sched / SCHEDULER_CONFIG, scheduler=True)
+    return diffusion_from_config(stages.stage(stage).diffusion, f"stages.stage({stage!r}).diffusion")
 
 
 def _with_native_files(roots: Sequence[Path | None]) -> list[Path]:
@@ -352,10 +294,12 @@ def load_pipeline(
             raise error or PipelineLoadError(f"{name}: not found")
         loaded[name], folders[name] = comp, folder
     diffusions = {}
-    for name, stage in _STAGE_OF.items():
-        if name == "prior" and loaded.get(name) is not None and priors.prior_kind(loaded[name].module) == "ar":
+    for c in stages.COMPONENTS:
+        comp = loaded.get(c.name)
+        if not c.stage or comp is None or c.stage in diffusions:
+            continue
+        if c.name == "prior" and priors.prior_kind(comp.module) == "ar":
             continue  # the autoregressive prior has no diffusion
-        if stage not in diffusions and loaded.get(name) is not None:
-            diffusions[stage] = find_diffusion(stage, folders[name], root)
+        diffusions[c.stage] = find_diffusion(c.stage, folders[c.name], root)
     tok = tokenizer or load_tokenizer(root, folders.get("text_encoder"))
     return UnclipPipeline(tok, diffusions=diffusions, **loaded)

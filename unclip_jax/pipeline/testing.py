@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import GaussianDiffusion
+from unclip_jax import stages
+from unclip_jax.diffusion import GaussianDiffusion, get_named_beta_schedule
 from unclip_jax.input.tokenizer import ClipTokenizer
 from unclip_jax.models import ar_prior as ar_prior_lib
 from unclip_jax.models import clip as clip_lib
@@ -31,7 +32,6 @@ from unclip_jax.models import prior as prior_lib
 from unclip_jax.models import upsampler as upsampler_lib
 from unclip_jax.pipeline.cascade import Component, UnclipPipeline
 from unclip_jax.pipeline.priors import prior_kind
-from unclip_jax.pipeline.settings import default_diffusion
 
 # variant of each model per cascade size ("test": 16x16 decoder -> 32x32 super-res; "bench": 64 -> 256).
 CASCADES = {
@@ -132,7 +132,13 @@ def random_pipeline(cascade: str = "test", seed: int = 0, super_res_last: bool =
     return UnclipPipeline(ClipTokenizer(pad_token="!"), **random_components(cascade, seed, super_res_last))
 
 
-def _diffusion_json(d: GaussianDiffusion, schedule: str) -> dict[str, Any]:
+def diffusion_fields(d: GaussianDiffusion) -> dict[str, Any]:
+    """The ``config.diffusion`` fields (`unclip_jax.diffusion.diffusion_from_config`) that rebuild ``d``; its beta
+    schedule is recognised from its betas."""
+    names = ("cosine", "linear")
+    schedule = next((n for n in names if np.allclose(get_named_beta_schedule(n, d.num_timesteps), d.betas)), None)
+    if schedule is None:
+        raise ValueError(f"the diffusion's betas are none of the named schedules {names}")
     return dict(
         steps=d.num_timesteps,
         schedule=schedule,
@@ -147,71 +153,42 @@ def save_native_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> Pat
     from unclip_jax.convert.native import save_native
 
     folder = Path(folder)
-    stage_of = {"prior": "prior", "decoder": "decoder", "super_res_first": "super_res", "super_res_last": "super_res"}
     for name, comp in pipe.components.items():
         if comp is None:
             continue
         save_native(comp.module, comp.variables, folder / name)
-        if name in stage_of and not (name == "prior" and prior_kind(comp.module) == "ar"):
-            stage = stage_of[name]
-            d = pipe.diffusions[stage]
-            schedule = "linear" if stage == "upsampler_1024" else "cosine"
-            (folder / name / "diffusion.json").write_text(json.dumps(_diffusion_json(d, schedule)))
+        stage = stages.component(name).stage
+        if stage and not (name == "prior" and prior_kind(comp.module) == "ar"):
+            (folder / name / "diffusion.json").write_text(json.dumps(diffusion_fields(pipe.diffusions[stage])))
     return folder
-
-
-def unclip_scheduler_config(d: GaussianDiffusion) -> dict[str, Any]:
-    """A diffusers ``UnCLIPScheduler`` config for a cosine-schedule diffusion."""
-    if d.model_var_type not in ("fixed_small_log", "learned_range"):
-        raise ValueError(f"UnCLIPScheduler has no variance_type {d.model_var_type!r}")
-    return {
-        "_class_name": "UnCLIPScheduler",
-        "num_train_timesteps": d.num_timesteps,
-        "variance_type": d.model_var_type,
-        "clip_sample": d.clip_denoised is not None,
-        "clip_sample_range": float(d.clip_denoised or 1.0),
-        "prediction_type": {"epsilon": "epsilon", "x_start": "sample"}[d.model_mean_type],
-        "beta_schedule": "squaredcos_cap_v2",
-    }
 
 
 def save_diffusers_pipeline(pipe: UnclipPipeline, folder: str | os.PathLike) -> Path:
-    """Writes the pipeline in diffusers' ``UnCLIPPipeline`` (Karlo) folder layout (no torch needed)."""
-    from unclip_jax.convert import clip, decoder, prior, upsampler
+    """Writes the pipeline in diffusers' ``UnCLIPPipeline`` (Karlo) folder layout (no torch needed), through the
+    weight bridge (`unclip_jax.convert.pipeline.write_diffusers_pipeline`); a missing ``super_res_last`` is written
+    as a copy of ``super_res_first``."""
+    import tempfile
 
-    folder = Path(folder)
-    c = pipe.components
-    prior.save_prior(c["prior"].module, c["prior"].variables, folder / "prior")
-    decoder.save_unclip_decoder(c["decoder"].module, c["decoder"].variables, folder)
-    last = c["super_res_last"] or c["super_res_first"]
-    upsampler.save_upsampler(c["super_res_first"].module, c["super_res_first"].variables, folder / "super_res_first")
-    upsampler.save_upsampler(last.module, last.variables, folder / "super_res_last")
-    clip.save_text_encoder(c["text_encoder"].module, c["text_encoder"].variables, folder / "text_encoder")
-    pipe.tokenizer.save_hf_files(folder / "tokenizer")
-    for stage in ("prior", "decoder", "super_res"):
-        sub = folder / f"{stage}_scheduler"
-        sub.mkdir(parents=True, exist_ok=True)
-        (sub / "scheduler_config.json").write_text(json.dumps(unclip_scheduler_config(pipe.diffusions[stage])))
-    index = {
-        "_class_name": "UnCLIPPipeline",
-        "prior": ["diffusers", "PriorTransformer"],
-        "decoder": ["diffusers", "UNet2DConditionModel"],
-        "text_proj": ["unclip", "UnCLIPTextProjModel"],
-        "super_res_first": ["diffusers", "UNet2DModel"],
-        "super_res_last": ["diffusers", "UNet2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
-        "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
-        "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
+    from unclip_jax.convert import pipeline as karlo
+    from unclip_jax.convert.scheduler import SCHEDULER_CONFIG, scheduler_config
+
+    c = dict(pipe.components)
+    c["super_res_last"] = c["super_res_last"] or c["super_res_first"]
+    models = {name: (c[name].module, c[name].variables) for name in karlo.NETWORKS}
+    files = {
+        f"{s.scheduler}/{SCHEDULER_CONFIG}": json.dumps(scheduler_config(diffusion_fields(pipe.diffusions[s.name])))
+        for s in stages.STAGES
+        if s.scheduler
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = pipe.tokenizer.save_hf_files(Path(tmp) / karlo.TOKENIZER)
+        files.update({f"{karlo.TOKENIZER}/{p.name}": p.read_text() for p in sorted(tok.iterdir())})
+    return karlo.write_diffusers_pipeline(karlo.UnCLIPBundle(models, files), folder)
 
 
 __all__ = [
     "CASCADES",
-    "default_diffusion",
+    "diffusion_fields",
     "random_ar_prior",
     "random_components",
     "random_pipeline",
