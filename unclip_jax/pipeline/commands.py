@@ -91,11 +91,15 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- manipulations
-def _manip_defaults() -> dict[str, Any]:
+def _manipulation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What every manipulation command passes: DDIM eta, seed, the stage settings over the manipulations' defaults
+    (the decoder: `MANIPULATION_DECODER`), the last stage, progress lines."""
     from unclip_jax.pipeline.manipulations import MANIPULATION_DECODER
     from unclip_jax.pipeline.settings import DEFAULT_SETTINGS
 
-    return {**DEFAULT_SETTINGS, "decoder": MANIPULATION_DECODER}
+    defaults = {**DEFAULT_SETTINGS, "decoder": MANIPULATION_DECODER}
+    settings = stage_settings(args, defaults)
+    return dict(eta=args.eta, seed=args.seed, settings=settings, stop_after=args.stop_after, progress=True)
 
 
 def _image_size(pipe) -> int:
@@ -122,12 +126,8 @@ def run_vary(args: argparse.Namespace) -> int:
         pipe,
         img,
         num=args.num,
-        eta=args.eta,
-        seed=args.seed,
         caption=args.caption,
-        settings=stage_settings(args, _manip_defaults()),
-        stop_after=args.stop_after,
-        progress=True,
+        **_manipulation_kwargs(args),
     )
     _write(out, args.out, out["labels"])
     return 0
@@ -158,11 +158,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
         images.load_image(args.image_b, size),
         num=args.num,
         x_T_mode=args.x_T,
-        eta=args.eta,
-        seed=args.seed,
-        settings=stage_settings(args, _manip_defaults()),
-        stop_after=args.stop_after,
-        progress=True,
+        **_manipulation_kwargs(args),
     )
     _write(out, args.out, out["labels"], ncols=args.num)
     return 0
@@ -192,11 +188,7 @@ def run_textdiff(args: argparse.Namespace) -> int:
         args.source,
         args.target,
         thetas=args.thetas,
-        eta=args.eta,
-        seed=args.seed,
-        settings=stage_settings(args, _manip_defaults()),
-        stop_after=args.stop_after,
-        progress=True,
+        **_manipulation_kwargs(args),
     )
     _write(out, args.out, out["labels"], ncols=len(args.thetas))
     return 0
