@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax.demo import attributes, report, stages
+from unclip_jax.demo import attributes, report, runner, stages
+from unclip_jax.demo.profiles import PROFILES
 from unclip_jax.input import synthetic
 from unclip_jax.pipeline import images as images_lib
 from unclip_jax.train.metrics import JsonlWriter
 
 
 def _ctx(tmp_path, lines=None):
-    return stages.Context(tmp_path, stages.PROFILES["fast"], out=(lines.append if lines is not None else None))
+    return runner.Context(tmp_path, PROFILES["fast"], out=(lines.append if lines is not None else None))
 
 
 def _counting_stage(name, calls, make_file=True):
@@ -36,26 +37,26 @@ def _counting_stage(name, calls, make_file=True):
         ctx.command(f"make {name}")
         return {"files": files, "value": len(calls)}
 
-    return stages.Stage(name, f"stage {name}", run)
+    return runner.Stage(name, f"stage {name}", run)
 
 
 def test_resume_skips_finished_stages(tmp_path):
     calls: list[str] = []
     st = [_counting_stage(n, calls) for n in ("a", "b", "c")]
-    first = stages.run_stages(_ctx(tmp_path), st)
+    first = runner.run_stages(_ctx(tmp_path), st)
     assert calls == ["a", "b", "c"]
     assert first["b"]["commands"] == ["make b"] and first["b"]["outputs"] == {"value": 2}
-    assert stages.marker_path(tmp_path, "c").is_file()
+    assert runner.marker_path(tmp_path, "c").is_file()
 
     lines: list[str] = []
-    second = stages.run_stages(_ctx(tmp_path, lines), st)
+    second = runner.run_stages(_ctx(tmp_path, lines), st)
     assert calls == ["a", "b", "c"]  # nothing re-run
     assert second["a"]["seconds"] == first["a"]["seconds"]
     assert sum("skipping" in s for s in lines) == 3
 
     # an output that disappeared invalidates its stage only
     (tmp_path / "b" / "out.txt").unlink()
-    stages.run_stages(_ctx(tmp_path), st)
+    runner.run_stages(_ctx(tmp_path), st)
     assert calls == ["a", "b", "c", "b"]
 
 
@@ -66,12 +67,12 @@ def test_interrupted_stage_is_rerun_and_later_stages_wait(tmp_path):
         calls.append("boom")
         raise KeyboardInterrupt
 
-    st = [_counting_stage("a", calls), stages.Stage("b", "b", boom), _counting_stage("c", calls)]
+    st = [_counting_stage("a", calls), runner.Stage("b", "b", boom), _counting_stage("c", calls)]
     with pytest.raises(KeyboardInterrupt):
-        stages.run_stages(_ctx(tmp_path), st)
-    assert not stages.marker_path(tmp_path, "b").exists() and not stages.marker_path(tmp_path, "c").exists()
+        runner.run_stages(_ctx(tmp_path), st)
+    assert not runner.marker_path(tmp_path, "b").exists() and not runner.marker_path(tmp_path, "c").exists()
     st[1] = _counting_stage("b", calls)
-    stages.run_stages(_ctx(tmp_path), st)
+    runner.run_stages(_ctx(tmp_path), st)
     assert calls == ["a", "boom", "b", "c"]
 
 
@@ -153,7 +154,7 @@ def fake_workdir(tmp_path_factory):
         ctx.command("python -m unclip_jax.main --config=experiments/clip.py:test --workdir=X")
         return {"config": "experiments/clip.py:test", "steps": 50, "final_loss": 0.56}
 
-    stages.run_stages(_ctx(wd), [stages.Stage("clip", "train CLIP", train), stages.Stage("evaluate", "evaluate", ev)])
+    runner.run_stages(_ctx(wd), [runner.Stage("clip", "train CLIP", train), runner.Stage("evaluate", "evaluate", ev)])
     return wd, gen
 
 
@@ -235,15 +236,15 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     report_path = out.strip().splitlines()[-1]
     assert report_path == str((wd / "report.html").resolve())
     for st in stages.stages():
-        assert stages.read_marker(wd, st.name) is not None, st.name
+        assert runner.read_marker(wd, st.name) is not None, st.name
     # the train stages went through unclip_jax.main with the experiment files and exported EMA weights
     for name in ("clip", "prior", "decoder", "upsampler"):
-        m = stages.read_marker(wd, name)
+        m = runner.read_marker(wd, name)
         assert m["commands"][0].startswith(f"python -m unclip_jax.main --config=experiments/{name}.py:test ")
         assert (wd / m["outputs"]["export"] / "config.json").is_file()
         assert m["outputs"]["steps"] == 2 and math.isfinite(m["outputs"]["final_loss"])
     assert "[decoder] step 2/2" in out  # progress lines of the train loop
-    ev = stages.read_marker(wd, "evaluate")["outputs"]
+    ev = runner.read_marker(wd, "evaluate")["outputs"]
     for k in ("colour", "shape", "size", "count"):
         assert 0 <= ev["attributes_generated"][k]["correct"] <= ev["attributes_generated"][k]["total"]
     assert ev["attributes_generated"]["colour"]["total"] > 0
@@ -254,7 +255,7 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
         assert 0 <= oracle[k]["correct"] <= oracle[k]["total"]
     assert math.isfinite(ev["fid_generated"]) and math.isfinite(ev["clip_score_generated"]["clip_score_raw"])
     with np.load(wd / "samples" / "eval_generated.npz") as z:
-        assert z["images"].shape == (stages.PROFILES["fast"].n_eval, 64, 64, 3) and z["images"].dtype == np.uint8
+        assert z["images"].shape == (PROFILES["fast"].n_eval, 64, 64, 3) and z["images"].dtype == np.uint8
         assert z["decoder_images_real_embed"].shape == z["images"].shape
 
     text = (wd / "report.html").read_text()

@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="test experiments, a few steps per stage (smoke run)")
     args = p.parse_args(argv)
 
-    from unclip_jax.demo import report, stages
+    from unclip_jax.demo import report, runner, stages
+    from unclip_jax.demo.profiles import PROFILES
 
-    profile = stages.PROFILES["fast" if args.fast else "full"]
+    profile = PROFILES["fast" if args.fast else "full"]
     os.makedirs(args.workdir, exist_ok=True)
     info = os.path.join(args.workdir, "demo.json")
     if os.path.exists(info):
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with open(info, "w") as f:
             json.dump({"profile": profile.name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-    ctx = stages.Context(args.workdir, profile)
+    ctx = runner.Context(args.workdir, profile)
     ctx.log(f"profile '{profile.name}' in {ctx.workdir}")
-    stages.run_stages(ctx, stages.stages())
+    runner.run_stages(ctx, stages.stages())
     path = report.write_report(ctx.workdir, title=f"unclip_jax demo ({profile.name})")
     ctx.log("report written")
     print(path, flush=True)

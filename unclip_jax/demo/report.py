@@ -95,7 +95,8 @@ def _pct(d: dict[str, Any] | None) -> str:
 
 def write_report(workdir: str | Path, stage_names: list[str] | None = None, title: str = "unclip_jax demo") -> Path:
     """Writes ``WORKDIR/report.html`` from what the stages left in ``workdir``; returns its path."""
-    from unclip_jax.demo.stages import marker_path, stages
+    from unclip_jax.demo.runner import marker_path
+    from unclip_jax.demo.stages import stages
 
     workdir = Path(workdir)
     names = stage_names or [s.name for s in stages()]

@@ -1,17 +1,14 @@
 """The demo's stages: data -> CLIP -> embeddings -> prior, decoder, upsampler -> classifier -> samples -> evaluation.
 
-Every stage writes ``WORKDIR/stages/<name>.json`` (its done marker: outputs, the commands
-that made them, seconds taken) when it finishes; a re-run skips stages whose marker is
-present and whose outputs still exist, and the train stages resume from their own
-checkpoints when they were interrupted (the train loop restores ``<stage>/checkpoints``).
+Each stage is resumable (:mod:`unclip_jax.demo.runner`: a done marker per stage); the train
+stages also resume from their own checkpoints when they were interrupted (the train loop
+restores ``<stage>/checkpoints``).
 
 Training goes through the real entry point, in process:
 ``unclip_jax.main.main(["python -m unclip_jax.main", "--config=experiments/<stage>.py:<variant>",
 "--workdir=...", "--config.<field>=..."])``, so the report's commands are runnable as written.
 
-Profiles (:data:`PROFILES`): ``full`` (``make demo``: the ``tiny`` experiments with step
-counts that fit the 20-minute budget on a 2-core CPU) and ``fast`` (``--fast``: the ``test``
-experiments, a few steps each: an end-to-end smoke run).
+What a run does is its profile (:mod:`unclip_jax.demo.profiles`).
 """
 
 from __future__ import annotations
@@ -29,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.evaluate.storage import json_default
+from unclip_jax import stages as registry
+from unclip_jax.demo.runner import Context, Stage
+from unclip_jax.train.config_loading import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-MARKERS = "stages"
 PROMPTS = (
     "a red circle",
     "a blue square on a white background",
@@ -43,170 +40,6 @@ PROMPTS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    """What one demo run does (sizes, experiment variants, step counts, sampler steps)."""
-
-    name: str
-    n_train: int  # 64x64 training examples (seed 0)
-    n_val: int  # 64x64 validation examples (seed 1): prompts, real baselines, FID reference
-    n_up: int  # upsampler training examples (seed 2) at up_size
-    up_size: int
-    variant: str  # experiments/<stage>.py:<variant>
-    overrides: dict[str, dict[str, Any]]  # stage -> {config field: value}
-    classifier_steps: int
-    classifier_variant: str
-    classifier_train: int  # training images of the attribute classifier
-    n_eval: int  # generated images for the metrics (one per validation caption)
-    grid_per_prompt: int
-    sample_settings: dict[str, dict[str, Any]]  # cascade stage -> StageSettings fields (steps, sampler, guidance)
-    budget_s: dict[str, float]  # planned seconds per stage (the report compares)
-
-
-PROFILES: dict[str, Profile] = {
-    "full": Profile(
-        name="full",
-        n_train=4_000,
-        n_val=192,
-        n_up=1_500,
-        up_size=128,
-        variant="tiny",
-        overrides={},  # the tiny experiments carry the demo's settings (steps, batch sizes, learning rates)
-        classifier_steps=300,
-        classifier_variant="default",
-        classifier_train=3_000,
-        n_eval=64,
-        grid_per_prompt=4,
-        sample_settings={
-            "prior": dict(steps=25, guidance_scale=4.0),
-            "decoder": dict(steps=25, sampler="ddim", guidance_scale=3.0),
-            "super_res": dict(steps=7, sampler="ddim"),
-        },
-        budget_s={  # planned for a 2-core CPU: about 17 minutes in all (measured: 15.3)
-            "data": 10,
-            "clip": 90,
-            "embed": 10,
-            "prior": 120,
-            "decoder": 480,
-            "upsampler": 100,
-            "classifier": 55,
-            "sample": 110,
-            "evaluate": 60,
-        },
-    ),
-    "fast": Profile(
-        name="fast",
-        n_train=128,
-        n_val=48,
-        n_up=0,  # the test upsampler trains on 32x32 targets: the 64x64 set serves
-        up_size=64,
-        variant="test",
-        overrides={
-            s: {"total_steps": 2, "log_every": 1, "checkpoint.every": 2, "data.prefetch_batches": 0}
-            for s in ("clip", "prior", "decoder", "upsampler")
-        },
-        classifier_steps=20,
-        classifier_variant="test",
-        classifier_train=128,
-        n_eval=8,
-        grid_per_prompt=1,
-        sample_settings={"prior": dict(steps=3), "decoder": dict(steps=3), "super_res": dict(steps=2)},
-        budget_s={},
-    ),
-}
-
-
-# ------------------------------------------------------------------------------------------------ context
-class Context:
-    """The run's work directory, profile and progress printing."""
-
-    def __init__(self, workdir: str | os.PathLike, profile: Profile, out: Callable[[str], None] | None = None):
-        self.workdir = Path(workdir).resolve()
-        self.profile = profile
-        self.t0 = time.perf_counter()
-        self._out = out or (lambda s: print(s, flush=True))
-        self.commands: list[str] = []
-
-    def path(self, *parts: str) -> Path:
-        return self.workdir.joinpath(*parts)
-
-    def log(self, msg: str) -> None:
-        self._out(f"[demo {time.perf_counter() - self.t0:7.1f}s] {msg}")
-
-    def command(self, cmd: str) -> None:
-        """Records a command of the current stage (shown in the report)."""
-        self.commands.append(cmd)
-        self.log(f"$ {cmd}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One resumable step: ``run(ctx) -> outputs`` (paths relative to the workdir, and numbers)."""
-
-    name: str
-    title: str
-    run: Callable[[Context], dict[str, Any]]
-
-
-def marker_path(workdir: str | os.PathLike, name: str) -> Path:
-    return Path(workdir) / MARKERS / f"{name}.json"
-
-
-def read_marker(workdir: str | os.PathLike, name: str) -> dict[str, Any] | None:
-    """The done marker of stage ``name`` if it exists and every file it lists still exists."""
-    p = marker_path(workdir, name)
-    if not p.is_file():
-        return None
-    try:
-        m = json.loads(p.read_text())
-    except ValueError:
-        return None
-    for rel in m.get("files", []):
-        if not (Path(workdir) / rel).exists():
-            return None
-    return m
-
-
-def write_marker(workdir: str | os.PathLike, name: str, marker: dict[str, Any]) -> Path:
-    p = marker_path(workdir, name)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(marker, indent=1, default=json_default))
-    os.replace(tmp, p)
-    return p
-
-
-def run_stages(ctx: Context, stages: list[Stage]) -> dict[str, dict[str, Any]]:
-    """Runs the stages in order, skipping finished ones; returns every stage's marker."""
-    markers = {}
-    for i, st in enumerate(stages, 1):
-        done = read_marker(ctx.workdir, st.name)
-        if done is not None:
-            ctx.log(f"[{i}/{len(stages)}] {st.title}: done before ({done['seconds']:.0f}s), skipping")
-            markers[st.name] = done
-            continue
-        ctx.log(f"[{i}/{len(stages)}] {st.title} ...")
-        ctx.commands = []
-        t = time.perf_counter()
-        outputs = st.run(ctx)
-        seconds = time.perf_counter() - t
-        marker = {
-            "name": st.name,
-            "title": st.title,
-            "seconds": seconds,
-            "budget_s": ctx.profile.budget_s.get(st.name),
-            "commands": list(ctx.commands),
-            "files": outputs.pop("files", []),
-            "outputs": outputs,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        write_marker(ctx.workdir, st.name, marker)
-        markers[st.name] = marker
-        ctx.log(f"[{i}/{len(stages)}] {st.title}: finished in {seconds:.0f}s")
-    return markers
-
-
-# ------------------------------------------------------------------------------------------------ stages
 def _rel(ctx: Context, p: Path) -> str:
     return str(Path(p).resolve().relative_to(ctx.workdir))
 
@@ -230,13 +63,13 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def _train(ctx: Context, stage: str, data_folder: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Trains one stage through ``unclip_jax.main`` (resuming from its checkpoints)."""
+    """Trains one task (:data:`unclip_jax.stages.TASKS`) through ``unclip_jax.main``, resuming from its checkpoints."""
     from unclip_jax import main as main_lib
     from unclip_jax.pipeline.loading import workdir_export
 
     p = ctx.profile
     wd = ctx.path(stage)
-    config = f"experiments/{stage}.py:{p.variant}"
+    config = f"experiments/{registry.task(stage).experiments[0]}:{p.variant}"
     over = {"data.folder": str(data_folder), **p.overrides.get(stage, {}), **(extra or {})}
     argv = [f"--config={config}", f"--workdir={wd}"] + [f"--config.{k}={v}" for k, v in over.items()]
     ctx.command("python -m unclip_jax.main " + " ".join(shlex.quote(a) for a in argv))
@@ -253,7 +86,7 @@ def _train(ctx: Context, stage: str, data_folder: Path, extra: dict[str, Any] | 
     root.addHandler(console)
     cwd = os.getcwd()
     try:
-        os.chdir(REPO)  # experiments/ paths are relative to the repository
+        os.chdir(REPO_ROOT)  # experiments/ paths are relative to the repository
         code = main_lib.main(["python -m unclip_jax.main", *argv])
     finally:
         os.chdir(cwd)
