@@ -34,8 +34,7 @@ def get_config(arg: str = "test"):
     if arg == "test":
         apply_test(c)
     elif arg == "tiny":
-        # On the demo's embeddings (workdirs/demo/data/embed_train_64): about 5 minutes on 2 CPU cores; its samples
-        # match their caption's image as closely as the demo's diffusion prior's do (README, "The autoregressive prior").
+        # On the demo's embeddings (workdirs/demo/data/embed_train_64; README, "The autoregressive prior").
         c.model.variant = "tiny"
         c.batch_size, c.total_steps, c.log_every = 32, 1200, 50
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-3, 50, "cosine"

@@ -6,7 +6,7 @@ A CLIP trained from scratch with the symmetric contrastive loss and a learned te
 pipeline tokenises the captions).
 
 Variants: test (32x32, seconds on CPU), tiny (the CPU demo's 64x64 CLIP: the ``tiny`` model
-narrowed to width 64 / projection 64 by ``model.overrides``, trains in about a minute),
+narrowed to width 64 / projection 64 by ``model.overrides``),
 bench, karlo (ViT-L/14 shape), paper (ViT-H/16 shape). Optimiser after CLIP's paper (AdamW, b2 0.98, eps 1e-6,
 weight decay 0.2, cosine schedule).
 """

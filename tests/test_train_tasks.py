@@ -5,16 +5,14 @@ caption 10%), and the CLIP loss is the symmetric cross-entropy with a learned te
 
 Speed: each stage's 1-device run (init, compile, 50 steps) is computed once per process by :func:`_run` and shared
 by that stage's tests (one xdist group per stage). Its init, train step and preview are compiled with LLVM at -O0
-(:data:`FAST`; decoder, CPU seconds on the 2-core dev machine: init compile 13.4 -> 5.4, step compile 18.0 -> 11.0,
-steps ~1.5x slower), a clear win for 50 steps of a batch of 4. The dropout tests use a stub network (eager, no
-compile) so that batches of 20 000 rows check the rates.
+(:data:`FAST`: faster compiles, slower steps, a win for 50 steps of a batch of 4). The dropout tests use a stub
+network (eager, no compile) so that batches of 20 000 rows check the rates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 
@@ -35,7 +33,6 @@ from unclip_jax.train.tasks import base, make_task
 from unclip_jax.train.tasks.decoder import DecoderTask
 from unclip_jax.train.tasks.prior import PriorTask
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 50  # issue 5: "a 50-step run on a fixed batch lowers the loss"
 BATCH = 4  # the `test` configs use 8; 4 halves the step time and still trains every stage
 FAST = {"xla_backend_optimization_level": 0}  # per-compile XLA option: LLVM -O0 (test speed only)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from unclip_jax import parallel
 
     try:
-        parallel.initialize_distributed(config.get("distributed"))
+        parallel.initialize_distributed(config.distributed)
         from unclip_jax.train import loop
 
         if FLAGS.mode == "export":
