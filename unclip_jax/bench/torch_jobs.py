@@ -100,9 +100,8 @@ def job_train(task: str, workdir: Path, repeats: int) -> dict[str, Any]:
 
     torch = torch_module()
     config = workloads.train_config(task, workdir)
-    module = stages.resolve(stages.task(task).network).build(config.model.variant)
     batch = {}
-    for k, v in workloads.random_batch(config, module).items():
+    for k, v in workloads.random_batch(config, workloads.network(config)).items():
         t = torch.from_numpy(np.ascontiguousarray(v))
         batch[k] = t.permute(0, 3, 1, 2).contiguous() if t.ndim == 4 else t  # NHWC -> NCHW
     models, loss_fn = TORCH_LOSSES[stages.task(task).component](workdir / task, config)

@@ -4,7 +4,7 @@ The stages come from the registry (:mod:`unclip_jax.stages`): a train phase is a
 counterpart (:data:`TRAIN`), its settings are its experiment file's ``bench`` variant, its weights reach
 PyTorch through the task's pipeline component converter, and the cascade samples with every stage's default
 sampling settings. The random batches have the shapes of the task's input pipeline
-(:mod:`unclip_jax.input.pipelines`).
+(:mod:`unclip_jax.plan.batches`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ TRAIN: dict[str, TrainWorkload] = {
 TRAIN_PHASES: tuple[str, ...] = tuple(t.name for t in stages.TASKS if t.name in TRAIN)
 CASCADE = "bench"  # unclip_jax.pipeline.testing cascade of random components
 CASCADE_PROMPTS = ("a red circle", "a blue square on green", "two yellow triangles", "a purple star")
-TEXT_TOKENS = 77  # CLIP's context length: the caption hidden states of the decoder's batch
-NULL_CAPTION = "null_caption.npz"
 
 
 def experiment_spec(task: str) -> str:
@@ -61,59 +59,48 @@ def experiment_config(task: str, overrides: dict[str, Any] | None = None) -> Any
 def train_config(task: str, workdir: Path) -> Any:
     """The task's ``bench`` experiment as the bench trains it, comparable with diffusers.
 
-    diffusers' ``PriorTransformer`` has no learned null caption: a network with ``learned_null_text`` trains here
-    with the (all-zero) CLIP("") stand-in as its dropped caption instead, so that both sides hold the same weights.
+    diffusers has no learned null caption: a network with ``learned_null_text`` trains here with a CLIP("")
+    stand-in as its dropped caption instead (:func:`unclip_jax.plan.batches.add_stand_in_files`, in ``workdir``),
+    so that both sides hold the same weights.
     """
-    import numpy as np
-
-    from unclip_jax.train.tasks.decoder import zeros_caption
+    from unclip_jax.plan.batches import add_stand_in_files
 
     config = experiment_config(task)
-    module = stages.resolve(stages.task(task).network).build(config.model.variant)
-    if not hasattr(module, "learned_null_text"):
-        return config
-    null = workdir / NULL_CAPTION
-    np.savez(null, **zeros_caption(module.embedding_dim, module.num_embeddings))
-    return experiment_config(task, {"model.overrides.learned_null_text": False, "task.null_caption": str(null)})
+    if "learned_null_text" in config.model.overrides:
+        config = experiment_config(task, {"model.overrides.learned_null_text": False})
+    add_stand_in_files(config, str(workdir))
+    return config
 
 
-def image_size(config: Any) -> int:
-    """The side of the images a task's batch holds (decoder: ``data.image_size``, upsampler: its crop)."""
-    if stages.task(config.task.name).input_stage == "upsampler":
-        return int(round(config.data.crop_fraction * config.data.target_size))
-    return int(config.data.image_size)
+def network(config: Any) -> Any:
+    """The task's network module (unbound: its fields give the batch's widths)."""
+    from unclip_jax.train.tasks.base import model_kwargs
+
+    return stages.resolve(stages.task(config.task.name).network).build(
+        config.model.variant, **model_kwargs(config.model)
+    )
 
 
 def random_batch(config: Any, module: Any, seed: int = 0) -> dict[str, Any]:
-    """A random batch with the shapes of the task's input pipeline (numpy, NHWC images in [-1, 1])."""
+    """A random batch with the shapes of the task's input pipeline (:func:`unclip_jax.plan.batches.batch_shapes`):
+    numpy, NHWC images uniform in [-1, 1], embeddings standard normal, masks all visible, token ids zero."""
     import numpy as np
 
+    from unclip_jax.plan.batches import batch_shapes
+
     rng = np.random.default_rng(seed)
-    b = config.batch_size
-    kind = stages.task(config.task.name).input_stage
-    if kind == "prior":
-        d, n = module.embedding_dim, module.num_embeddings
-        return {
-            "image_embeds": rng.standard_normal((b, d), dtype=np.float32),
-            "text_embeds": rng.standard_normal((b, d), dtype=np.float32),
-            "text_hidden_states": rng.standard_normal((b, n, d), dtype=np.float32),
-            "text_mask": np.ones((b, n), bool),
-        }
-    size = image_size(config)
-    if kind == "decoder":
-        d = module.clip_embeddings_dim
-        return {
-            "image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
-            "image_embeds": rng.standard_normal((b, d), dtype=np.float32),
-            "text_embeds": rng.standard_normal((b, d), dtype=np.float32),
-            "text_hidden_states": rng.standard_normal((b, TEXT_TOKENS, module.context_dim), dtype=np.float32),
-            "text_mask": np.ones((b, TEXT_TOKENS), bool),
-        }
-    low = size // config.data.low_res_factor
-    return {
-        "image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
-        "low_res": rng.uniform(-1, 1, (b, low, low, 3)).astype(np.float32),
-    }
+    batch = {}
+    for field, (shape, dtype) in batch_shapes(config, module).items():
+        dtype = np.dtype(dtype)
+        if dtype == np.bool_:
+            batch[field] = np.ones(shape, bool)
+        elif dtype.kind in "iu":
+            batch[field] = np.zeros(shape, dtype)
+        elif len(shape) == 4:
+            batch[field] = rng.uniform(-1, 1, shape).astype(dtype)
+        else:
+            batch[field] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    return batch
 
 
 def save_weights(task: str, module: Any, variables: dict[str, Any], folder: Path) -> None:
@@ -134,9 +121,13 @@ def title(phase: str) -> str:
     if phase == "cascade":
         steps = "/".join(str(s.steps) for s in stages.STAGES if s.scheduler)
         return f"full cascade, {len(CASCADE_PROMPTS)} prompts, {steps} steps to 256x256"
-    work, task = TRAIN[phase], stages.task(phase)
+    from unclip_jax.plan.batches import batch_shapes
+
+    work = TRAIN[phase]
+    config = experiment_config(phase)
     out = f"{work.what} train step, batch {work.batch_size}"
-    if task.input_stage == "prior":
+    shapes = batch_shapes(config, network(config))
+    if "image" not in shapes:
         return out
-    size = image_size(experiment_config(phase))
-    return out + (f" on {size}x{size} crops" if task.input_stage == "upsampler" else f" at {size}x{size}")
+    size = shapes["image"][0][1]
+    return out + (f" on {size}x{size} crops" if "low_res" in shapes else f" at {size}x{size}")
