@@ -103,17 +103,12 @@ def random_batch(config: Any, module: Any, seed: int = 0) -> dict[str, Any]:
     return batch
 
 
-def save_weights(task: str, module: Any, variables: dict[str, Any], folder: Path) -> None:
-    """Writes a task's network in diffusers' layout (the converter of the pipeline component it trains)."""
-    from unclip_jax.convert import decoder, prior, upsampler
+def save_weights(task: str, module: Any, variables: dict[str, Any], folder: Path) -> Path:
+    """Writes a task's network in diffusers' layout: the registry converter of the pipeline component it trains
+    (:func:`unclip_jax.convert.registry.for_component`)."""
+    from unclip_jax.convert.registry import for_component
 
-    component = stages.task(task).component
-    if component == "prior":
-        prior.save_prior(module, variables, folder)
-    elif component == "decoder":
-        decoder.save_unclip_decoder(module, variables, folder)
-    else:
-        upsampler.save_upsampler(module, variables, folder)
+    return for_component(stages.task(task).component).save(module, variables, folder)
 
 
 def title(phase: str) -> str:
