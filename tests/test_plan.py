@@ -120,3 +120,17 @@ def test_the_chip_table_knows_every_generation_libtpu_describes():
     for name, kind in (("v5e:2x2", "TPU v5 lite"), ("v6e:2x2", "TPU v6 lite"), ("v4:2x2x1", "TPU v4")):
         chip, devices = topology.topology_devices(name)
         assert devices[0].device_kind == kind and chip_of_device_kind(kind) is chip and len(devices) == 4
+
+
+def test_layout_only_plan_reports_the_fsdp_failure_and_exits_1(tmp_path, capsys):
+    """`--nocompile` lays the step out in seconds; a removed sharding rule shows as the failed bound (exit code 1)."""
+    out = tmp_path / "layout.json"
+    argv = ["unclip plan", "--config=experiments/decoder.py:test", "--topology=v5p:2x2x2", "--nocompile"]
+    fsdp = ["--config.mesh.rules=fsdp", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+    assert commands.main([*argv, *fsdp, f"--json={out}"]) == 0
+    plan = json.loads(out.read_text())
+    assert not plan["compiled"] and plan["mesh"]["fsdp"] == 8 and plan["fsdp_check"]["ok"]
+    capsys.readouterr()
+    assert commands.main([*argv, *fsdp, "--config.mesh.rules_override=(('embed', None),)"]) == 1
+    text = capsys.readouterr().out
+    assert "FAILS (replicated by accident?)" in text and "replicated: " in text and "not compiled" in text

@@ -25,8 +25,7 @@ def _mesh(plan: dict[str, Any]) -> str:
 
 def format_train(plan: dict[str, Any]) -> str:
     """The human-readable report of one train plan."""
-    b, c, m, f = plan["bytes_per_chip"], plan["bytes_total"], plan["memory"], plan["fsdp_check"]
-    r = plan["roofline"]
+    b, c, f = plan["bytes_per_chip"], plan["bytes_total"], plan["fsdp_check"]
     lines = [
         f"{plan['task']}:{plan['variant']} on {plan['topology']}: {plan['chips']} x {plan['device_kind']} "
         f"({plan['chip']}, {plan['hbm_gib']:.0f} GiB HBM)",
@@ -36,18 +35,21 @@ def format_train(plan: dict[str, Any]) -> str:
         "  per chip (GiB; of the total):",
         f"    params {gib(b['params'])} of {gib(c['params'])}, optimizer {gib(b['opt_state'])} of "
         f"{gib(c['opt_state'])}, EMA {gib(b['ema'])} of {gib(c['ema'])}, batch {gib(b['batch'])} of {gib(c['batch'])}",
-        f"    compiled: arguments {gib(m['argument'])}, outputs {gib(m['output'])}, aliased {gib(m['alias'])}, "
-        f"temporaries {gib(m['temp'])}, code {gib(m['generated_code'])}",
-        f"    used {gib(m['used'])} of {plan['hbm_gib']:.0f} GiB: "
-        + ("fits with >= 10% headroom" if plan["fits"] else "DOES NOT FIT with 10% headroom")
-        + f" ({100 * plan['headroom']:.0f}% free)",
         f"  fsdp bound: params+optimizer+EMA per chip {gib(f['state_per_chip'])} GiB <= 1.1 x total / "
         f"{f['shard_ways']} = {gib(f['bound'])} GiB: " + ("ok" if f["ok"] else "FAILS (replicated by accident?)"),
     ]
     if not f["ok"]:
         for row in f["largest_replicated"]:
             lines.append(f"    replicated: {row['path']} {tuple(row['shape'])} {row['bytes'] / 2**20:.1f} MiB")
+    if not plan.get("compiled"):
+        return "\n".join([*lines, "  (layout only: not compiled)"])
+    m, r = plan["memory"], plan["roofline"]
     lines += [
+        f"  compiled, per chip: arguments {gib(m['argument'])}, outputs {gib(m['output'])}, aliased {gib(m['alias'])}, "
+        f"temporaries {gib(m['temp'])}, code {gib(m['generated_code'])}",
+        f"    used {gib(m['used'])} of {plan['hbm_gib']:.0f} GiB: "
+        + ("fits with >= 10% headroom" if plan["fits"] else "DOES NOT FIT with 10% headroom")
+        + f" ({100 * plan['headroom']:.0f}% free)",
         f"  per chip per step: {plan['flops_per_chip'] / 1e12:.2f} TFLOP, {plan['bytes_accessed_per_chip'] / GIB:.1f} "
         f"GiB accessed",
         f"  roofline step {r['step_s']:.3f} s (compute {r['compute_s']:.3f} s, memory {r['memory_s']:.3f} s); at "
@@ -59,22 +61,40 @@ def format_train(plan: dict[str, Any]) -> str:
 
 
 def markdown_table(plans: Sequence[dict[str, Any]]) -> str:
-    """One row per stage x topology: mesh, settings, GiB used / HBM, TFLOP per step, step time, days."""
+    """One row per stage x topology: mesh, settings, state and GiB used / HBM, TFLOP per step, step time, days.
+
+    Rows that were laid out but not (yet) compiled show the sharded state only.
+    """
     head = (
-        "| stage | topology | mesh d x f x t | batch (accum) | remat | GiB used / HBM | fits | fsdp bound "
-        "| TFLOP / chip / step | roofline step | step @ MFU | days @ MFU |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| stage | topology | mesh d x f x t | batch (accum) | remat | state GiB / chip | fsdp bound | GiB used / HBM "
+        "| fits | TFLOP / chip / step | roofline step | step @ MFU | days @ MFU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for p in plans:
         if p.get("error"):
-            rows.append(f"| {p['stage']} | {p['topology']} | | | | | error: {p['error']} | | | | | |")
+            rows.append(f"| {p['stage']} | {p['topology']} | error: {p['error']} |" + " |" * 10)
             continue
-        rows.append(
-            f"| {p['stage']} | {p['topology']} ({p['chips']}) | {_mesh(p)} | {p['batch_size']} "
-            f"({p['grad_accum_steps']}) | {'yes' if p['remat'] else 'no'} | {gib(p['memory']['used'])} / "
-            f"{p['hbm_gib']:.0f} | {'yes' if p['fits'] else '**no**'} | {'ok' if p['fsdp_check']['ok'] else '**fails**'} "
-            f"| {p['flops_per_chip'] / 1e12:.1f} | {p['roofline']['step_s']:.2f} s | {p['step_s_at_mfu']:.2f} s "
-            f"({100 * p['mfu']:.0f}%) | {p['days_at_mfu']:.1f} |"
-        )
+        f = p["fsdp_check"]
+        cells = [
+            p["stage"],
+            f"{p['topology']} ({p['chips']})",
+            _mesh(p),
+            f"{p['batch_size']} ({p['grad_accum_steps']})",
+            "yes" if p["remat"] else "no",
+            gib(f["state_per_chip"]),
+            "ok" if f["ok"] else "**fails**",
+        ]
+        if p.get("compiled"):
+            cells += [
+                f"{gib(p['memory']['used'])} / {p['hbm_gib']:.0f}",
+                "yes" if p["fits"] else "**no**",
+                f"{p['flops_per_chip'] / 1e12:.1f}",
+                f"{p['roofline']['step_s']:.2f} s",
+                f"{p['step_s_at_mfu']:.2f} s ({100 * p['mfu']:.0f}%)",
+                f"{p['days_at_mfu']:.1f}",
+            ]
+        else:
+            cells += [f"? / {p['hbm_gib']:.0f}", "not compiled yet", "", "", "", ""]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -2,7 +2,8 @@
 
     python -m unclip_jax.plan.table [--only=decoder] [--force]       # what `make plan` runs (niced)
 
-Each row is one ``unclip plan`` process (:mod:`unclip_jax.plan.commands`), run one at a time; its JSON lands in
+Every row is first laid out (``--nocompile``: the sharded state and the fsdp bound, seconds), then compiled, one
+``unclip plan`` process (:mod:`unclip_jax.plan.commands`) at a time; its JSON lands in
 ``data/plan/<stage>_<slice>.json`` and is reused while the row's settings are unchanged (``--force`` recompiles),
 so an interrupted run resumes. ``PLAN.md`` (markdown) and ``data/plan/plan.json`` (all rows) are then written from
 whatever rows exist. A big step compiles for many minutes on a small machine: the compiles share the plans'
@@ -85,14 +86,20 @@ def _load(path: str) -> dict[str, Any] | None:
         return None
 
 
-def run_row(row: Row, out_dir: str, force: bool = False) -> dict[str, Any]:
-    """Plans one row in its own process (unless its JSON exists with the same settings); returns its JSON."""
+def run_row(row: Row, out_dir: str, force: bool = False, compile: bool = True) -> dict[str, Any]:
+    """Plans one row in its own process (unless its JSON exists with the same settings); returns its JSON.
+
+    ``compile=False`` lays the row out only (seconds): the sharded state and the fsdp bound.
+    """
     path = os.path.join(out_dir, f"{row.name}.json")
     old = _load(path)
-    if old is not None and not force and old.get("overrides") == list(row.overrides) and not old.get("error"):
+    same = old is not None and old.get("overrides") == list(row.overrides) and not old.get("error")
+    if same and not force and (old.get("compiled") or not compile):
+        return old
+    if same and not compile:
         return old
     os.makedirs(out_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "unclip_jax.plan.commands", *row.argv(path)]
+    cmd = [sys.executable, "-m", "unclip_jax.plan.commands", *row.argv(path), *(() if compile else ("--nocompile",))]
     print(f"[plan] {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -142,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write_only", action="store_true", help="only rewrite PLAN.md / plan.json from the JSONs")
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
+    rows = [row for row in ROWS if not only or row.stage in only or row.topology in only]
     if not args.write_only:
-        for row in ROWS:
-            if not only or row.stage in only or row.topology in only:
-                run_row(row, args.out_dir, args.force)
-                write_outputs(ROWS, args.out_dir, args.markdown)
+        for row in rows:  # every row's layout first (seconds each), then the compiles one at a time
+            run_row(row, args.out_dir, compile=False)
+        write_outputs(ROWS, args.out_dir, args.markdown)
+        for row in rows:
+            run_row(row, args.out_dir, args.force)
+            write_outputs(ROWS, args.out_dir, args.markdown)
     write_outputs(ROWS, args.out_dir, args.markdown)
     print(f"wrote {args.markdown} and {os.path.join(args.out_dir, 'plan.json')}")
     return 0

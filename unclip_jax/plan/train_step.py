@@ -106,6 +106,7 @@ class Layout:
     """An experiment laid out on a slice, before compiling: mesh, rules, task, abstract sharded state and batch."""
 
     config: Any
+    topology: str
     chip: Chip
     devices: list[Any]
     mesh: Any
@@ -182,8 +183,22 @@ def layout(config: Any, topology: str, devices: list[Any] | None = None, chip: C
     batch = batches.abstract_batch(config, task.module, parallel.batch_sharding(mesh))
     abstract, shardings = loop.abstract_state(task, tx, batch, mesh, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return Layout(config, chip, list(devices), mesh, rules, task, tx, schedule, abstract, shardings, state, batch,
-                  stand_ins)  # fmt: skip
+    return Layout(
+        config=config,
+        topology=topology,
+        chip=chip,
+        devices=list(devices),
+        mesh=mesh,
+        rules=rules,
+        task=task,
+        tx=tx,
+        schedule=schedule,
+        abstract=abstract,
+        shardings=shardings,
+        state=state,
+        batch=batch,
+        stand_ins=stand_ins,
+    )
 
 
 def compile_layout(lay: Layout, compiler_options: Mapping[str, Any] | None = None) -> Any:
@@ -204,11 +219,74 @@ def compile_layout(lay: Layout, compiler_options: Mapping[str, Any] | None = Non
     return loop.compile_train_step(train_step, lay.state, lay.batch, lay.shardings, lay.mesh, lay.rules, options)
 
 
+def describe_layout(lay: Layout) -> dict[str, Any]:
+    """The JSON-able part of a plan known before compiling: slice, mesh, settings, bytes from the shardings."""
+    config, parts = lay.config, lay.bytes()
+    return {
+        "kind": "train",
+        "compiled": False,
+        "task": config.task.name,
+        "variant": config.model.variant,
+        "topology": lay.topology,
+        "chip": lay.chip.name,
+        "device_kind": lay.devices[0].device_kind,
+        "chips": len(lay.devices),
+        "chip_grid": list(device_grid_shape(lay.devices)),
+        "mesh": {k: int(v) for k, v in lay.mesh.shape.items()},
+        "rules": config.mesh.rules,
+        "rules_table": [[n, t if isinstance(t, str) or t is None else list(t)] for n, t in lay.rules],
+        "batch_size": int(config.batch_size),
+        "grad_accum_steps": int(config.optim.grad_accum_steps),
+        "remat": bool(config.model.remat),
+        "dtype": config.model.dtype,
+        "param_dtype": config.model.param_dtype,
+        "parameters": sum(int(math.prod(x.shape)) for x in jax.tree.leaves(lay.abstract.params)),
+        "stand_ins": lay.stand_ins,
+        "bytes_total": {k: v[0] for k, v in parts.items()},
+        "bytes_per_chip": {k: v[1] for k, v in parts.items()},
+        "batch_specs": {k: _spec_str(v.sharding.spec) for k, v in lay.batch.items()},
+        "hbm_bytes": lay.chip.hbm_bytes,
+        "hbm_gib": lay.chip.hbm_gib,
+        "fsdp_check": lay.fsdp_check(),
+        "total_steps": int(config.total_steps),
+    }
+
+
+def describe_compiled(compiled: Any, lay: Layout, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
+    """The compiled program's part of a plan: memory vs HBM, FLOPs and bytes per chip, roofline, days."""
+    chip = lay.chip
+    memory = memory_report(compiled)
+    cost = _cost(compiled)
+    accum = int(lay.config.optim.grad_accum_steps)
+    # XLA's cost model counts a while-loop body once: the accumulation scan runs it `accum` times (the optimiser
+    # update outside the loop is then counted `accum` times too; it is small next to forward and backward).
+    flops = float(cost.get("flops", 0.0)) * accum
+    bytes_accessed = float(cost.get("bytes accessed", 0.0)) * accum
+    roof = roofline(flops, bytes_accessed, chip)
+    step_at_mfu = flops / (chip.bf16_tflops * 1e12 * mfu) if flops else float("nan")
+    total_steps = int(lay.config.total_steps)
+    return {
+        "compiled": True,
+        "memory": memory,
+        "fits": memory["used"] <= (1.0 - HEADROOM) * chip.hbm_bytes,
+        "headroom": 1.0 - memory["used"] / chip.hbm_bytes,
+        "flops_per_chip": flops,
+        "bytes_accessed_per_chip": bytes_accessed,
+        "xla_cost": {k: float(v) for k, v in cost.items() if k in ("flops", "bytes accessed", "optimal_seconds")},
+        "roofline": roof,
+        "mfu": mfu,
+        "step_s_at_mfu": step_at_mfu,
+        "days_at_mfu": step_at_mfu * total_steps / 86400.0,
+        "days_roofline": roof["step_s"] * total_steps / 86400.0,
+    }
+
+
 def plan_train(
     config: Any,
     topology: str,
     *,
     mfu: float = DEFAULT_MFU,
+    compile: bool = True,
     compiler_options: Mapping[str, Any] | None = None,
     devices: list[Any] | None = None,
     chip: Chip | None = None,
@@ -218,6 +296,7 @@ def plan_train(
     Args:
       config, topology, devices, chip: as :func:`layout`.
       mfu: the model-FLOPs utilisation at which ``days_at_mfu`` is quoted.
+      compile: False reports the layout only (bytes from the shardings, the fsdp bound), in seconds.
       compiler_options: passed to XLA.
 
     Returns:
@@ -227,59 +306,23 @@ def plan_train(
       PlanError: as :func:`layout`.
     """
     lay = layout(config, topology, devices, chip)
-    config, chip, mesh = lay.config, lay.chip, lay.mesh
-    t0 = time.perf_counter()
-    compiled = compile_layout(lay, compiler_options)
-    compile_s = time.perf_counter() - t0
-    parts = lay.bytes()
-    memory = memory_report(compiled)
-    cost = _cost(compiled)
-    accum = int(config.optim.grad_accum_steps)
-    # XLA's cost model counts a while-loop body once: the accumulation scan runs it `accum` times.
-    flops = float(cost.get("flops", 0.0)) * accum
-    bytes_accessed = float(cost.get("bytes accessed", 0.0)) * accum
-    roof = roofline(flops, bytes_accessed, chip)
-    step_at_mfu = flops / (chip.bf16_tflops * 1e12 * mfu) if flops else float("nan")
-    total_steps = int(config.total_steps)
-    return {
-        "kind": "train",
-        "task": config.task.name,
-        "variant": config.model.variant,
-        "topology": topology,
-        "chip": chip.name,
-        "device_kind": lay.devices[0].device_kind,
-        "chips": len(lay.devices),
-        "chip_grid": list(device_grid_shape(lay.devices)),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "rules": config.mesh.rules,
-        "rules_table": [[n, t if isinstance(t, str) or t is None else list(t)] for n, t in lay.rules],
-        "batch_size": int(config.batch_size),
-        "grad_accum_steps": accum,
-        "remat": bool(config.model.remat),
-        "dtype": config.model.dtype,
-        "param_dtype": config.model.param_dtype,
-        "parameters": sum(int(math.prod(x.shape)) for x in jax.tree.leaves(lay.abstract.params)),
-        "stand_ins": lay.stand_ins,
-        "bytes_total": {k: v[0] for k, v in parts.items()},
-        "bytes_per_chip": {k: v[1] for k, v in parts.items()},
-        "batch_specs": {k: _spec_str(v.sharding.spec) for k, v in lay.batch.items()},
-        "memory": memory,
-        "hbm_bytes": chip.hbm_bytes,
-        "hbm_gib": chip.hbm_gib,
-        "fits": memory["used"] <= (1.0 - HEADROOM) * chip.hbm_bytes,
-        "headroom": 1.0 - memory["used"] / chip.hbm_bytes,
-        "fsdp_check": lay.fsdp_check(),
-        "flops_per_chip": flops,
-        "bytes_accessed_per_chip": bytes_accessed,
-        "xla_cost": {k: float(v) for k, v in cost.items() if k in ("flops", "bytes accessed", "optimal_seconds")},
-        "roofline": roof,
-        "mfu": mfu,
-        "step_s_at_mfu": step_at_mfu,
-        "total_steps": total_steps,
-        "days_at_mfu": step_at_mfu * total_steps / 86400.0,
-        "days_roofline": roof["step_s"] * total_steps / 86400.0,
-        "compile_s": compile_s,
-    }
+    plan = describe_layout(lay)
+    if compile:
+        t0 = time.perf_counter()
+        compiled = compile_layout(lay, compiler_options)
+        plan.update(describe_compiled(compiled, lay, mfu), compile_s=time.perf_counter() - t0)
+    return plan
 
 
-__all__ = ["GIB", "Layout", "PlanError", "compile_layout", "layout", "memory_report", "plan_train", "roofline"]
+__all__ = [
+    "GIB",
+    "Layout",
+    "PlanError",
+    "compile_layout",
+    "describe_compiled",
+    "describe_layout",
+    "layout",
+    "memory_report",
+    "plan_train",
+    "roofline",
+]
