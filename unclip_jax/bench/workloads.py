@@ -21,8 +21,8 @@ class TrainWorkload:
     """A task's train step as the bench measures it.
 
     Attributes:
-      batch_size: the measured step's batch (a few seconds per step on 2 CPU cores); every other setting is the
-        experiment file's ``bench`` variant.
+      batch_size: the measured step's batch (below the experiment's training batch, so that a CPU run stays
+        short); every other setting is the experiment file's ``bench`` variant.
       what: the report's name of the networks trained (diffusers splits the decoder into a U-Net and text_proj).
       conv_ab: whether the network is a U-Net whose step is also timed with either convolution implementation
         (:func:`unclip_jax.layers.conv.default_impl`).
