@@ -218,6 +218,11 @@ class CascadeProgram:
     def __call__(self, plan: Plan, variables, inputs, scales, key) -> dict[str, jax.Array]:
         return self._jitted(plan, variables, inputs, scales, key)
 
+    def lower(self, plan: Plan, variables, inputs, scales, key) -> jax.stages.Lowered:
+        """The program lowered for these arguments (arrays or ``jax.ShapeDtypeStruct`` s, possibly sharded): the
+        ahead-of-time entry point (``.compile()`` it for a device topology)."""
+        return self._jitted.lower(plan, variables, inputs, scales, key)
+
 
 CASCADE = CascadeProgram()
 
