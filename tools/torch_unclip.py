@@ -1,0 +1,273 @@
+"""The unCLIP decoder and prior trained in PyTorch, written independently of unclip_jax (tools/train_parity.py).
+
+- :class:`TorchDiffusion`: guided-diffusion's ``GaussianDiffusion`` tables and ``training_losses`` (Ho et al. 2020;
+  Nichol & Dhariwal 2021: eps / x0 / v targets, the hybrid loss with learned-range variance and a stop-gradient on
+  the mean, section 3.1). The decoder NLL L_0 uses the exact normal CDF (guided-diffusion: a tanh approximation).
+- :class:`TorchDecoder`: diffusers ``UNet2DConditionModel`` + ``UnCLIPTextProjModel`` with per-example
+  classifier-free-guidance drops (paper section 2.1: z_i -> the learned embedding, caption -> the null caption).
+- :class:`TorchPrior`: diffusers ``PriorTransformer`` on ``(z_i - clip_mean) / clip_std`` predicting x0 (section
+  2.2), the caption dropped to learned null inputs (parameters ``null.*``) when the model has them.
+- :class:`TorchTrainer`: ``torch.optim.AdamW`` (decay on tensors with ndim >= 2), ``clip_grad_norm_``, a
+  ``LambdaLR`` linear warm-up from 0 then cosine decay, and an EMA with the ``min(decay, (1 + n) / (10 + n))``
+  warm-up.
+
+Parameters are named by their diffusers state-dict names with a prefix (``unet.``, ``text_proj.``, ``prior.``).
+A step's random draws (``t``, ``weights``, ``noise`` NHWC / [B, D], ``drop_image_embeds`` / ``drop_caption`` or
+``drop_text``) come in as numpy arrays, so either side's draws can be replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class TorchDiffusion:
+    """guided-diffusion's ``GaussianDiffusion`` tables (float64 numpy, gathered then cast to float32) and its
+    ``training_losses`` for MSE / hybrid (Ho et al. 2020; Nichol & Dhariwal 2021 section 3.1)."""
+
+    def __init__(self, cfg: Any):
+        if cfg.get("snr_gamma", None) is not None:
+            raise ValueError("train_parity: config.diffusion.snr_gamma is not reproduced on the PyTorch side")
+        steps = int(cfg.steps)
+        if cfg.schedule == "cosine":  # Improved DDPM eq. 17, betas capped at 0.999
+
+            def alpha_bar(t):
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = np.array([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)])
+        elif cfg.schedule == "linear":
+            scale = 1000 / steps
+            betas = np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
+        else:
+            raise ValueError(f"train_parity: schedule {cfg.schedule!r}")
+        self.num_timesteps = steps
+        self.mean_type, self.var_type, self.loss_type = cfg.mean_type, cfg.var_type, cfg.loss_type
+        self.vlb_weight = float(cfg.vlb_weight)
+        ac = np.cumprod(1.0 - betas)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        self.tables = dict(
+            betas=betas,
+            sqrt_ac=np.sqrt(ac),
+            sqrt_1m_ac=np.sqrt(1.0 - ac),
+            sqrt_recip_ac=np.sqrt(1.0 / ac),
+            sqrt_recipm1_ac=np.sqrt(1.0 / ac - 1),
+            post_log_var=np.log(np.append(post_var[1], post_var[1:])),
+            coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+            coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+        )
+
+    def extract(self, name: str, t, ndim: int):
+        out = torch.from_numpy(self.tables[name])[t].float()
+        return out.reshape(out.shape + (1,) * (ndim - 1))
+
+    def training_losses(self, model, x_start, t, noise):
+        """Per-example ``loss`` [B] of ``model(x_t, t)`` (channels on axis 1; learned range: mean part first)."""
+        n = x_start.ndim
+        x_t = self.extract("sqrt_ac", t, n) * x_start + self.extract("sqrt_1m_ac", t, n) * noise
+        out = model(x_t, t)
+        c = x_start.shape[1]
+        var_values = None
+        if self.var_type == "learned_range":
+            out, var_values = out[:, :c], out[:, c:]
+        target = {"epsilon": noise, "x_start": x_start}.get(self.mean_type)
+        if self.mean_type == "v":
+            target = self.extract("sqrt_ac", t, n) * noise - self.extract("sqrt_1m_ac", t, n) * x_start
+        dims = tuple(range(1, n))
+        mse = ((target - out) ** 2).mean(dim=dims)
+        if self.loss_type == "mse":
+            return mse
+        if self.loss_type != "hybrid" or var_values is None or self.mean_type != "epsilon":
+            raise ValueError("train_parity: the hybrid loss is reproduced for epsilon + learned_range only")
+        eps = out.detach()  # the VLB trains only the variance
+        pred_xstart = self.extract("sqrt_recip_ac", t, n) * x_t - self.extract("sqrt_recipm1_ac", t, n) * eps
+        model_mean = self.extract("coef1", t, n) * pred_xstart + self.extract("coef2", t, n) * x_t
+        min_log = self.extract("post_log_var", t, n)
+        max_log = torch.log(self.extract("betas", t, n))
+        frac = (var_values + 1) / 2
+        model_log_var = frac * max_log + (1 - frac) * min_log
+        true_mean = self.extract("coef1", t, n) * x_start + self.extract("coef2", t, n) * x_t
+        true_log_var = min_log
+        kl = 0.5 * (
+            -1.0
+            + model_log_var
+            - true_log_var
+            + torch.exp(true_log_var - model_log_var)
+            + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
+        )
+        kl = kl.mean(dim=dims) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var).mean(dim=dims)
+        vb = torch.where(t == 0, nll / math.log(2.0), kl)
+        return mse + self.vlb_weight * self.num_timesteps * vb
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """guided-diffusion's L_0 likelihood of 256-level data in [-1, 1], with the exact normal CDF."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered + 1.0 / 255.0)
+    min_in = inv_stdv * (centered - 1.0 / 255.0)
+    log_cdf_plus = torch.special.log_ndtr(plus_in)
+    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)
+    delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(delta.clamp(min=1e-12))),
+    )
+
+
+class TorchDecoder:
+    """diffusers ``UNet2DConditionModel`` + ``UnCLIPTextProjModel`` with per-example CFG drops (paper section 2.1)."""
+
+    def __init__(self, folder: Path, null_caption: dict[str, np.ndarray] | None):
+        from diffusers import UNet2DConditionModel
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "decoder").train()
+        self.proj = UnCLIPTextProjModel.from_pretrained(folder / "text_proj").train()
+        self.params = {"unet." + k: p for k, p in self.unet.named_parameters()}
+        self.params.update({"text_proj." + k: p for k, p in self.proj.named_parameters()})
+        self.null = None if null_caption is None else {k: torch.from_numpy(v) for k, v in null_caption.items()}
+
+    def loss(self, diffusion: TorchDiffusion, batch: dict, draws: dict):
+        x_start = torch.from_numpy(batch["image"]).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+        noise = torch.from_numpy(draws["noise"]).permute(0, 3, 1, 2)
+        image_embeds = torch.from_numpy(batch["image_embeds"])
+        text_embeds = torch.from_numpy(batch["text_embeds"])
+        hidden = torch.from_numpy(batch["text_hidden_states"])
+        mask = torch.from_numpy(batch["text_mask"])
+        drop_img = torch.from_numpy(draws["drop_image_embeds"])
+        drop_cap = torch.from_numpy(draws["drop_caption"])
+        image_embeds = torch.where(
+            drop_img[:, None], self.proj.learned_classifier_free_guidance_embeddings, image_embeds
+        )
+        n = self.null
+        if n is None:  # the task's fallback: zeros, only the first token visible
+            n = dict(
+                text_embeds=torch.zeros(1, text_embeds.shape[1]),
+                text_hidden_states=torch.zeros(1, *hidden.shape[1:]),
+                text_mask=torch.arange(hidden.shape[1])[None] < 1,
+            )
+        text_embeds = torch.where(drop_cap[:, None], n["text_embeds"], text_embeds)
+        hidden = torch.where(drop_cap[:, None, None], n["text_hidden_states"], hidden)
+        mask = torch.where(drop_cap[:, None], n["text_mask"], mask)
+        ctx, add = self.proj(
+            image_embeddings=image_embeds,
+            prompt_embeds=text_embeds,
+            text_encoder_hidden_states=hidden,
+            do_classifier_free_guidance=False,
+        )
+        mask = torch.nn.functional.pad(mask, (self.proj.clip_extra_context_tokens, 0), value=True)
+
+        def model(x_t, t):
+            return self.unet(x_t, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=mask).sample
+
+        t = torch.from_numpy(draws["t"]).long()
+        per_example = diffusion.training_losses(model, x_start, t, noise)
+        return (per_example * torch.from_numpy(draws["weights"])).mean()
+
+
+class TorchPrior:
+    """diffusers ``PriorTransformer`` on ``(z_i - clip_mean) / clip_std`` with a learned null caption (section 2.2)."""
+
+    def __init__(self, folder: Path, null_params: dict[str, np.ndarray]):
+        from diffusers import PriorTransformer
+
+        self.prior = PriorTransformer.from_pretrained(folder / "prior").train()
+        self.prior.clip_mean.requires_grad_(False)
+        self.prior.clip_std.requires_grad_(False)
+        self.params = {"prior." + k: p for k, p in self.prior.named_parameters() if p.requires_grad}
+        self.null = {
+            "null." + k[len("null_") :]: torch.nn.Parameter(torch.from_numpy(np.array(v)))
+            for k, v in null_params.items()
+        }
+        self.params.update(self.null)
+
+    def loss(self, diffusion: TorchDiffusion, batch: dict, draws: dict):
+        z = torch.from_numpy(batch["image_embeds"])
+        x_start = (z - self.prior.clip_mean.detach()) / self.prior.clip_std.detach()
+        drop = torch.from_numpy(draws["drop_text"])
+        text_embeds = torch.from_numpy(batch["text_embeds"])
+        hidden = torch.from_numpy(batch["text_hidden_states"])
+        mask = torch.from_numpy(batch["text_mask"])
+        if self.null:
+            text_embeds = torch.where(drop[:, None], self.null["null.text_embedding"], text_embeds)
+            hidden = torch.where(drop[:, None, None], self.null["null.encoder_hidden_states"], hidden)
+            mask = torch.where(drop[:, None], torch.ones_like(mask), mask)
+
+        def model(x_t, t):
+            return self.prior(
+                x_t, t, proj_embedding=text_embeds, encoder_hidden_states=hidden, attention_mask=mask
+            ).predicted_image_embedding
+
+        t = torch.from_numpy(draws["t"]).long()
+        per_example = diffusion.training_losses(model, x_start, t, torch.from_numpy(draws["noise"]))
+        return (per_example * torch.from_numpy(draws["weights"])).mean()
+
+
+class TorchTrainer:
+    """AdamW (decay on matrices / kernels / embeddings, ndim >= 2), global-norm clipping, linear warm-up from 0 then
+    cosine decay, and an EMA of the parameters."""
+
+    def __init__(self, model: TorchDecoder | TorchPrior, diffusion: TorchDiffusion, config: Any):
+        self.model, self.diffusion = model, diffusion
+        o = config.optim
+        params = model.params
+        groups = [
+            {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": float(o.weight_decay)},
+            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.opt = torch.optim.AdamW(groups, lr=float(o.lr), betas=(float(o.b1), float(o.b2)), eps=float(o.eps))
+        warmup, total = int(o.warmup_steps), int(config.total_steps)
+        decay = int(o.decay_steps) or max(1, total - warmup)
+        end = float(o.end_lr_factor)
+        if o.schedule not in ("constant", "cosine"):
+            raise ValueError(f"train_parity: schedule {o.schedule!r}")
+
+        def factor(n: int) -> float:  # n = updates done so far
+            if n < warmup:
+                return n / warmup
+            if o.schedule == "constant":
+                return 1.0
+            k = min(n - warmup, decay)
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * k / decay))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        self.clip = float(o.grad_clip_norm)
+        self.ema_decay, self.ema_warmup = float(config.ema.decay), bool(config.ema.warmup)
+        self.ema = {k: p.detach().clone() for k, p in params.items()}
+        self.step = 0
+
+    def grads(self, batch: dict, draws: dict) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and gradients (before clipping) at the current parameters."""
+        self.opt.zero_grad(set_to_none=False)
+        loss = self.model.loss(self.diffusion, batch, draws)
+        loss.backward()
+        return loss.item(), {k: p.grad.detach().numpy().copy() for k, p in self.model.params.items()}
+
+    def train_step(self, batch: dict, draws: dict) -> dict[str, float]:
+        lr = self.opt.param_groups[0]["lr"]
+        loss, _ = self.grads(batch, draws)
+        params = list(self.model.params.values())
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+        self.opt.step()
+        self.sched.step()
+        n = self.step
+        d = np.float32(min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay)
+        with torch.no_grad():
+            for k, p in self.model.params.items():
+                self.ema[k].mul_(float(d)).add_(p, alpha=float(np.float32(1) - d))
+        self.step += 1
+        return {"loss": loss, "grad_norm": float(norm), "lr": lr}
+
+    def named(self, which: str) -> dict[str, np.ndarray]:
+        src = self.ema if which == "ema" else {k: p.detach() for k, p in self.model.params.items()}
+        return {k: v.numpy().copy() for k, v in src.items()}
