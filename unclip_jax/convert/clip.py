@@ -146,25 +146,23 @@ def _tower_config(m: CLIPTextModel | CLIPVisionModel, architecture: str, model_t
 def text_module_from_config(config: dict, where: str = "config.json", **overrides: Any) -> CLIPTextModel:
     """Our text tower from a transformers ``CLIPTextConfig`` (or ``CLIPConfig``) dict."""
     c = _sub(config, "text_config")
-    kwargs = dict(
-        _tower_kwargs(c, TEXT_REQUIRED, where),
-        vocab_size=c["vocab_size"],
-        context_length=c["max_position_embeddings"],
+    return CLIPTextModel(
+        **_tower_kwargs(c, TEXT_REQUIRED, where),
+        **dict(vocab_size=c["vocab_size"], context_length=c["max_position_embeddings"]),
         eos_token_id=c.get("eos_token_id", 49407),
+        **overrides,
     )
-    return CLIPTextModel(**kwargs, **overrides)
 
 
 def vision_module_from_config(config: dict, where: str = "config.json", **overrides: Any) -> CLIPVisionModel:
     """Our vision tower from a transformers ``CLIPVisionConfig`` (or ``CLIPConfig``) dict."""
     c = _sub(config, "vision_config")
-    kwargs = dict(
-        _tower_kwargs(c, VISION_REQUIRED, where),
-        image_size=c["image_size"],
-        patch_size=c["patch_size"],
+    return CLIPVisionModel(
+        **_tower_kwargs(c, VISION_REQUIRED, where),
+        **dict(image_size=c["image_size"], patch_size=c["patch_size"]),
         num_channels=c.get("num_channels", 3),
+        **overrides,
     )
-    return CLIPVisionModel(**kwargs, **overrides)
 
 
 def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:

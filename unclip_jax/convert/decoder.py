@@ -29,6 +29,7 @@ from unclip_jax.convert.native import as_variables, resolve_component_folder
 from unclip_jax.convert.unet import (
     DOWN_ATTN,
     DOWN_PLAIN,
+    REQUIRED,
     UP_ATTN,
     UP_PLAIN,
     abstract_params,
@@ -45,18 +46,7 @@ from unclip_jax.models.decoder import Decoder, UnCLIPDecoder, UnCLIPTextProj
 
 MID_ATTN = "UNetMidBlock2DSimpleCrossAttn"
 
-UNET_REQUIRED = [
-    "in_channels",
-    "out_channels",
-    "block_out_channels",
-    "layers_per_block",
-    "down_block_types",
-    "up_block_types",
-    "mid_block_type",
-    "attention_head_dim",
-    "cross_attention_dim",
-    "class_embed_type",
-]
+UNET_REQUIRED = [*REQUIRED, "mid_block_type", "attention_head_dim", "cross_attention_dim", "class_embed_type"]
 # diffusers field -> value it must have (its diffusers default unless noted); anything else is unsupported.
 UNET_FIXED = {
     "center_input_sample": False,

@@ -27,6 +27,15 @@ from unclip_jax.convert.native import resolve_component_folder
 
 _INDEXED = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers)_(\d+)$")
 
+# The config fields every diffusers U-Net folder must have (each U-Net converter adds its own).
+REQUIRED = [
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+]
 # diffusers block types of the Karlo U-Nets.
 DOWN_PLAIN, DOWN_ATTN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
 UP_PLAIN, UP_ATTN = "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"

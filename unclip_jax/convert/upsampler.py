@@ -15,30 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.convert import io
+from unclip_jax.convert import io, unet
 from unclip_jax.convert.mapping import Rule, flax_to_torch
 from unclip_jax.convert.native import as_variables
-from unclip_jax.convert.unet import (
-    DOWN_PLAIN,
-    UP_PLAIN,
-    abstract_params,
-    check_fixed,
-    load_unet,
-    unet_config,
-    unet_kwargs,
-    unet_rules,
-)
 from unclip_jax.models.upsampler import SuperResUNet
 
-REQUIRED = [
-    "in_channels",
-    "out_channels",
-    "block_out_channels",
-    "layers_per_block",
-    "down_block_types",
-    "up_block_types",
-    "add_attention",
-]
+REQUIRED = [*unet.REQUIRED, "add_attention"]
 FIXED = {
     "center_input_sample": False,
     "time_embedding_type": "positional",
@@ -54,13 +36,13 @@ FIXED = {
 def module_from_config(config: dict[str, Any], where: str = "config.json", **overrides: Any) -> SuperResUNet:
     """Our :class:`SuperResUNet` from a diffusers ``UNet2DModel`` config (Karlo super-res family)."""
     io.require_fields(config, REQUIRED, where)
-    check_fixed(config, FIXED, where)
-    kwargs = unet_kwargs(config, where, default_sample_size=256)
+    unet.check_fixed(config, FIXED, where)
+    kwargs = unet.unet_kwargs(config, where, default_sample_size=256)
     n = len(kwargs["channel_mult"])
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    if down != [DOWN_PLAIN] * n or up != [UP_PLAIN] * n:
+    if down != [unet.DOWN_PLAIN] * n or up != [unet.UP_PLAIN] * n:
         raise io.ConversionError(
-            f"{where}: down_block_types {down} / up_block_types {up}: expected {n} x {DOWN_PLAIN} / {UP_PLAIN} "
+            f"{where}: down_block_types {down} / up_block_types {up}: expected {n} x {unet.DOWN_PLAIN} / {unet.UP_PLAIN} "
             "(the attention-free super-resolution U-Net)"
         )
     return io.build_module(SuperResUNet, kwargs, overrides, where)
@@ -70,9 +52,9 @@ def config_from_module(module: SuperResUNet) -> dict[str, Any]:
     """A diffusers ``UNet2DModel`` config.json reproducing ``module``."""
     n = len(module.channel_mult)
     return {
-        **unet_config(module, "UNet2DModel"),
-        "down_block_types": [DOWN_PLAIN] * n,
-        "up_block_types": [UP_PLAIN] * n,
+        **unet.unet_config(module, "UNet2DModel"),
+        "down_block_types": [unet.DOWN_PLAIN] * n,
+        "up_block_types": [unet.UP_PLAIN] * n,
         **FIXED,
     }
 
@@ -85,7 +67,7 @@ def example_inputs(module: SuperResUNet) -> tuple:
 
 def rules(module: SuperResUNet) -> list[Rule]:
     """The parameter map (flax paths start with ``params``)."""
-    return unet_rules(abstract_params(module, example_inputs(module)))
+    return unet.unet_rules(unet.abstract_params(module, example_inputs(module)))
 
 
 def load_upsampler(
@@ -101,7 +83,7 @@ def load_upsampler(
     Returns:
       (module, {'params': ...}).
     """
-    return load_unet(folder, component, module_from_config, example_inputs, overrides)
+    return unet.load_unet(folder, component, module_from_config, example_inputs, overrides)
 
 
 def save_upsampler(module: SuperResUNet, variables: dict[str, Any], folder: str | os.PathLike) -> Path:
