@@ -157,7 +157,7 @@ class CLIPTextModel(nn.Module):
             eot = jnp.argmax(input_ids.astype(jnp.int32), axis=-1)
         else:
             eot = jnp.argmax((input_ids == self.eos_token_id).astype(jnp.int32), axis=-1)
-        pooled = x[jnp.arange(b), eot]
+        pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
         text_embeds = dense(
             self.projection_dim, axes.EMBED, axes.MLP, self.dtype, self.param_dtype, "text_projection", use_bias=False
         )(pooled)
@@ -285,12 +285,21 @@ class CLIP(nn.Module):
                 object.__setattr__(self, name, FrozenDict(value))
         super().__post_init__()
 
-    def setup(self):
+    def tower_kwargs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Constructor kwargs of the text and the vision tower: each tower's own fields plus the shared ones.
+
+        A tower built from them on its own is the ``text_encoder`` / ``image_encoder`` component of a pipeline
+        with the parameters under ``text_model`` / ``vision_model``.
+        """
         common = dict(
             projection_dim=self.projection_dim, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        self.text_model = CLIPTextModel(**{**dict(self.text or {}), **common})
-        self.vision_model = CLIPVisionModel(**{**dict(self.vision or {}), **common})
+        return {**dict(self.text or {}), **common}, {**dict(self.vision or {}), **common}
+
+    def setup(self):
+        text, vision = self.tower_kwargs()
+        self.text_model = CLIPTextModel(**text)
+        self.vision_model = CLIPVisionModel(**vision)
         self.logit_scale = self.param(
             "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(self.logit_scale_init), ()), ()
         )
