@@ -13,6 +13,8 @@ import os
 QUIET_LOGGERS = {
     "absl": logging.WARNING,
     "jax._src.xla_bridge": logging.ERROR,
+    "jax2onnx": logging.ERROR,  # reports every optional plugin it cannot import (equinox, dm_pix)
+    "onnx_ir": logging.ERROR,
 }
 
 
