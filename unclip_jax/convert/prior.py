@@ -78,7 +78,7 @@ def module_from_config(config: dict[str, Any], where: str = "config.json", **ove
         kwargs[dst] = config.get(src, default)
     try:
         module = PriorTransformer(**{**kwargs, **overrides})
-        module._check()
+        module.validate()
     except ValueError as e:
         raise io.ConversionError(f"{where}: {e}") from e
     return module

@@ -108,7 +108,8 @@ class PriorTransformer(nn.Module):
     def out_dim(self) -> int:
         return self.clip_embed_dim or self.embedding_dim
 
-    def _check(self) -> None:
+    def validate(self) -> None:
+        """Raises a ValueError naming a field whose value this prior does not support."""
         if self.additional_embeddings != 4:
             raise ValueError(
                 f"PriorTransformer.additional_embeddings={self.additional_embeddings}: the sequence "
@@ -184,7 +185,7 @@ class PriorTransformer(nn.Module):
         Returns:
           [B, clip_embed_dim] predicted image embedding (x0, normalised space).
         """
-        self._check()
+        self.validate()
         if self.is_initializing():
             self.variable("stats", "clip_mean", lambda: jnp.zeros((1, self.out_dim), self.param_dtype))
             self.variable("stats", "clip_std", lambda: jnp.ones((1, self.out_dim), self.param_dtype))
