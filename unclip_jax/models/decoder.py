@@ -13,15 +13,15 @@ Three modules:
   (section 2.1: "randomly setting the CLIP embeddings to zero (or a learned embedding) 10%
   of the time").
 - :class:`Decoder` (diffusers ``UNet2DConditionModel`` numerics in the Karlo configuration):
-  the ADM U-Net with scale-shift norm, resblock up/down-sampling, GLIDE attention whose
-  keys/values include the context, and ``class_labels`` added to the timestep embedding
-  (diffusers ``class_embed_type="identity"``). Output: 6 channels = eps and the
-  learned-range variance interpolation v (improved DDPM, Nichol & Dhariwal 2021).
+  the U-Net of :mod:`unclip_jax.models.unet` with its attention on: scale-shift norm, resblock
+  up/down-sampling, GLIDE attention whose keys/values include the context, and
+  ``class_labels`` added to the timestep embedding (diffusers ``class_embed_type="identity"``).
+  Output: 6 channels = eps and the learned-range variance interpolation v (improved DDPM,
+  Nichol & Dhariwal 2021).
 - :class:`UnCLIPDecoder`: both together, with the classifier-free-guidance dropouts of
   training (CLIP embedding -> learned embedding, caption -> a given null caption).
 
-Configuration names are guided-diffusion's: ``model_channels`` x ``channel_mult`` give
-diffusers' ``block_out_channels``; ``num_res_blocks`` is ``layers_per_block``;
+Configuration names are guided-diffusion's (see :mod:`unclip_jax.models.unet`);
 ``attention_resolutions`` are *downsampling factors* (1 = the input resolution, 2 = the
 first downsampled level, ...; the paper's "32,16,8" at 64x64 is (2, 4, 8));
 ``num_head_channels`` is diffusers' ``attention_head_dim``; ``context_dim`` is
@@ -30,16 +30,14 @@ first downsampled level, ...; the paper's "32,16,8" at 64x64 is (2, 4, 8));
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from unclip_jax.layers import axes
-from unclip_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from unclip_jax.layers.transformer import dense, layer_norm
-from unclip_jax.layers.unet_blocks import DownBlock, MidBlock, UpBlock, constrain_spatial, conv, group_norm
+from unclip_jax.models.unet import AttentionUNetFields, UNetModel
 
 Dtype = Any
 
@@ -187,179 +185,42 @@ class UnCLIPTextProj(nn.Module):
         return context, time_emb
 
 
-class Decoder(nn.Module):
+class Decoder(AttentionUNetFields, UNetModel):
     """The CLIP-conditioned ADM/GLIDE U-Net (diffusers ``UNet2DConditionModel``, Karlo decoder family).
 
-    Attributes:
-      in_channels: image channels (3).
-      out_channels: 6 = eps and the learned-range variance interpolation.
-      model_channels: width of the first level (diffusers ``block_out_channels[0]``).
-      channel_mult: width multipliers per level (``block_out_channels = model_channels * mult``).
-      num_res_blocks: residual blocks per encoder level (decoder levels get one more).
-      attention_resolutions: downsampling factors (1, 2, 4, ...) of the levels that attend
-        (the middle block always attends: ``UNetMidBlock2DSimpleCrossAttn``).
-      num_head_channels: channels per attention head (diffusers ``attention_head_dim``).
-      context_dim: width of the attention context (diffusers ``cross_attention_dim``).
-      use_scale_shift_norm: ``scale_shift`` (True) or additive (False) time conditioning.
-      time_embed_dim: timestep embedding width (default ``4 * model_channels``).
-      norm_num_groups, norm_eps: GroupNorm of the residual blocks and the output norm.
-      flip_sin_to_cos, freq_shift: sinusoidal timestep features (diffusers ``Timesteps``).
-      dropout: dropout inside the residual blocks.
-      sample_size: nominal image size (diffusers config; any multiple of
-        ``2 ** (len(channel_mult) - 1)`` runs).
-      remat: rematerialise residual and attention blocks.
+    :class:`unclip_jax.models.unet.UNetModel` with GLIDE attention whose keys/values include the
+    context (fields: :class:`~unclip_jax.models.unet.UNetFields` and
+    :class:`~unclip_jax.models.unet.AttentionUNetFields`). Called as
+    ``(x_t [B, H, W, 3], t [B], context [B, S, context_dim], class_labels [B, temb_dim] | None,
+    context_mask [B, S] | None, deterministic)`` -> [B, H, W, out_channels]; ``class_labels`` is the
+    additive embedding of :class:`UnCLIPTextProj`.
     """
 
-    in_channels: int = 3
-    out_channels: int = 6
-    model_channels: int = 320
-    channel_mult: Sequence[int] = (1, 2, 3, 4)
-    num_res_blocks: int = 3
-    attention_resolutions: Sequence[int] = (2, 4, 8)
-    num_head_channels: int = 64
-    context_dim: int = 1536
-    use_scale_shift_norm: bool = True
-    time_embed_dim: int | None = None
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0.0
-    dropout: float = 0.0
-    sample_size: int = 64
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
-    @property
-    def block_out_channels(self) -> tuple[int, ...]:
-        return tuple(self.model_channels * m for m in self.channel_mult)
-
-    @property
-    def temb_dim(self) -> int:
-        return self.time_embed_dim or 4 * self.model_channels
-
-    def level_attends(self, level: int) -> bool:
-        """Whether encoder level ``level`` (and its mirror decoder level) has attention."""
-        return 2**level in tuple(self.attention_resolutions)
-
-    @nn.compact
-    def __call__(
-        self,
-        x_t: jnp.ndarray,
-        t: jnp.ndarray,
-        context: jnp.ndarray,
-        class_labels: jnp.ndarray | None = None,
-        context_mask: jnp.ndarray | None = None,
-        deterministic: bool = True,
-    ) -> jnp.ndarray:
-        """Predicts eps and the variance interpolation for a noisy image.
-
-        Args:
-          x_t: [B, H, W, in_channels] noisy images; H, W multiples of 2 ** (levels - 1).
-          t: [B] timesteps (integer or float).
-          context: [B, S, context_dim] attention context (4 CLIP tokens + caption states).
-          class_labels: optional [B, time_embed_dim] added to the timestep embedding
-            (the CLIP-derived additive embedding of :class:`UnCLIPTextProj`).
-          context_mask: optional [B, S] bool, True = real token.
-          deterministic: disables dropout.
-
-        Returns:
-          [B, H, W, out_channels] in the compute dtype.
-        """
-        levels = len(self.channel_mult)
-        factor = 2 ** (levels - 1)
-        if x_t.ndim != 4 or x_t.shape[1] % factor or x_t.shape[2] % factor:
-            raise ValueError(f"Decoder: input {x_t.shape} must be [B, H, W, C] with H, W multiples of {factor}")
-        t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
-        t_feat = timestep_embedding(t, self.model_channels, self.flip_sin_to_cos, self.freq_shift)
-        temb = TimestepEmbedding(self.temb_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="time_embedding")(
-            t_feat.astype(self.dtype)
-        )
-        if class_labels is not None:
-            temb = temb + class_labels.astype(temb.dtype)
-        context = context.astype(self.dtype)
-        common = dict(
-            head_dim=self.num_head_channels,
-            time_embedding_norm="scale_shift" if self.use_scale_shift_norm else "default",
-            groups=self.norm_num_groups,
-            eps=self.norm_eps,
-            dropout=self.dropout,
-            remat=self.remat,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        chans = self.block_out_channels
-        h = constrain_spatial(conv(chans[0], self.dtype, self.param_dtype, "conv_in")(x_t.astype(self.dtype)))
-        skips = [h]
-        for i in range(levels):
-            h, s = DownBlock(
-                out_channels=chans[i],
-                num_layers=self.num_res_blocks,
-                attention=self.level_attends(i),
-                add_downsample=i < levels - 1,
-                name=f"down_blocks_{i}",
-                **common,
-            )(h, temb, context, context_mask, deterministic)
-            skips += s
-        h = MidBlock(out_channels=chans[-1], attention=True, name="mid_block", **common)(
-            h, temb, context, context_mask, deterministic
-        )
-        for i in range(levels):
-            level = levels - 1 - i
-            n = self.num_res_blocks + 1
-            res, skips = skips[-n:], skips[:-n]
-            h = UpBlock(
-                out_channels=chans[level],
-                num_layers=n,
-                attention=self.level_attends(level),
-                add_upsample=level > 0,
-                name=f"up_blocks_{i}",
-                **common,
-            )(h, res, temb, context, context_mask, deterministic)
-        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, "conv_norm_out")(h))
-        return conv(self.out_channels, self.dtype, self.param_dtype, "conv_out", zero_init=True)(h)
-
-
-class UnCLIPDecoder(nn.Module):
+class UnCLIPDecoder(AttentionUNetFields):
     """Text projection + U-Net: the whole trainable decoder of unCLIP (paper section 2.1).
 
     Parameters live under ``text_proj`` (:class:`UnCLIPTextProj`) and ``unet``
-    (:class:`Decoder`); the fields are the U-Net's plus ``clip_embeddings_dim`` and
-    ``clip_extra_context_tokens``.
+    (:class:`Decoder`); the fields are the U-Net's
+    (:class:`~unclip_jax.models.unet.AttentionUNetFields`) plus the two below.
+
+    Attributes:
+      clip_embeddings_dim: size of z_i, z_t and of the caption hidden states.
+      clip_extra_context_tokens: number of context tokens made from z_i (4).
     """
 
-    in_channels: int = 3
-    out_channels: int = 6
-    model_channels: int = 320
-    channel_mult: Sequence[int] = (1, 2, 3, 4)
-    num_res_blocks: int = 3
-    attention_resolutions: Sequence[int] = (2, 4, 8)
-    num_head_channels: int = 64
-    context_dim: int = 1536
-    use_scale_shift_norm: bool = True
-    time_embed_dim: int | None = None
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0.0
-    dropout: float = 0.0
-    sample_size: int = 64
     clip_embeddings_dim: int = 768
     clip_extra_context_tokens: int = 4
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def unet_kwargs(self) -> dict[str, Any]:
         """Constructor kwargs of the :class:`Decoder` inside."""
-        names = [f.name for f in Decoder.__dataclass_fields__.values() if f.name not in ("parent", "name")]
-        return {n: getattr(self, n) for n in names}
+        return AttentionUNetFields.fields_of(self)
 
     def text_proj_kwargs(self) -> dict[str, Any]:
         """Constructor kwargs of the :class:`UnCLIPTextProj` inside."""
         return dict(
             clip_embeddings_dim=self.clip_embeddings_dim,
-            time_embed_dim=self.time_embed_dim or 4 * self.model_channels,
+            time_embed_dim=self.temb_dim,
             cross_attention_dim=self.context_dim,
             clip_extra_context_tokens=self.clip_extra_context_tokens,
             dtype=self.dtype,
