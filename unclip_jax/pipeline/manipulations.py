@@ -42,8 +42,18 @@ def _settings(settings: Mapping[str, StageSettings | None] | None, eta: float) -
     return s
 
 
-def _clip_for(eta: float) -> float | None | str:
-    return None if eta == 0 else "default"
+def _decode(
+    pipe: UnclipPipeline,
+    image_embeds: np.ndarray,
+    *,
+    eta: float,
+    settings: Mapping[str, StageSettings | None] | None,
+    **kw: Any,
+) -> dict[str, np.ndarray]:
+    """`UnclipPipeline.decode` with DDIM ``eta`` on the decoder; x0 clipping off at eta 0 (the exact inverse of the
+    inversion), the decoder's own otherwise."""
+    clip = None if eta == 0 else "default"
+    return pipe.decode(image_embeds, settings=_settings(settings, eta), decoder_clip_denoised=clip, **kw)
 
 
 def prepare_images(pipe: UnclipPipeline, images: np.ndarray) -> np.ndarray:
@@ -106,15 +116,16 @@ def variations(
     lat = dict(latent) if latent is not None else bipartite_latent(pipe, image, captions=[caption], settings=settings)
     z = np.repeat(lat["image_embeds"][:1], num, axis=0)
     x_T = np.repeat(lat["x_T"][:1], num, axis=0)
-    out = pipe.decode(
+    out = _decode(
+        pipe,
         z,
         captions=[caption] * num,
         x_T=x_T,
         seed=seed,
-        settings=_settings(settings, eta),
         stop_after=stop_after,
         progress=progress,
-        decoder_clip_denoised=_clip_for(eta),
+        eta=eta,
+        settings=settings,
     )
     return dict(out, labels=[f"eta={eta:g} #{i}" for i in range(num)], x_T=lat["x_T"], x_start=lat["x_start"])
 
@@ -158,14 +169,15 @@ def interpolate(
     else:
         one = jax.random.normal(jax.random.PRNGKey(seed), lat["x_T"].shape[1:], jnp.float32)
         x_T = np.repeat(np.asarray(one)[None], num, 0)
-    out = pipe.decode(
+    out = _decode(
+        pipe,
         z,
         x_T=x_T,
         seed=seed,
-        settings=_settings(settings, eta),
         stop_after=stop_after,
         progress=progress,
-        decoder_clip_denoised=_clip_for(eta),
+        eta=eta,
+        settings=settings,
     )
     return dict(
         out, labels=[f"theta={t:.2f}" for t in thetas], thetas=thetas, image_embeds=z, x_T=x_T, x_start=lat["x_start"]
@@ -213,14 +225,15 @@ def text_diff(
     th = np.asarray(thetas, np.float32)
     n = th.shape[0]
     z = np.asarray(slerp(jnp.asarray(np.repeat(z_i, n, 0)), jnp.asarray(np.repeat(d, n, 0)), jnp.asarray(th)))
-    out = pipe.decode(
+    out = _decode(
+        pipe,
         z,
         x_T=np.repeat(lat["x_T"][:1], n, 0),
         seed=seed,
-        settings=_settings(settings, eta),
         stop_after=stop_after,
         progress=progress,
-        decoder_clip_denoised=_clip_for(eta),
+        eta=eta,
+        settings=settings,
     )
     return dict(out, labels=[f"theta={t:.2f}" for t in th], thetas=th, image_embeds=z, direction=d[0])
 
@@ -274,13 +287,14 @@ def pca_probe(
     lat = bipartite_latent(pipe, image, settings=settings)
     z = np.concatenate([pca.reconstruct(lat["image_embeds"][:1], int(k)) for k in ks])
     n = len(ks)
-    out = pipe.decode(
+    out = _decode(
+        pipe,
         z,
         x_T=np.repeat(lat["x_T"][:1], n, 0),
         seed=seed,
-        settings=_settings(settings, 0.0),
         stop_after=stop_after,
         progress=progress,
-        decoder_clip_denoised=None,
+        eta=0.0,
+        settings=settings,
     )
     return dict(out, labels=[f"k={k}" for k in ks], ks=list(ks), image_embeds=z)
