@@ -6,7 +6,6 @@ closer (cosine) to the captions' true image embeddings than random training embe
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -19,24 +18,27 @@ from unclip_jax.input import pipelines
 from unclip_jax.models import pca_codec
 from unclip_jax.train import loop
 from unclip_jax.train import metrics as metrics_lib
+from unclip_jax.train.config_loading import load_experiment
 from unclip_jax.train.tasks.ar_prior import make_ar_prior_task, read_embeddings
 
 STEPS = 100
 
 
 def _config(folder: str):
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "ar_prior.py")
-    spec = importlib.util.spec_from_file_location("ar_prior_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("test")
-    c.data.folder = folder
-    c.total_steps, c.log_every = STEPS, 10
-    c.checkpoint.every = STEPS
-    c.checkpoint.async_save = False
-    c.optim.lr, c.optim.warmup_steps = 3e-3, 10
-    c.task.guidance_scale, c.task.temperature = 2.0, 0.7
-    return c
+    return load_experiment(
+        "experiments/ar_prior.py:test",
+        {
+            "data.folder": folder,
+            "total_steps": STEPS,
+            "log_every": 10,
+            "checkpoint.every": STEPS,
+            "checkpoint.async_save": False,
+            "optim.lr": 3e-3,
+            "optim.warmup_steps": 10,
+            "task.guidance_scale": 2.0,
+            "task.temperature": 0.7,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def trained(tmp_path_factory):
     folder = shared_embed_folder()
     config = _config(folder)
     workdir = str(tmp_path_factory.mktemp("ar_prior"))
-    # The loop builds the task (TASKS["ar_prior"]) and reads the prior's pipeline itself.
+    # The loop builds the task (the registry's "ar_prior" row) and reads the prior's pipeline itself.
     result = loop.train_and_evaluate(config, workdir)
     task = make_ar_prior_task(config)  # the same codec: fitted deterministically on the same folder
     return folder, config, task, result, workdir

@@ -5,7 +5,8 @@ Experiments are ``ml_collections.ConfigDict`` s; the command line overrides any 
 Fields that may be "unset" use typed empty values ('' / 0) instead of None so that
 overrides keep their types.
 
-The config an experiment returns is complete and locked, so the training code indexes it
+The config an experiment returns is complete (``unclip train`` and
+:func:`unclip_jax.train.config_loading.load_experiment` lock it), so the training code indexes it
 (``config.optim.lr``) and every default is written once: here, or for the diffusion fields in
 :data:`unclip_jax.diffusion.config.DEFAULTS`. The presets :func:`apply_test` and
 :func:`apply_bench` are the ``test`` and ``bench`` variants' shared settings, and

@@ -11,8 +11,6 @@ from typing import Any
 from unclip_jax import stages
 from unclip_jax.train.tasks.base import Task
 
-TASKS = stages.TASK_NAMES
-
 
 def make_task(config: Any) -> Task:
     """Builds the task of ``config.task.name`` with its model (``config.model.variant``) and diffusion.
