@@ -63,7 +63,7 @@ class Signature:
                 a = np.ones(shape, bool)
                 if a.ndim == 2 and a.shape[1] > 2:
                     a[:, rng.integers(2, a.shape[1]) :] = False  # some padding
-            elif spec.dtype.startswith("int"):
+            elif spec.dtype.startswith(("int", "uint")):
                 a = rng.integers(0, spec.high or 2, shape).astype(spec.dtype)
             else:
                 a = rng.standard_normal(shape).astype(spec.dtype)
