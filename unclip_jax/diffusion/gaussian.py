@@ -243,8 +243,11 @@ class GaussianDiffusion:
     def _dtype(x: jax.Array) -> Any:
         return jnp.result_type(jnp.asarray(x).dtype, jnp.float32)
 
-    def _take(self, table: np.ndarray, t: jax.Array, x: jax.Array) -> jax.Array:
-        """``table[t]`` cast to x's compute dtype, shaped to broadcast against ``x`` (t: scalar or ``[B]``)."""
+    def extract_into_tensor(self, table: np.ndarray, t: jax.Array, x: jax.Array) -> jax.Array:
+        """``table[t]`` cast to x's compute dtype, shaped to broadcast against ``x`` (t: scalar or ``[B]``).
+
+        guided-diffusion's ``_extract_into_tensor``; the samplers of :mod:`unclip_jax.diffusion.sampling` use it too.
+        """
         v = jnp.asarray(table, dtype=self._dtype(x))[jnp.asarray(t)]
         return v.reshape(v.shape + (1,) * (jnp.ndim(x) - v.ndim))
 
@@ -284,16 +287,16 @@ class GaussianDiffusion:
         Returns:
             (mean like x_start, variance and log_variance broadcastable to x_start).
         """
-        mean = self._take(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._take(1.0 - self.alphas_cumprod, t, x_start)
-        log_variance = self._take(self.log_one_minus_alphas_cumprod, t, x_start)
+        mean = self.extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start) * x_start
+        variance = self.extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start)
+        log_variance = self.extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (DDPM eq. 4; diffusers ``add_noise``)."""
         return (
-            self._take(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + self._take(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            self.extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + self.extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
@@ -305,46 +308,46 @@ class GaussianDiffusion:
             (posterior mean like x_t, posterior variance, clipped log variance (beta~_0 -> beta~_1)).
         """
         mean = (
-            self._take(self.posterior_mean_coef1, t, x_t) * x_start
-            + self._take(self.posterior_mean_coef2, t, x_t) * x_t
+            self.extract_into_tensor(self.posterior_mean_coef1, t, x_t) * x_start
+            + self.extract_into_tensor(self.posterior_mean_coef2, t, x_t) * x_t
         )
-        variance = self._take(self.posterior_variance, t, x_t)
-        log_variance = self._take(self.posterior_log_variance_clipped, t, x_t)
+        variance = self.extract_into_tensor(self.posterior_variance, t, x_t)
+        log_variance = self.extract_into_tensor(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ parameterisations
     def predict_xstart_from_eps(self, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
         """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (DDPM eq. 15 rearranged)."""
         return (
-            self._take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - self._take(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            self.extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self.extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
         )
 
     def predict_eps_from_xstart(self, x_t: jax.Array, t: jax.Array, pred_xstart: jax.Array) -> jax.Array:
         """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1)."""
-        return (self._take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / self._take(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        )
+        return (
+            self.extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart
+        ) / self.extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     def predict_v(self, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4; the ``v`` training target)."""
         return (
-            self._take(self.sqrt_alphas_cumprod, t, x_start) * noise
-            - self._take(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+            self.extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start) * noise
+            - self.extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
         )
 
     def predict_xstart_from_v(self, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
         """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
         return (
-            self._take(self.sqrt_alphas_cumprod, t, x_t) * x_t
-            - self._take(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+            self.extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t) * x_t
+            - self.extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
         )
 
     def predict_eps_from_v(self, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
         """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
         return (
-            self._take(self.sqrt_alphas_cumprod, t, x_t) * v
-            + self._take(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+            self.extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t) * v
+            + self.extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
         )
 
     def output_to_xstart_eps(self, mean_output: jax.Array, x_t: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -363,18 +366,20 @@ class GaussianDiffusion:
         if self.model_var_type == "learned_range":
             if var_values is None:
                 raise ValueError("learned_range needs the variance values of the model output")
-            min_log = self._take(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._take(self.log_betas, t, x_t)
+            min_log = self.extract_into_tensor(self.posterior_log_variance_clipped, t, x_t)
+            max_log = self.extract_into_tensor(self.log_betas, t, x_t)
             frac = (var_values + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
             return jnp.exp(log_variance), log_variance
         if self.model_var_type == "fixed_small":
-            return self._take(self.posterior_variance, t, x_t), self._take(self.posterior_log_variance_clipped, t, x_t)
+            return self.extract_into_tensor(self.posterior_variance, t, x_t), self.extract_into_tensor(
+                self.posterior_log_variance_clipped, t, x_t
+            )
         if self.model_var_type == "fixed_small_log":
-            log_variance = self._take(self.posterior_log_variance_floored, t, x_t)
+            log_variance = self.extract_into_tensor(self.posterior_log_variance_floored, t, x_t)
             return jnp.exp(log_variance), log_variance
         variance = self.fixed_large_variance
-        return self._take(variance, t, x_t), self._take(np.log(variance), t, x_t)
+        return self.extract_into_tensor(variance, t, x_t), self.extract_into_tensor(np.log(variance), t, x_t)
 
     def output_mean_variance(
         self, model_output: jax.Array, x_t: jax.Array, t: jax.Array, clip_denoised: float | None | str = "default"

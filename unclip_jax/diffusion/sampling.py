@@ -92,8 +92,8 @@ def ddim_sample(
     """
     out = diffusion.p_mean_variance(denoise_fn, x, t, **(cond or {}))
     eps = out["eps"] if eps_from_clipped_xstart else out["model_eps"]
-    abar = diffusion._take(diffusion.alphas_cumprod, t, x)
-    abar_prev = diffusion._take(diffusion.alphas_cumprod_prev, t, x)
+    abar = diffusion.extract_into_tensor(diffusion.alphas_cumprod, t, x)
+    abar_prev = diffusion.extract_into_tensor(diffusion.alphas_cumprod_prev, t, x)
     sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
     mean = out["pred_xstart"] * jnp.sqrt(abar_prev) + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
     sample = mean + _nonzero(t, x.dtype) * sigma * noise
@@ -123,8 +123,8 @@ def ddim_reverse_sample(
         dict(sample at level abar[t], pred_xstart).
     """
     t_model = diffusion.model_timesteps(t, x.shape[0])
-    abar_prev = diffusion._take(diffusion.alphas_cumprod_prev, t, x)
-    abar = diffusion._take(diffusion.alphas_cumprod, t, x)
+    abar_prev = diffusion.extract_into_tensor(diffusion.alphas_cumprod_prev, t, x)
+    abar = diffusion.extract_into_tensor(diffusion.alphas_cumprod, t, x)
 
     def eps_at(z):
         mean_output, _ = diffusion.split_model_output(denoise_fn(z, t_model, **(cond or {})), z)
