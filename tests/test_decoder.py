@@ -3,6 +3,8 @@ classifier-free-guidance dropouts, bf16, and parameter counts of the big variant
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.convert import decoder as cd
-from unclip_jax.models import decoder
+from unclip_jax.models import decoder, unet
 
 
 def _count(tree) -> int:
@@ -42,6 +44,28 @@ def random_params(module, *args, seed: int = 1, **kwargs):
         v = 0.05 * rng.standard_normal(leaf.shape).astype(np.float32)
         values.append(jnp.asarray(v + (1.0 if str(path[-1].key) == "scale" else 0.0)))
     return jax.tree.unflatten(flat[1], values)
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def test_decoder_is_the_unet_with_attention_fields():
+    # Native folders record the class path and these constructor fields in config.json.
+    assert issubclass(decoder.Decoder, unet.UNetModel) and not issubclass(decoder.UnCLIPDecoder, decoder.Decoder)
+    assert decoder.Decoder.__module__ == decoder.UnCLIPDecoder.__module__ == "unclip_jax.models.decoder"
+    attention = {"attention_resolutions", "num_head_channels", "context_dim"}
+    assert _fields(decoder.Decoder) == _fields(unet.UNetFields) | attention
+    assert _fields(decoder.UnCLIPDecoder) == _fields(decoder.Decoder) | {
+        "clip_embeddings_dim",
+        "clip_extra_context_tokens",
+    }
+    assert len(_fields(decoder.Decoder)) == 19
+    m = decoder.build("tiny", remat=True)
+    inner = decoder.Decoder(**m.unet_kwargs())
+    assert inner == decoder.Decoder(**{k: getattr(m, k) for k in _fields(decoder.Decoder)})
+    assert inner.attention_head_dim == 32 and [inner.level_attends(i) for i in range(3)] == [False, True, True]
+    assert m.text_proj_kwargs()["time_embed_dim"] == inner.temb_dim == 64
 
 
 @pytest.fixture(scope="module")

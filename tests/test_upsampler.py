@@ -3,29 +3,37 @@ bf16, and parameter counts of the Karlo / paper variants."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_decoder import random_params
 
 from unclip_jax.convert import upsampler as cu
-from unclip_jax.models import upsampler
+from unclip_jax.models import unet, upsampler
 
 
 def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def _random_params(module, *args, seed: int = 1):
-    shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args)))
-    rng = np.random.default_rng(seed)
-    flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    vals = [
-        jnp.asarray(0.05 * rng.standard_normal(a.shape) + (1.0 if str(p[-1].key) == "scale" else 0.0), jnp.float32)
-        for p, a in flat
-    ]
-    return jax.tree.unflatten(tree, vals)
+def test_is_the_unet_with_its_own_fields():
+    # Native folders record the class path and these constructor fields in config.json.
+    assert issubclass(upsampler.SuperResUNet, unet.UNetModel)
+    assert upsampler.SuperResUNet.__module__ == "unclip_jax.models.upsampler"
+    fields = {f.name for f in dataclasses.fields(upsampler.SuperResUNet)} - {"parent", "name"}
+    assert fields == {f.name for f in dataclasses.fields(unet.UNetFields)} - {"parent", "name"}
+    assert fields == {
+        *("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks"),
+        *("use_scale_shift_norm", "time_embed_dim", "norm_num_groups", "norm_eps", "flip_sin_to_cos"),
+        *("freq_shift", "dropout", "sample_size", "remat", "dtype", "param_dtype"),
+    }
+    m = upsampler.SuperResUNet()
+    assert (m.in_channels, m.out_channels, m.use_scale_shift_norm, m.sample_size) == (6, 3, False, 256)
+    assert m.attention_head_dim is None and not any(m.level_attends(i) for i in range(4))
 
 
 def test_any_size_low_res_concat_and_bf16():
@@ -34,7 +42,7 @@ def test_any_size_low_res_concat_and_bf16():
     x = jnp.asarray(rng.standard_normal((2, 8, 12, 3)), jnp.float32)
     low = jnp.asarray(rng.standard_normal((2, 8, 12, 3)), jnp.float32)
     t = jnp.array([3, 900])
-    params = _random_params(m, jnp.concatenate([x, low], -1), t)
+    params = random_params(m, jnp.concatenate([x, low], -1), t)
     apply = jax.jit(m.apply)
     out = apply(params, x, t, low)
     assert out.shape == (2, 8, 12, 3)
