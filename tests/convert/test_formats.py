@@ -109,3 +109,44 @@ def test_unknown_format_and_failed_export_leave_nothing(tmp_path):
     with pytest.raises(formats.ExportError, match=r"program: cannot be exported as onnx \(RuntimeError: no such op\)"):
         formats.write_signature_export(sig, {}, tmp_path / "y", "onnx", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_export_formats_and_unsupported_pairs(tmp_path, capsys):
+    from unclip_jax.convert import commands
+    from unclip_jax.convert.native import save_native
+
+    module = upsampler.build("test")
+    variables = _variables(module, None)
+    save_native(module, variables, tmp_path / "sr", extra_files={"diffusion.json": '{"schedule": "cosine"}'})
+    argv = ["convert", "export", "--component", "super_res_first", "--format", "stablehlo"]
+    assert commands.main([*argv, str(tmp_path / "sr"), str(tmp_path / "out")]) == 0
+    exported = formats.load_export(tmp_path / "out")
+    assert exported.manifest["component"] == "super_res_first"
+    assert exported.manifest["diffusion"] == {"schedule": "cosine"}
+    assert exported.manifest["source_config"]["module"].endswith("SuperResUNet")
+    inputs = signature_of(module, variables).example(2)
+    want = signature_of(module, variables).fn(variables, *inputs.values())[0]
+    np.testing.assert_allclose(exported(**inputs)["model_output"], np.asarray(want), atol=1e-5)
+    capsys.readouterr()
+    for component, fmt, message in [
+        ("pipeline", "onnx", "--component pipeline cannot be exported as onnx"),
+        ("text_proj", "savedmodel", "--component text_proj cannot be exported as savedmodel"),
+        ("prior", "onnx", "holds a SuperResUNet, but --component prior expects"),
+    ]:
+        argv = [
+            "convert",
+            "export",
+            "--component",
+            component,
+            "--format",
+            fmt,
+            str(tmp_path / "sr"),
+            str(tmp_path / "x"),
+        ]
+        assert commands.main(argv) == 1
+        (line,) = capsys.readouterr().out.strip().splitlines()
+        assert message in line, line
+    argv = ["convert", "import", "--component", "prior", "--format", "onnx", str(tmp_path / "sr"), str(tmp_path / "x")]
+    assert commands.main(argv) == 1
+    assert "applies to export only" in capsys.readouterr().out
+    assert not (tmp_path / "x").exists()

@@ -4,7 +4,9 @@
   folder whose ``NAME/`` subfolder is used) -> a native folder (``config.json`` +
   ``params.safetensors``, :mod:`unclip_jax.convert.native`).
 - ``export``: a native folder -> a folder that ``from_pretrained`` loads in
-  diffusers / transformers.
+  diffusers / transformers (``--format diffusers``, the default), or the network's forward for another
+  runtime: ``--format onnx`` (ONNX Runtime), ``savedmodel`` (TensorFlow) or ``stablehlo`` (JAX alone); see
+  :mod:`unclip_jax.convert.formats`.
 
 Components are the converters of :data:`unclip_jax.convert.registry.CONVERTERS`, plus ``pipeline`` (a whole
 ``UnCLIPPipeline`` folder, :mod:`unclip_jax.convert.pipeline`).
@@ -13,14 +15,18 @@ Components are the converters of :data:`unclip_jax.convert.registry.CONVERTERS`,
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from unclip_jax.convert import io, pipeline, registry
+from unclip_jax import stages
+from unclip_jax.convert import formats, io, pipeline, registry
 from unclip_jax.convert.native import load_native, save_native
 
 # The whole UnCLIPPipeline folder (every network + schedulers + tokenizer files).
 PIPELINE = "pipeline"
 CHOICES = (*registry.CONVERTERS, PIPELINE)
+DIFFUSERS = "diffusers"  # the PyTorch layout of each component's converter (transformers for CLIP)
+FORMAT_CHOICES = (DIFFUSERS, *formats.FORMATS)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,14 +34,53 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("convert", help="import/export weights between diffusers/transformers and unclip_jax")
     p.add_argument("direction", choices=["import", "export"], help="import: PyTorch layout -> native; export: reverse")
     p.add_argument("--component", required=True, help=f"one of {sorted(CHOICES)}")
+    p.add_argument(
+        "--format",
+        default=DIFFUSERS,
+        choices=FORMAT_CHOICES,
+        help="export only: diffusers/transformers folder (default), or the network's forward as onnx, savedmodel "
+        f"or stablehlo (components {', '.join(stages.COMPONENT_NAMES)})",
+    )
     p.add_argument("src", type=Path, help="source folder")
     p.add_argument("dst", type=Path, help="destination folder (written atomically)")
     p.set_defaults(func=run)
     return p
 
 
-def convert(direction: str, component: str, src: Path, dst: Path) -> Path:
-    """Converts one component folder; returns the written folder."""
+def export_format(component: str, src: Path, dst: Path, fmt: str) -> Path:
+    """Exports the network of the native folder ``src`` (a pipeline component) as ``fmt`` (ONNX, SavedModel,
+    StableHLO) with its serving signature, source config and training diffusion in the manifest."""
+    if component not in stages.COMPONENT_NAMES:
+        raise io.ConversionError(
+            f"--component {component} cannot be exported as {fmt}: expected one of {list(stages.COMPONENT_NAMES)}"
+        )
+    module, variables = load_native(src)
+    allowed = [path.rpartition(":")[2] for path in stages.component(component).modules]
+    if type(module).__name__ not in allowed:
+        raise io.ConversionError(
+            f"{src}: holds a {type(module).__name__}, but --component {component} expects {allowed}"
+        )
+    diffusion = src / "diffusion.json"
+    try:
+        return formats.export_network(
+            module,
+            variables,
+            dst,
+            fmt,
+            component=component,
+            source_config=io.read_config(src),
+            diffusion=json.loads(diffusion.read_text()) if diffusion.is_file() else None,
+        )
+    except formats.ExportError as e:
+        raise io.ConversionError(str(e)) from e
+
+
+def convert(direction: str, component: str, src: Path, dst: Path, fmt: str = DIFFUSERS) -> Path:
+    """Converts one component folder; returns the written folder (``fmt``: export only, see :func:`export_format`)."""
+    if fmt != DIFFUSERS:
+        if direction != "export":
+            raise io.ConversionError(f"--format {fmt} applies to export only (import reads diffusers/transformers)")
+        return export_format(component, src, dst, fmt)
     if component == PIPELINE:
         if direction == "import":
             return pipeline.save_native_bundle(pipeline.read_diffusers_pipeline(src), dst)
@@ -60,7 +105,7 @@ def convert(direction: str, component: str, src: Path, dst: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Entry point for the parsed ``convert`` arguments; returns a process exit code."""
     try:
-        out = convert(args.direction, args.component, Path(args.src), Path(args.dst))
+        out = convert(args.direction, args.component, Path(args.src), Path(args.dst), args.format)
     except io.ConversionError as e:
         print(f"convert {args.direction} --component {args.component}: {e}")
         return 1
