@@ -36,6 +36,10 @@ def test_training_tracks_pytorch(torch_threads, stage):
     # Parameters left out of the maxima have an exact gradient of 0 (rounding noise on both sides).
     assert s1["zero_gradient_norm_ours"] <= 1e-6 * s1["grad_norm_ours"]
     assert s1["zero_gradient_norm_torch"] <= 1e-6 * s1["grad_norm_torch"]
+    # Again where every parameter has a gradient (after 20 steps; timesteps include 0 and T-1).
+    f = result["final_grads"]
+    assert f["loss_rel"] <= 1e-4 and f["grad_max_rel"] <= 1e-4, f
+    assert f["params_with_gradient"] == f["param_tensors"]
     assert len(rows) == 20
     for r in rows:
         assert abs(r["lr_ours"] - r["lr_torch"]) <= 1e-6 * max(r["lr_torch"], 1e-12), r

@@ -11,7 +11,7 @@
   ``LambdaLR`` linear warm-up from 0 then cosine decay, and an EMA with the ``min(decay, (1 + n) / (10 + n))``
   warm-up.
 
-Parameters are named by their diffusers state-dict names with a prefix (``unet.``, ``text_proj.``, ``prior.``).
+Parameters are named by their diffusers state-dict names with a prefix (the pipeline subfolders ``decoder.``, ``text_proj.``, ``prior.``).
 A step's random draws (``t``, ``weights``, ``noise`` NHWC / [B, D], ``drop_image_embeds`` / ``drop_caption`` or
 ``drop_text``) come in as numpy arrays, so either side's draws can be replayed.
 """
@@ -131,17 +131,20 @@ class TorchDecoder:
 
         self.unet = UNet2DConditionModel.from_pretrained(folder / "decoder").train()
         self.proj = UnCLIPTextProjModel.from_pretrained(folder / "text_proj").train()
-        self.params = {"unet." + k: p for k, p in self.unet.named_parameters()}
+        self.params = {"decoder." + k: p for k, p in self.unet.named_parameters()}
         self.params.update({"text_proj." + k: p for k, p in self.proj.named_parameters()})
         self.null = None if null_caption is None else {k: torch.from_numpy(v) for k, v in null_caption.items()}
 
     def loss(self, diffusion: TorchDiffusion, batch: dict, draws: dict):
-        x_start = torch.from_numpy(batch["image"]).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+        image = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
+        x_start = image.float() / 127.5 - 1.0 if image.dtype == torch.uint8 else image.float()  # float: in [-1, 1]
         noise = torch.from_numpy(draws["noise"]).permute(0, 3, 1, 2)
         image_embeds = torch.from_numpy(batch["image_embeds"])
         text_embeds = torch.from_numpy(batch["text_embeds"])
         hidden = torch.from_numpy(batch["text_hidden_states"])
-        mask = torch.from_numpy(batch["text_mask"])
+        mask = (
+            torch.from_numpy(batch["text_mask"]) if "text_mask" in batch else torch.ones(hidden.shape[:2], dtype=bool)
+        )
         drop_img = torch.from_numpy(draws["drop_image_embeds"])
         drop_cap = torch.from_numpy(draws["drop_caption"])
         image_embeds = torch.where(
@@ -271,3 +274,17 @@ class TorchTrainer:
     def named(self, which: str) -> dict[str, np.ndarray]:
         src = self.ema if which == "ema" else {k: p.detach() for k, p in self.model.params.items()}
         return {k: v.numpy().copy() for k, v in src.items()}
+
+
+def draws_like(shape: tuple, num_timesteps: int, probs: dict[str, float], generator: torch.Generator) -> dict:
+    """A step's own draws from ``generator``: ``t`` uniform in [0, T), ``weights`` 1, standard normal ``noise`` of
+    ``shape`` (NHWC / [B, D]) and a Bernoulli mask per entry of ``probs`` (e.g. ``{"drop_caption": 0.5}``)."""
+    b = shape[0]
+    out = dict(
+        t=torch.randint(0, num_timesteps, (b,), generator=generator).numpy().astype(np.int32),
+        weights=np.ones(b, np.float32),
+        noise=torch.randn(tuple(shape), generator=generator).numpy(),
+    )
+    for name, p in probs.items():
+        out[name] = (torch.rand(b, generator=generator) < p).numpy()
+    return out

@@ -25,7 +25,7 @@ Printed (and written to ``<out>/train_parity.json``): step-1 loss and the max ov
 ``||g_ours - g_torch|| / ||g_torch||``; then per step the loss of each side, the max relative difference of the
 parameters and of their EMA, and the relative difference of the accumulated update ``p_t - p_0``.
 
-The PyTorch side's parameter names are the diffusers state-dict names (``unet.*``, ``text_proj.*``, ``prior.*``);
+The PyTorch side's parameter names are the diffusers state-dict names (``decoder.*``, ``text_proj.*``, ``prior.*``);
 ours are mapped to them by exporting through the same bridge. The prior's learned null caption
 (``learned_null_text``: no diffusers equivalent) is two extra PyTorch parameters ``null.*`` initialised from ours.
 PyTorch runs on ``--torch_threads`` threads (1 by default, as in the tests).
@@ -103,23 +103,21 @@ def make_batch(stage: str, module: Any, batch_size: int, image_size: int, rng: n
 
 # ------------------------------------------------------------------------------------------------ the bridge
 def export_named(stage: str, module: Any, tree: dict, extra: dict, folder: Path) -> dict[str, np.ndarray]:
-    """A params-shaped tree (params, EMA or gradients) as diffusers-named arrays, written by the bridge's save
-    functions to ``folder`` and read back; the prior's learned null caption goes to ``null.*``."""
-    from unclip_jax.convert import decoder as convert_decoder
-    from unclip_jax.convert import io
-    from unclip_jax.convert import prior as convert_prior
+    """A params-shaped tree (params, EMA or gradients) as PyTorch-named arrays: written by the task's converter
+    (:func:`unclip_jax.convert.registry.for_component`) to a pipeline folder and read back, named
+    ``<pipeline subfolder>.<state-dict key>``; the prior's learned null caption goes to ``null.*``."""
+    from unclip_jax import stages
+    from unclip_jax.convert import io, registry
 
+    converter = registry.for_component(stages.task(stage).component)
+    nulls = {k: np.asarray(tree[k]) for k in NULL_PARAMS if k in tree}
+    params = {k: v for k, v in tree.items() if k not in NULL_PARAMS}
+    converter.save(module, {"params": params, **extra}, converter.pipeline_path(folder))
     out: dict[str, np.ndarray] = {}
-    if stage == "decoder":
-        convert_decoder.save_unclip_decoder(module, {"params": tree}, folder)
-        for sub, prefix in (("decoder", "unet."), ("text_proj", "text_proj.")):
-            out.update({prefix + k: v for k, v in io.read_safetensors(io.find_weights(folder / sub)).items()})
-        return out
-    rest = {k: v for k, v in tree.items() if k not in NULL_PARAMS}
-    convert_prior.save_prior(module, {"params": rest, **extra}, folder / "prior")
-    state = io.read_safetensors(io.find_weights(folder / "prior"))
-    out.update({"prior." + k: v for k, v in state.items() if k not in ("clip_mean", "clip_std")})
-    out.update({"null." + k[len("null_") :]: np.asarray(tree[k]) for k in NULL_PARAMS if k in tree})
+    for sub in converter.folders:
+        state = io.read_safetensors(io.find_weights(folder / sub))
+        out.update({f"{sub}.{k}": v for k, v in state.items() if k not in ("clip_mean", "clip_std")})
+    out.update({"null." + k[len("null_") :]: v for k, v in nulls.items()})
     return out
 
 
@@ -278,24 +276,31 @@ def run_parity(stage: str, steps: int = 20, seed: int = 0, log=print) -> dict[st
             for i in range(steps)
         ]
 
+        def compare_grads(params: Any, batch: dict, d: dict) -> dict[str, Any]:
+            """Loss and gradients of both sides at the same weights (the PyTorch side already holds them)."""
+            loss_o, grads_o = grad_fn(params, batch, {k: jnp.asarray(v) for k, v in d.items()})
+            loss_t, grads_t = trainer.grads(batch, d)
+            g_named = export(grads_o)
+            g_rel, g_name = max_rel(g_named, grads_t)
+            return dict(
+                loss_ours=float(loss_o),
+                loss_torch=loss_t,
+                loss_rel=abs(float(loss_o) - loss_t) / abs(loss_t),
+                grad_max_rel=g_rel,
+                grad_max_rel_param=g_name,
+                grad_norm_ours=norm(g_named.values()),
+                grad_norm_torch=norm(grads_t.values()),
+                param_tensors=len(grads_t),
+                params_with_gradient=sum(1 for g in grads_t.values() if np.any(g)),
+                zero_gradient_params=sorted(k for k in grads_t if ZERO_GRADIENT.match(k)),
+                zero_gradient_norm_ours=norm(v for k, v in g_named.items() if ZERO_GRADIENT.match(k)),
+                zero_gradient_norm_torch=norm(v for k, v in grads_t.items() if ZERO_GRADIENT.match(k)),
+                t=[int(x) for x in d["t"]],
+            )
+
         # Step 1: loss and gradients at the shared initial weights.
         t0 = time.perf_counter()
-        loss_o, grads_o = grad_fn(state.params, batches[0], {k: jnp.asarray(v) for k, v in draws[0].items()})
-        loss_t, grads_t = trainer.grads(batches[0], draws[0])
-        g_named = export(grads_o)
-        g_rel, g_name = max_rel(g_named, grads_t)
-        step1 = dict(
-            loss_ours=float(loss_o),
-            loss_torch=loss_t,
-            loss_rel=abs(float(loss_o) - loss_t) / abs(loss_t),
-            grad_max_rel=g_rel,
-            grad_max_rel_param=g_name,
-            grad_norm_ours=norm(g_named.values()),
-            grad_norm_torch=norm(grads_t.values()),
-            zero_gradient_params=sorted(k for k in grads_t if ZERO_GRADIENT.match(k)),
-            zero_gradient_norm_ours=norm(v for k, v in g_named.items() if ZERO_GRADIENT.match(k)),
-            zero_gradient_norm_torch=norm(v for k, v in grads_t.items() if ZERO_GRADIENT.match(k)),
-        )
+        step1 = compare_grads(state.params, batches[0], draws[0])
 
         rows = []
         for i in range(steps):
@@ -324,6 +329,17 @@ def run_parity(stage: str, steps: int = 20, seed: int = 0, log=print) -> dict[st
                     t=[int(x) for x in draws[i]["t"]],
                 )
             )
+        # Gradients once more where every parameter has one (our decoder's output layer starts at zero, so at step 1
+        # only it does): our step-N weights copied into PyTorch, timesteps including 0 (the decoder NLL L_0) and T-1.
+
+        with torch.no_grad():
+            for k, v in export(state.params).items():
+                trainer.model.params[k].copy_(torch.from_numpy(v))
+        edge = dict(draws[0])
+        t_edge = np.array(draws[0]["t"])
+        t_edge[:4] = [0, 1, trainer.diffusion.num_timesteps - 1, trainer.diffusion.num_timesteps // 2]
+        edge["t"] = t_edge
+        final = compare_grads(state.params, batches[0], edge)
         seconds = time.perf_counter() - t0
         drawn = dict(
             t_min=int(min(d["t"].min() for d in draws)),
@@ -342,6 +358,7 @@ def run_parity(stage: str, steps: int = 20, seed: int = 0, log=print) -> dict[st
         draws=drawn,
         step1=step1,
         steps=rows,
+        final_grads=final,
         seconds=seconds,
     )
 
@@ -365,6 +382,13 @@ def table(result: dict[str, Any]) -> str:
         "| step | lr | loss ours | loss PyTorch | loss rel | max param rel | max EMA rel | update rel |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    f = result["final_grads"]
+    lines.insert(
+        1,
+        f"\nAt the step-{len(result['steps'])} weights (ours copied into PyTorch), t = {f['t'][:4]} + drawn: loss rel diff "
+        f"{f['loss_rel']:.1e}, gradients max rel diff {f['grad_max_rel']:.1e} ({f['grad_max_rel_param']}; "
+        f"{f['params_with_gradient']} tensors with a gradient, {s1['params_with_gradient']} at step 1)",
+    )
     if s1["zero_gradient_params"]:
         last = result["steps"][-1]["zero_gradient_param_max_rel"]
         lines[0] += (
