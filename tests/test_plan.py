@@ -134,3 +134,21 @@ def test_layout_only_plan_reports_the_fsdp_failure_and_exits_1(tmp_path, capsys)
     assert commands.main([*argv, *fsdp, "--config.mesh.rules_override=(('embed', None),)"]) == 1
     text = capsys.readouterr().out
     assert "FAILS (replicated by accident?)" in text and "replicated: " in text and "not compiled" in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the up-sampling ResBlock (up_blocks_0/upsamplers_0) keeps the whole batch and splits channels: "
+    "layers.unet_blocks.upsample_nearest needs constrain_spatial on its result",
+)
+def test_unet_activations_are_split_over_the_batch_axes_on_every_chip():
+    """fsdp on 8 devices: no large value of the compiled upsampler train step holds all 40 examples on one chip."""
+    import jax
+
+    from unclip_jax.plan import hlo
+    from unclip_jax.plan.chips import chip_named
+    from unclip_jax.plan.train_step import compile_layout
+
+    config = load_experiment("experiments/upsampler.py:test", {**FSDP, "batch_size": 40})
+    lay = layout(config, "cpu:8", jax.devices()[:8], chip_named("v5p"))
+    assert dict(hlo.full_batch_values(compile_layout(lay).as_text(), 40)) == {}
