@@ -122,49 +122,6 @@ def downsample_avg(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-class Downsample(nn.Module):
-    """ADM ``Downsample`` / diffusers ``Downsample2D``: stride-2 3x3 conv (``use_conv``) or 2x2 average pool.
-
-    Attributes:
-      use_conv: learnable strided conv (parameter ``conv``) instead of average pooling.
-      out_channels: conv output width (default: input width).
-    """
-
-    use_conv: bool = False
-    out_channels: int | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """[B, H, W, C] -> [B, H/2, W/2, C']."""
-        if not self.use_conv:
-            return downsample_avg(x)
-        return conv(self.out_channels or x.shape[-1], self.dtype, self.param_dtype, "conv", strides=2)(x)
-
-
-class Upsample(nn.Module):
-    """ADM ``Upsample`` / diffusers ``Upsample2D``: nearest x2, then an optional 3x3 conv (``use_conv``).
-
-    Attributes:
-      use_conv: apply a 3x3 conv (parameter ``conv``) after the interpolation.
-      out_channels: conv output width (default: input width).
-    """
-
-    use_conv: bool = False
-    out_channels: int | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """[B, H, W, C] -> [B, 2H, 2W, C']."""
-        x = upsample_nearest(x)
-        if self.use_conv:
-            x = conv(self.out_channels or x.shape[-1], self.dtype, self.param_dtype, "conv")(x)
-        return x
-
-
 class ResBlock(nn.Module):
     """Residual block with timestep conditioning (ADM ``ResBlock``; diffusers ``ResnetBlock2D``).
 
