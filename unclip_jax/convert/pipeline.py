@@ -158,17 +158,23 @@ def write_diffusers_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) ->
 
 
 def register_diffusers_aliases() -> None:
-    """Lets diffusers 0.42.1 load a saved UnCLIPPipeline folder (its ``text_proj`` entry names ``unclip``).
+    """Lets diffusers 0.42.1 load an ``UnCLIPPipeline`` folder, ours or Karlo's.
 
-    Registers ``diffusers.pipelines.unclip`` and ``diffusers.UnCLIPTextProjModel`` as aliases of the
-    deprecated module/class (see the layout file's 'Versions' note). Harmless on versions that have them.
+    diffusers 0.42.1 keeps unCLIP under ``diffusers.pipelines.deprecated.unclip``: a folder saved by it (and by
+    :func:`write_diffusers_pipeline`) names ``text_proj`` as ``["diffusers", "UnCLIPTextProjModel"]``, a class
+    the top-level package no longer exports, and the original Karlo folder names it ``["unclip", ...]``, a
+    pipeline module that no longer exists. This makes both names resolve to the deprecated module's class.
+    Harmless on versions that have them.
     """
     import sys
 
     import diffusers
+    import diffusers.pipelines
     import diffusers.pipelines.deprecated.unclip as unclip
 
     sys.modules.setdefault("diffusers.pipelines.unclip", unclip)
+    if not hasattr(diffusers.pipelines, "unclip"):
+        diffusers.pipelines.unclip = unclip
     if not hasattr(diffusers, "UnCLIPTextProjModel"):
         diffusers.UnCLIPTextProjModel = unclip.UnCLIPTextProjModel
 

@@ -168,7 +168,6 @@ CONVERTERS: dict[str, Converter] = {
             decoder.text_proj_from_config,
             decoder.text_proj_config,
             lambda module: decoder.text_proj_rules(),
-            index_package="unclip",
         ),
         Converter(
             "unclip_decoder",
