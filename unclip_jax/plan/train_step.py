@@ -15,7 +15,9 @@ needed). From the result:
 - **FLOPs and bytes accessed per chip per step** (``cost_analysis``), a roofline step time from the chip's
   published peaks (:mod:`unclip_jax.plan.chips`) and the days to ``total_steps`` at a stated model-FLOPs
   utilisation. XLA counts a loop body once, so with gradient accumulation the FLOPs of one microbatch's forward
-  and backward are counted once; the plan scales them by the accumulation count.
+  and backward are counted once; the plan scales them by the accumulation count. XLA's FLOPs are the
+  program's: with remat they include the recomputed forward, so the days quoted at an MFU are the days at that
+  utilisation of the FLOPs the chip actually executes.
 
 These are compile-time estimates, not measured runs.
 """
