@@ -7,6 +7,11 @@ package, located with ``importlib.util.find_spec("clip")`` without importing it 
 ``__init__`` imports torch). Text is cleaned as OpenAI does: ``ftfy.fix_text``, double
 ``html.unescape``, whitespace collapse, lower-case.
 
+:class:`FolderTokenizer` is the alternative: the transformers ``CLIPTokenizer`` of a model folder's
+``tokenizer/`` (what diffusers' ``UnCLIPPipeline`` runs). The two agree on plain captions and differ on text
+that OpenAI's cleaning rewrites (curly quotes, full-width characters, ligatures, HTML entities such as
+``&amp;``), where the ids, and so the CLIP embeddings, differ.
+
 Padding: Karlo (diffusers ``UnCLIPPipeline``'s tokenizer) and OpenAI's ``clip.tokenize``
 pad with ``"!"`` (id 0); transformers' OpenAI tokenizer pads with ``<|endoftext|>``
 (id 49407). Both give the same CLIP outputs at the real tokens, since the text tower is
@@ -84,6 +89,23 @@ def _load_bpe(path: str) -> tuple[list[tuple[str, str]], dict[str, int]]:
     vocab += ["".join(m) for m in merges]
     vocab += [SOT, EOT]
     return merges, {tok: i for i, tok in enumerate(vocab)}
+
+
+TOKENIZER_KINDS = ("openai", "folder")  # ClipTokenizer (default) / FolderTokenizer
+
+
+def _warn_truncated(cut: list[tuple[str, int]], context_length: int) -> None:
+    """One warning per call naming the first caption cut to the context and how many tokens it lost."""
+    if cut:
+        text, dropped = cut[0]
+        more = f" (and {len(cut) - 1} more captions)" if len(cut) > 1 else ""
+        log.warning(
+            "caption %r is longer than the %d-token context: its last %d tokens were dropped%s",
+            text[:60] + ("..." if len(text) > 60 else ""),
+            context_length,
+            dropped,
+            more,
+        )
 
 
 class ClipTokenizer:
@@ -202,16 +224,7 @@ class ClipTokenizer:
                 tokens[-1] = self.eot_token_id
             ids[b, : len(tokens)] = tokens
             mask[b, : len(tokens)] = True
-        if cut:
-            text, dropped = cut[0]
-            more = f" (and {len(cut) - 1} more captions)" if len(cut) > 1 else ""
-            log.warning(
-                "caption %r is longer than the %d-token context: its last %d tokens were dropped%s",
-                text[:60] + ("..." if len(text) > 60 else ""),
-                n,
-                dropped,
-                more,
-            )
+        _warn_truncated(cut, n)
         return ids, mask
 
     def save_hf_files(self, folder: str | os.PathLike) -> Path:
@@ -231,3 +244,40 @@ class ClipTokenizer:
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
         return folder
+
+
+class FolderTokenizer:
+    """The transformers ``CLIPTokenizer`` of a tokenizer folder, with :class:`ClipTokenizer`'s call signature.
+
+    Args:
+      folder: a ``tokenizer/`` folder (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``).
+      context_length: L (77).
+    """
+
+    def __init__(self, folder: str | os.PathLike, context_length: int = 77):
+        from transformers import CLIPTokenizer
+
+        self.folder = Path(folder)
+        self.context_length = context_length
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder))
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eot_token_id = self.tokenizer.eos_token_id
+        self.vocab_size = len(self.tokenizer)
+
+    def __call__(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenises captions: ``input_ids`` int32 [B, L], ``attention_mask`` bool [B, L] (truncated to L with a
+        warning, end token kept last, as :class:`ClipTokenizer`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        full = self.tokenizer(texts, truncation=False)["input_ids"]
+        n = self.context_length
+        ids = np.full((len(texts), n), self.pad_token_id, dtype=np.int32)
+        mask = np.zeros((len(texts), n), dtype=bool)
+        cut = []
+        for b, (text, tokens) in enumerate(zip(texts, full, strict=True)):
+            if len(tokens) > n:
+                cut.append((text, len(tokens) - n))
+                tokens = [*tokens[: n - 1], self.eot_token_id]
+            ids[b, : len(tokens)] = tokens
+            mask[b, : len(tokens)] = True
+        _warn_truncated(cut, n)
+        return ids, mask

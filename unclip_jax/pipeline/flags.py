@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from unclip_jax import stages
+from unclip_jax.input.tokenizer import TOKENIZER_KINDS
 
 COMPONENT_FLAGS: dict[str, str] = {c.name: c.flag for c in stages.COMPONENTS}
 STAGE_FLAGS: dict[str, str] = {s.name: s.flag for s in stages.STAGES}
@@ -62,6 +63,13 @@ def add_pipeline_arguments(
                 else ""
             ),
         )
+    g.add_argument(
+        "--tokenizer",
+        choices=TOKENIZER_KINDS,
+        default="openai",
+        help="openai: our CLIP BPE with OpenAI's text cleaning (what Karlo's CLIP was trained with; default); "
+        "folder: the transformers CLIPTokenizer in the model folder's tokenizer/ (what diffusers runs)",
+    )
     if "prior" in guided:
         g.add_argument(
             "--prior-kind",
@@ -175,7 +183,7 @@ def load_from_args(args: argparse.Namespace, require: tuple[str, ...]):
     require = require + (() if args.stop_after == "decoder" else ("super_res_first",))
     t0 = time.perf_counter()
     try:
-        pipe = load_pipeline(args.model, paths=paths, require=require, prior_kind=kind)
+        pipe = load_pipeline(args.model, paths=paths, require=require, prior_kind=kind, tokenizer_kind=args.tokenizer)
     except PipelineLoadError as e:  # names the component and the folders searched
         raise SystemExit(f"unclip: {e}") from e
     loaded = [k for k, v in pipe.components.items() if v is not None]

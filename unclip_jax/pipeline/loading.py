@@ -46,7 +46,7 @@ from unclip_jax.convert.native import is_native, load_native
 from unclip_jax.convert.pipeline import NATIVE_FILES
 from unclip_jax.convert.scheduler import SCHEDULER_CONFIG, diffusion_config
 from unclip_jax.diffusion import GaussianDiffusion, diffusion_from_config
-from unclip_jax.input.tokenizer import EOT, ClipTokenizer
+from unclip_jax.input.tokenizer import EOT, TOKENIZER_KINDS, ClipTokenizer, FolderTokenizer
 from unclip_jax.pipeline import priors
 from unclip_jax.pipeline.cascade import Component, UnclipPipeline
 
@@ -228,16 +228,27 @@ def _with_native_files(roots: Sequence[Path | None]) -> list[Path]:
     return roots + [r / NATIVE_FILES for r in roots if (r / NATIVE_FILES).is_dir()]
 
 
-def load_tokenizer(model_dir: Path | None, text_encoder_folder: Path | None) -> ClipTokenizer:
-    """CLIP BPE tokenizer; the pad token follows ``tokenizer/tokenizer_config.json`` when present (default "!")."""
+def load_tokenizer(
+    model_dir: Path | None, text_encoder_folder: Path | None, kind: str = "openai"
+) -> ClipTokenizer | FolderTokenizer:
+    """The caption tokenizer: ``"openai"``, our offline CLIP BPE with OpenAI's text cleaning (the pad token
+    follows ``tokenizer/tokenizer_config.json`` when present, default "!"), or ``"folder"``, the transformers
+    ``CLIPTokenizer`` of the folder's ``tokenizer/`` (what diffusers' ``UnCLIPPipeline`` runs)."""
+    if kind not in TOKENIZER_KINDS:
+        raise PipelineLoadError(f"tokenizer {kind!r}: expected one of {TOKENIZER_KINDS}")
+    roots = _with_native_files([model_dir, text_encoder_folder.parent if text_encoder_folder else None])
+    found = next((r / "tokenizer" for r in roots if (r / "tokenizer" / "tokenizer_config.json").is_file()), None)
+    if kind == "folder":
+        if found is None:
+            raise PipelineLoadError(
+                f"tokenizer 'folder': no tokenizer/tokenizer_config.json in {[str(r) for r in roots]}"
+            )
+        return FolderTokenizer(found)
     pad = "!"
-    for root in _with_native_files([model_dir, text_encoder_folder.parent if text_encoder_folder else None]):
-        cfg = root / "tokenizer" / "tokenizer_config.json" if root else None
-        if cfg is not None and cfg.is_file():
-            token = json.loads(cfg.read_text()).get("pad_token", "!")
-            token = token.get("content", "!") if isinstance(token, dict) else token
-            pad = EOT if token == EOT else "!"
-            break
+    if found is not None:
+        token = json.loads((found / "tokenizer_config.json").read_text()).get("pad_token", "!")
+        token = token.get("content", "!") if isinstance(token, dict) else token
+        pad = EOT if token == EOT else "!"
     return ClipTokenizer(pad_token=pad)
 
 
@@ -248,6 +259,7 @@ def load_pipeline(
     require: Sequence[str] = ("text_encoder", "decoder"),
     tokenizer: Any = None,
     prior_kind: str = "auto",
+    tokenizer_kind: str = "openai",
 ) -> UnclipPipeline:
     """Builds an :class:`UnclipPipeline` from a model folder and/or per-component paths.
 
@@ -257,7 +269,8 @@ def load_pipeline(
             needed component has a path.
         paths: component name -> folder (training workdir, native folder, diffusers component folder).
         require: components that must be found (others are loaded when present).
-        tokenizer: override of the tokenizer (default: `ClipTokenizer` with the folder's pad token).
+        tokenizer: override of the tokenizer (default: :func:`load_tokenizer` of ``tokenizer_kind``).
+        tokenizer_kind: ``"openai"`` (default) or ``"folder"`` (see :func:`load_tokenizer`).
         prior_kind: ``"auto"`` (whatever the prior folder holds), ``"diffusion"`` or ``"ar"``; a prior of another
             kind is an error. ``"ar"`` without a prior path looks in ``model_dir/ar_prior`` before
             ``model_dir/prior``.
@@ -301,5 +314,5 @@ def load_pipeline(
         if c.name == "prior" and priors.prior_kind(comp.module) == "ar":
             continue  # the autoregressive prior has no diffusion
         diffusions[c.stage] = find_diffusion(c.stage, folders[c.name], root)
-    tok = tokenizer or load_tokenizer(root, folders.get("text_encoder"))
+    tok = tokenizer or load_tokenizer(root, folders.get("text_encoder"), tokenizer_kind)
     return UnclipPipeline(tok, diffusions=diffusions, **loaded)
