@@ -77,9 +77,7 @@ class ArPriorTask:
 
     def _inputs(self, batch: base.Batch) -> dict[str, jax.Array]:
         base.require(batch, ("image_embeds", "text_embeds", "text_hidden_states"), self.name)
-        mask = batch.get("text_mask")
-        if mask is None:
-            mask = jnp.ones(batch["text_hidden_states"].shape[:2], bool)
+        mask = base.text_mask(batch)
         return dict(
             text_hidden_states=batch["text_hidden_states"].astype(jnp.float32),
             text_mask=mask.astype(bool),

@@ -36,6 +36,7 @@ import numpy as np
 from unclip_jax.diffusion.config import diffusion_from_config
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.diffusion.respace import respace
+from unclip_jax.diffusion.timesteps import sample_timesteps
 from unclip_jax.input.precompute import NULL_CAPTION_FILE
 
 Batch = Mapping[str, jax.Array]
@@ -122,6 +123,31 @@ def to_unit_range(images: jax.Array) -> jax.Array:
 def bernoulli(rng: jax.Array, p: float, n: int) -> jax.Array:
     """[n] bool, True with probability ``p`` (classifier-free guidance dropouts)."""
     return jax.random.uniform(rng, (n,)) < p
+
+
+def diffusion_draws(
+    rng: jax.Array, shape: tuple[int, ...], num_timesteps: int, drop_probs: Mapping[str, float]
+) -> dict[str, jax.Array]:
+    """The random draws of one diffusion training step on ``x_start`` of ``shape`` ([B, ...]).
+
+    ``rng`` splits into the timestep key, the noise key, one key per classifier-free guidance mask of
+    ``drop_probs`` (name -> probability, in order) and the dropout key. Returns ``t`` and ``weights`` [B]
+    (:func:`unclip_jax.diffusion.timesteps.sample_timesteps`), ``noise`` float32 of ``shape``, each mask [B] bool
+    and the ``dropout`` key.
+    """
+    k_t, k_noise, *k_masks, k_dropout = jax.random.split(rng, 3 + len(drop_probs))
+    b = shape[0]
+    t, weights = sample_timesteps(k_t, b, num_timesteps)
+    draws = dict(t=t, weights=weights, noise=jax.random.normal(k_noise, shape, jnp.float32))
+    draws.update({name: bernoulli(k, p, b) for (name, p), k in zip(drop_probs.items(), k_masks, strict=True)})
+    draws["dropout"] = k_dropout
+    return draws
+
+
+def text_mask(batch: Batch) -> jax.Array:
+    """The batch's caption mask ``text_mask`` [B, L] or, when it has none, all tokens visible."""
+    mask = batch.get("text_mask")
+    return jnp.ones(batch["text_hidden_states"].shape[:2], bool) if mask is None else mask
 
 
 def weighted_mean(per_example: jax.Array, weights: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import sampling, timesteps
+from unclip_jax.diffusion import sampling
 from unclip_jax.models import decoder as decoder_lib
 from unclip_jax.train.tasks import base
 
@@ -80,9 +80,7 @@ class DecoderTask:
 
     def _cond(self, batch: base.Batch) -> dict[str, jax.Array]:
         base.require(batch, ("image", *COND_KEYS), self.name)
-        mask = batch.get("text_mask")
-        if mask is None:
-            mask = jnp.ones(batch["text_hidden_states"].shape[:2], bool)
+        mask = base.text_mask(batch)
         return dict(
             image_embeds=batch["image_embeds"].astype(jnp.float32),
             text_embeds=batch["text_embeds"].astype(jnp.float32),
@@ -108,18 +106,8 @@ class DecoderTask:
     def draws(self, rng: jax.Array, batch: base.Batch) -> dict[str, jax.Array]:
         """The step's random draws: ``t`` [B], ``weights`` [B], ``noise`` like the image, the CFG drop masks
         ``drop_image_embeds`` / ``drop_caption`` [B] bool and the ``dropout`` key."""
-        k_t, k_noise, k_img, k_cap, k_dropout = jax.random.split(rng, 5)
-        shape = batch["image"].shape
-        b = shape[0]
-        t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
-        return dict(
-            t=t,
-            weights=weights,
-            noise=jax.random.normal(k_noise, shape, jnp.float32),
-            drop_image_embeds=base.bernoulli(k_img, self.drop_image_prob, b),
-            drop_caption=base.bernoulli(k_cap, self.drop_caption_prob, b),
-            dropout=k_dropout,
-        )
+        drop_probs = dict(drop_image_embeds=self.drop_image_prob, drop_caption=self.drop_caption_prob)
+        return base.diffusion_draws(rng, batch["image"].shape, self.diffusion.num_timesteps, drop_probs)
 
     def loss_from_draws(
         self, params: Any, batch: base.Batch, draws: dict[str, jax.Array], extra: Any

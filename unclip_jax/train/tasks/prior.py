@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.diffusion import sampling, timesteps
+from unclip_jax.diffusion import sampling
 from unclip_jax.input.precompute import STATS_FILE
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.train.tasks import base
@@ -65,9 +65,7 @@ class PriorTask:
 
     def _inputs(self, batch: base.Batch) -> dict[str, jax.Array]:
         base.require(batch, ("image_embeds", "text_embeds", "text_hidden_states"), self.name)
-        mask = batch.get("text_mask")
-        if mask is None:
-            mask = jnp.ones(batch["text_hidden_states"].shape[:2], bool)
+        mask = base.text_mask(batch)
         return dict(
             proj_embedding=batch["text_embeds"].astype(jnp.float32),
             encoder_hidden_states=batch["text_hidden_states"].astype(jnp.float32),
@@ -112,17 +110,8 @@ class PriorTask:
     def draws(self, rng: jax.Array, batch: base.Batch) -> dict[str, jax.Array]:
         """The step's random draws: ``t`` [B], ``weights`` [B], ``noise`` like z_i, the caption drop mask
         ``drop_text`` [B] bool and the ``dropout`` key."""
-        k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
-        shape = batch["image_embeds"].shape
-        b = shape[0]
-        t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
-        return dict(
-            t=t,
-            weights=weights,
-            noise=jax.random.normal(k_noise, shape, jnp.float32),
-            drop_text=base.bernoulli(k_drop, self.drop_text_prob, b),
-            dropout=k_dropout,
-        )
+        drop_probs = dict(drop_text=self.drop_text_prob)
+        return base.diffusion_draws(rng, batch["image_embeds"].shape, self.diffusion.num_timesteps, drop_probs)
 
     def loss_from_draws(
         self, params: Any, batch: base.Batch, draws: dict[str, jax.Array], extra: Any

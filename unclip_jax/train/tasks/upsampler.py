@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.diffusion import sampling, timesteps
+from unclip_jax.diffusion import sampling
 from unclip_jax.models import upsampler as upsampler_lib
 from unclip_jax.train.tasks import base
 
@@ -60,19 +60,17 @@ class UpsamplerTask:
 
     def loss(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
         variables = {"params": params, **extra}
-        k_t, k_noise, k_dropout = jax.random.split(rng, 3)
         x_start = base.to_model_range(batch["image"])
-        b = x_start.shape[0]
-        t, weights = timesteps.sample_timesteps(k_t, b, self.diffusion.num_timesteps)
-        noise = jax.random.normal(k_noise, x_start.shape, x_start.dtype)
+        draws = base.diffusion_draws(rng, x_start.shape, self.diffusion.num_timesteps, {})
 
         def denoise(x_t, t_model, low_res):
             return self.module.apply(
-                variables, x_t, t_model, low_res, deterministic=False, rngs={"dropout": k_dropout}
+                variables, x_t, t_model, low_res, deterministic=False, rngs={"dropout": draws["dropout"]}
             ).astype(jnp.float32)
 
-        out = self.diffusion.training_losses(denoise, x_start, t, noise, low_res=self._low_res(batch))
-        loss = base.weighted_mean(out["loss"], weights)
+        low_res = self._low_res(batch)
+        out = self.diffusion.training_losses(denoise, x_start, draws["t"], draws["noise"], low_res=low_res)
+        loss = base.weighted_mean(out["loss"], draws["weights"])
         return loss, {"loss": loss, "mse": jnp.mean(out["mse"])}
 
     def sample(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> dict[str, Any]:
