@@ -132,7 +132,8 @@ def job_train(task: str, workdir: Path, repeats: int) -> dict[str, Any]:
 def load_unclip_pipeline(folder: Path) -> Any:
     """diffusers ``UnCLIPPipeline`` from a Karlo-layout folder, every part by the class its model_index.json names.
 
-    model_index.json names text_proj's library "unclip", which ``from_pretrained`` will not import.
+    ``UnCLIPTextProjModel`` lives in diffusers' unCLIP pipeline module (Karlo's index names its library "unclip",
+    which ``from_pretrained`` will not import): it is taken from there whatever library the index names.
     """
     from diffusers import UnCLIPPipeline
 
@@ -142,7 +143,10 @@ def load_unclip_pipeline(folder: Path) -> Any:
         if name.startswith("_"):
             continue
         library, cls_name = entry
-        cls = text_proj_class() if library == "unclip" else getattr(importlib.import_module(library), cls_name)
+        if cls_name == "UnCLIPTextProjModel":
+            cls = text_proj_class()
+        else:
+            cls = getattr(importlib.import_module(library), cls_name)
         parts[name] = cls.from_pretrained(folder / name)
     pipe = UnCLIPPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
