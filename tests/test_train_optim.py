@@ -1,4 +1,4 @@
-"""The train step's optimisation pieces (issue 5): gradient accumulation, the EMA update, the warm-up schedule, and
+"""The train step's optimisation pieces: gradient accumulation, the EMA update, the warm-up schedule, and
 bf16 compute with float32 params.
 
 A tiny deterministic regression task (one Dense layer, no RNG in the loss) makes one step with k microbatches

@@ -1,4 +1,4 @@
-"""The tasks (issue 5): each `test` variant trains (two real steps stay finite and change the params; a 50-step run
+"""The tasks: each `test` variant trains (two real steps stay finite and change the params; a 50-step run
 on a fixed batch lowers the loss), the upsampler's periodic preview is a PNG grid, the classifier-free-guidance
 dropouts have the paper's rates (decoder: image embedding 10% and caption 50%, independently; prior and AR prior:
 caption 10%), and the CLIP loss is the symmetric cross-entropy with a learned temperature.
@@ -33,7 +33,7 @@ from unclip_jax.train.tasks import base, make_task
 from unclip_jax.train.tasks.decoder import DecoderTask
 from unclip_jax.train.tasks.prior import PriorTask
 
-STEPS = 50  # issue 5: "a 50-step run on a fixed batch lowers the loss"
+STEPS = 50  # a 50-step run on a fixed batch lowers the loss
 BATCH = 4  # the `test` configs use 8; 4 halves the step time and still trains every stage
 FAST = {"xla_backend_optimization_level": 0}  # per-compile XLA option: LLVM -O0 (test speed only)
 STAGES = ("prior", "decoder", "upsampler", "clip")
