@@ -3,8 +3,8 @@
 The demo's decoder trained to the demo's length by us and by PyTorch, from the same start with independent noise
 (issue 18): are the loss curves within the seed-to-seed spread?
 
-1. The demo's data, CLIP and CLIP embeddings (``unclip_jax.demo`` stages ``data``, ``clip``, ``embed``; resumable,
-   ``--profile=fast`` for a smoke run) give the decoder's training folder.
+1. The demo's data, CLIP, CLIP embeddings and attribute classifier (``unclip_jax.demo`` stages ``data``, ``clip``,
+   ``embed``, ``classifier``; resumable, ``--profile=fast`` for a smoke run) give the decoder's training folder.
 2. One initial decoder (``experiments/decoder.py:tiny``, or the profile's variant) is written once as a native folder
    (our side starts from it through ``config.init_from``) and through the bridge as diffusers folders (PyTorch).
 3. For each seed: our side is ``unclip_jax.train.loop.train_and_evaluate`` (what the demo runs) with
@@ -12,6 +12,9 @@ The demo's decoder trained to the demo's length by us and by PyTorch, from the s
    seed (same batches) and draws its own timesteps, noise and drop masks from ``torch.Generator(seed)``.
 4. Loss curves (means over ``config.log_every`` steps), final losses and their seed-to-seed spread are printed and
    written to ``<workdir>/train_parity_long.json``.
+5. Each run's EMA decoder (PyTorch's read back through the bridge) samples one image per validation caption given
+   that validation image's own CLIP embedding (the demo's "decoder given the real z_i"; the task's preview sampler,
+   no guidance, the same seed for every run) and the demo's attribute classifier scores them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def prepare_data(workdir: Path, profile_name: str) -> Path:
     from unclip_jax.demo.profiles import PROFILES
 
     ctx = runner.Context(workdir / "demo", PROFILES[profile_name])
-    runner.run_stages(ctx, [s for s in stages.stages() if s.name in ("data", "clip", "embed")])
+    runner.run_stages(ctx, [s for s in stages.stages() if s.name in ("data", "clip", "embed", "classifier")])
     return ctx.path("data", "embed_train_64")
 
 
@@ -51,7 +54,7 @@ def experiment(profile_name: str, data: Path, seed: int, steps: int, start: Path
 
     profile = PROFILES[profile_name]
     over = {**profile.overrides.get("decoder", {}), "data.folder": str(data), "seed": seed}
-    over.update({"checkpoint.every": 10**9, "export.at_end": False})
+    over["checkpoint.every"] = 10**9
     if steps:
         over["total_steps"] = steps
     if start is not None:
@@ -125,8 +128,70 @@ def run_torch(config: Any, start: Path, workdir: Path, seed: int, log) -> list[d
             window = []
             log(f"  torch seed {seed} step {step}: loss {rows[-1]['loss']:.4f} ({time.perf_counter() - t0:.0f}s)")
     workdir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():  # the EMA weights as diffusers folders (read back through the bridge for sampling)
+        for k, v in trainer.ema.items():
+            model.params[k].copy_(v)
+    model.unet.save_pretrained(workdir / "ema" / "decoder")
+    model.proj.save_pretrained(workdir / "ema" / "text_proj")
     out.write_text(json.dumps(rows))
     return rows
+
+
+def validation_set(workdir: Path, n: int) -> dict[str, Any]:
+    """The first ``n`` validation scenes: uint8 images, captions, attributes and their demo-CLIP encodings."""
+    from unclip_jax.convert.native import load_native
+    from unclip_jax.input import precompute, sources
+    from unclip_jax.input.tokenizer import ClipTokenizer
+    from unclip_jax.pipeline.loading import workdir_export
+
+    src = sources.ShardSource(str(workdir / "demo" / "data" / "val_64"))
+    exs = [ex for _, item in src.iter_items(0, min(n, len(src))) if not isinstance(item, Exception) for ex in item][:n]
+    images = np.stack([ex["image"] for ex in exs]).astype(np.uint8)
+    captions = [str(ex["caption"]) for ex in exs]
+    attrs = {k: np.stack([ex[k] for ex in exs]) for k in exs[0] if k.startswith("attr/")}
+    clip_model, clip_vars = load_native(workdir_export(workdir / "demo" / "clip"))
+    text_fn, image_fn = precompute.clip_encoders(clip_model, clip_vars)
+    ids, mask = ClipTokenizer()(captions)
+    t = text_fn(np.asarray(ids, np.int32))
+    return dict(
+        images=images,
+        captions=captions,
+        attrs=attrs,
+        image_embeds=np.asarray(image_fn(images)["image_embeds"], np.float32),
+        text_embeds=np.asarray(t["text_embeds"], np.float32),
+        text_hidden_states=np.asarray(t["last_hidden_state"], np.float32),
+        text_mask=np.asarray(mask, bool),
+    )
+
+
+def attribute_accuracy(config: Any, decoder_folder: Path, val: dict[str, Any], classifier: Path) -> dict[str, float]:
+    """Samples one image per validation scene with the decoder in ``decoder_folder`` (native or diffusers) given the
+    scene's own CLIP embeddings, and scores colour / shape / ... with the demo's attribute classifier."""
+    import jax
+    import jax.numpy as jnp
+
+    from unclip_jax import stages
+    from unclip_jax.convert import native, registry
+    from unclip_jax.demo import attributes
+    from unclip_jax.pipeline import resize
+    from unclip_jax.train.tasks import make_task
+
+    if native.is_native(decoder_folder):
+        _, variables = native.load_native(decoder_folder)
+    else:
+        _, variables = registry.for_component(stages.task("decoder").component).load(decoder_folder)
+    task = make_task(config)
+    size = int(config.data.image_size)
+    real = resize(jnp.asarray(val["images"], jnp.float32) / 127.5 - 1.0, size)
+    batch = {k: jnp.asarray(val[k]) for k in ("image_embeds", "text_embeds", "text_hidden_states", "text_mask")}
+    batch["image"] = real
+    out = jax.jit(lambda p, b: task.sample(p, b, jax.random.PRNGKey(123), {}))(variables["params"], batch)
+    gen = np.asarray(out["images"])[len(real) :]  # [N, size, size, 3] in [0, 1]
+    gen64 = np.asarray(resize(jnp.asarray(gen) * 2.0 - 1.0, val["images"].shape[1]))
+    gen_u8 = np.clip(np.round((gen64 + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    model, cvars = attributes.load_classifier(classifier)
+    acc = attributes.score(attributes.predict(model, cvars, gen_u8), val["attrs"], val["captions"])
+    return {k: v["accuracy"] for k, v in acc.items()}
 
 
 def summary(curves: dict[str, list[dict[str, float]]], tail: int) -> dict[str, Any]:
@@ -155,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="full", help="demo profile: full (the demo's tiny decoder) or fast (smoke)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=0, help="0 = the experiment's total_steps (the demo's length)")
-    p.add_argument("--sides", default="ours,torch")
+    p.add_argument("--sides", default="ours,torch", help="'' = prepare only; finished runs are read back, not re-run")
     p.add_argument("--torch_threads", type=int, default=1)
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="attribute accuracy")
     args = p.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -177,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[dict[str, float]]] = {}
     for seed in seeds:
         config = experiment(args.profile, data, seed, args.steps, native)
-        for side in args.sides.split(","):
+        for side in [s for s in args.sides.split(",") if s]:
             log(f"{side} seed {seed}: {config.total_steps} steps")
             t = time.perf_counter()
             wd = workdir / f"{side}_seed{seed}"
@@ -191,8 +257,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             result = {"profile": args.profile, "curves": curves, **summary(curves, tail=5)}
             (workdir / "train_parity_long.json").write_text(json.dumps(result, indent=1))
+    if not curves:
+        return 0
     print(table(curves))
-    print(json.dumps(summary(curves, tail=5), indent=1))
+    result = {"profile": args.profile, "curves": curves, **summary(curves, tail=5)}
+    if args.eval:
+        from unclip_jax.demo.profiles import PROFILES
+
+        val = validation_set(workdir, PROFILES[args.profile].n_eval)
+        config = experiment(args.profile, data, 0, args.steps, native)
+        accuracy = {}
+        for name in curves:
+            folder = workdir / name / ("export/ema" if name.startswith("ours") else "ema")
+            accuracy[name] = attribute_accuracy(config, folder, val, workdir / "demo" / "classifier")
+            log(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy[name].items()))
+        result["attribute_accuracy"] = accuracy
+        (workdir / "train_parity_long.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=1))
     return 0
 
 
