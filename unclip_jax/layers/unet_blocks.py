@@ -337,6 +337,22 @@ class _UNetBlock(nn.Module):
             head_dim=self.head_dim, groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
 
+    def layer(
+        self,
+        i: int,
+        x: jnp.ndarray,
+        temb: jnp.ndarray,
+        context: jnp.ndarray | None,
+        context_mask: jnp.ndarray | None,
+        deterministic: bool,
+        **kw,
+    ) -> jnp.ndarray:
+        """ResBlock ``resnets_{i}`` then, when the block attends, attention ``attentions_{i}``."""
+        x = self.resblock(f"resnets_{i}", **kw)(x, temb, deterministic)
+        if self.attention:
+            x = self.attn(f"attentions_{i}")(x, context, context_mask)
+        return x
+
     def _check_context(self, context: jnp.ndarray | None) -> None:
         if self.attention and context is None:
             raise ValueError(f"{type(self).__name__} {self.name}: attention needs a context [B, S, Dc]")
@@ -370,9 +386,7 @@ class DownBlock(_UNetBlock):
         self._check_context(context)
         skips = []
         for i in range(self.num_layers):
-            x = self.resblock(f"resnets_{i}")(x, temb, deterministic)
-            if self.attention:
-                x = self.attn(f"attentions_{i}")(x, context, context_mask)
+            x = self.layer(i, x, temb, context, context_mask, deterministic)
             skips.append(x)
         if self.add_downsample:
             x = self.resblock("downsamplers_0", down=True)(x, temb, deterministic)
@@ -399,9 +413,7 @@ class MidBlock(_UNetBlock):
         """[B, H, W, C] -> [B, H, W, C]."""
         self._check_context(context)
         c = x.shape[-1]
-        x = self.resblock("resnets_0", out_channels=c)(x, temb, deterministic)
-        if self.attention:
-            x = self.attn("attentions_0")(x, context, context_mask)
+        x = self.layer(0, x, temb, context, context_mask, deterministic, out_channels=c)
         return self.resblock("resnets_1", out_channels=c)(x, temb, deterministic)
 
 
@@ -434,9 +446,7 @@ class UpBlock(_UNetBlock):
         skips = list(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-            x = self.resblock(f"resnets_{i}")(x, temb, deterministic)
-            if self.attention:
-                x = self.attn(f"attentions_{i}")(x, context, context_mask)
+            x = self.layer(i, x, temb, context, context_mask, deterministic)
         if self.add_upsample:
             x = self.resblock("upsamplers_0", up=True)(x, temb, deterministic)
         return x
