@@ -136,11 +136,6 @@ def test_layout_only_plan_reports_the_fsdp_failure_and_exits_1(tmp_path, capsys)
     assert "FAILS (replicated by accident?)" in text and "replicated: " in text and "not compiled" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the up-sampling ResBlock (up_blocks_0/upsamplers_0) keeps the whole batch and splits channels: "
-    "layers.unet_blocks.upsample_nearest needs constrain_spatial on its result",
-)
 def test_unet_activations_are_split_over_the_batch_axes_on_every_chip():
     """fsdp on 8 devices: no large value of the compiled upsampler train step holds all 40 examples on one chip."""
     import jax

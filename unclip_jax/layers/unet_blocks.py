@@ -100,11 +100,12 @@ def upsample_nearest(x: jnp.ndarray) -> jnp.ndarray:
       x: [B, H, W, C].
 
     Returns:
-      [B, 2H, 2W, C].
+      [B, 2H, 2W, C], constrained like every U-Net activation (the reshape of the broadcast would otherwise leave
+      the partitioner free to split channels instead of the batch).
     """
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    return x.reshape(b, 2 * h, 2 * w, c)
+    return constrain_spatial(x.reshape(b, 2 * h, 2 * w, c))
 
 
 def downsample_avg(x: jnp.ndarray) -> jnp.ndarray:
