@@ -43,6 +43,7 @@ from unclip_jax.convert.unet import (
     unet_rules,
 )
 from unclip_jax.models.decoder import Decoder, UnCLIPDecoder, UnCLIPTextProj
+from unclip_jax.models.unet import AttentionUNetFields
 
 MID_ATTN = "UNetMidBlock2DSimpleCrossAttn"
 
@@ -247,7 +248,7 @@ def unclip_decoder_from_parts(unet: Decoder, text_proj: UnCLIPTextProj, where: s
             f"{text_proj.cross_attention_dim}) does not fit the decoder (time embedding {unet.temb_dim}, "
             f"cross_attention_dim {unet.context_dim})"
         )
-    kwargs = {f: getattr(unet, f) for f in unet.__dataclass_fields__ if f not in ("parent", "name")}
+    kwargs = AttentionUNetFields.fields_of(unet)
     kwargs.update(
         clip_embeddings_dim=text_proj.clip_embeddings_dim,
         clip_extra_context_tokens=text_proj.clip_extra_context_tokens,
