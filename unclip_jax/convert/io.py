@@ -11,11 +11,12 @@ leaves a folder that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,35 +98,53 @@ def write_folder(
     weights_name: str = DIFFUSERS_WEIGHTS,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Atomically writes ``config.json`` + a safetensors file (``format: pt``) to ``folder``.
-
-    The folder is assembled in a temporary sibling and renamed into place; an existing
-    folder at the destination is replaced only after the new one is complete.
-    """
+    """Atomically writes ``config.json`` + a safetensors file (``format: pt``) to ``folder`` (:func:`staged_folder`)."""
     from safetensors.numpy import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as tmp:
         arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
         save_file(arrays, str(tmp / weights_name), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
+    return Path(folder)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Every writer's atomic folder: yields a temporary sibling of ``folder`` to fill; when the block ends without
+    error it replaces ``folder`` (an existing one only once the new one is complete), with the permissions the
+    umask gives any new file; on error (or a kill signal raised as an exception) the partial folder is removed.
+    So no half-written folder ever stands under the destination's name."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Moves the complete folder ``src`` to ``dst``, replacing ``dst`` if it exists."""
+    """Moves the complete folder ``src`` to ``dst``, replacing ``dst`` if it exists.
+
+    ``src`` (a ``mkdtemp`` folder, 0700) first gets the umask's permissions, as any file a tool writes.
+    """
+    mode = 0o777 & ~_umask()
+    for p in [src, *src.rglob("*")]:
+        os.chmod(p, mode if p.is_dir() else mode & 0o666)
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.rename(dst, old / dst.name)
         os.rename(src, dst)
         shutil.rmtree(old, ignore_errors=True)
     else:

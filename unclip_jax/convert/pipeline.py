@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +138,7 @@ def write_diffusers_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) ->
         raise io.ConversionError(
             "write_diffusers_pipeline: the bundle has no tokenizer/ files (copy them from a CLIP folder)"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with io.staged_folder(folder) as tmp:
         for name in NETWORKS:
             module, variables = bundle.models[name]
             c = registry.for_component(name)
@@ -150,10 +146,6 @@ def write_diffusers_pipeline(bundle: UnCLIPBundle, folder: str | os.PathLike) ->
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text)
-        io.replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -191,19 +183,13 @@ def save_native_bundle(bundle: UnCLIPBundle, folder: str | os.PathLike) -> Path:
     missing = [n for n in NETWORKS if n not in bundle.models]
     if missing:
         raise io.ConversionError(f"save_native_bundle: networks {missing} missing from the bundle")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with io.staged_folder(folder) as tmp:
         for name in NETWORKS:
             module, variables = bundle.models[name]
             save_native(module, variables, tmp / name)
         for rel, text in bundle.files.items():
             (tmp / NATIVE_FILES / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / NATIVE_FILES / rel).write_text(text)
-        io.replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from unclip_jax.convert import io
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = "1.0"  # major.minor: a reader accepts any minor of its major
@@ -50,10 +50,7 @@ def write_export(
     """Writes an export folder atomically: ``write_files(tmp)`` fills a temporary sibling, the manifest is added
     with the checksums of everything written, then the folder is renamed into place (replacing an old one only
     once the new one is complete). ``describe`` holds the format-independent part of the manifest."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with io.staged_folder(folder) as tmp:
         write_files(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
@@ -64,30 +61,7 @@ def write_export(
             "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    mode = 0o777 & ~_umask()
-    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: give the export the permissions any new file gets
-        os.chmod(p, mode if p.is_dir() else mode & 0o666)
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        os.rename(folder, old / folder.name)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, folder)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return Path(folder)
 
 
 def read_manifest(folder: str | os.PathLike, fmt: str | None = None, verify: bool = True) -> dict[str, Any]:
