@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import test_train_data as data
+from tests.train import test_data as data
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import parallel

@@ -1,7 +1,7 @@
 """The cascade as one compiled program: text -> CLIP -> prior -> decoder -> upsamplers (paper section 2).
 
 Follows diffusers' ``UnCLIPPipeline`` (Karlo) step for step so that the same weights and the same noise give the
-same images (``tests/test_pipeline_parity.py``):
+same images (``tests/pipeline/test_parity.py``):
 
 1. CLIP text tower on the tokenised captions: ``text_embeds`` z_t and ``last_hidden_state`` (+ caption mask); the
    empty caption ``""`` gives the unconditional inputs of classifier-free guidance.

@@ -1,7 +1,7 @@
 """A training work directory written by main 03a46a7 (before the stage registry) resumes to the same steps.
 
 ``tests/fixtures/legacy_03a46a7/train_prior/`` was written by :func:`write_fixture` run against commit 03a46a7
-(``PYTHONPATH=<checkout of 03a46a7> python tests/test_train_legacy.py``): ``experiments/prior.py:test`` trained
+(``PYTHONPATH=<checkout of 03a46a7> python tests/train/test_legacy.py``): ``experiments/prior.py:test`` trained
 through the CLI for 4 steps on the shared train-test data (:func:`test_train_data.shared_embed_folder`) on 8 CPU
 devices, checkpointing every 2 steps. The fixture keeps its step-2 checkpoint (``checkpoints/2``: the Orbax
 ``state`` item and the input iterator's ``data`` item) and ``reference.json``: the metrics that run logged at steps
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_train_data as data
+from tests.train import test_data as data
 
-FIXTURE = Path(__file__).parent / "fixtures" / "legacy_03a46a7" / "train_prior"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "legacy_03a46a7" / "train_prior"
 FLAGS = ("--config.total_steps=4", "--config.log_every=1", "--config.checkpoint.every=2")
 RESUMED = (3, 4)  # the steps the resumed run computes
 KEYS = ("train/loss", "train/grad_norm", "train/lr")

@@ -1,7 +1,7 @@
 """Folders written by main 03a46a7 (before the converter registry) still load, with the same outputs.
 
 ``tests/fixtures/legacy_03a46a7/`` was written by :func:`write_fixtures` run against commit 03a46a7
-(``PYTHONPATH=<checkout of 03a46a7> python tests/test_convert_legacy.py``):
+(``PYTHONPATH=<checkout of 03a46a7> python tests/convert/test_legacy.py``):
 
 - ``native/``: a ``test``-size random cascade saved as native component folders (``pipeline.testing``'s
   ``save_native_pipeline``: ``config.json`` + ``params.safetensors`` + ``diffusion.json``), plus a native
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "legacy_03a46a7"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "legacy_03a46a7"
 REQUIRE = ("text_encoder", "prior", "decoder", "super_res_first", "super_res_last", "image_encoder")
 
 

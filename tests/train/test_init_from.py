@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
-import test_train_data as data
+from tests.train import test_data as data
 
 from unclip_jax.convert import native
 from unclip_jax.train import loop

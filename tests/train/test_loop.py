@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import test_train_data as data
+from tests.train import test_data as data
 
 from unclip_jax import parallel
 from unclip_jax.convert import native
@@ -27,7 +27,7 @@ from unclip_jax.train.tasks import make_task
 
 pytestmark = pytest.mark.xdist_group("train_loop")  # the module fixture (a straight run) is computed once
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 20
 COMMON = dict(total_steps=STEPS, log_every=1, **{"checkpoint.every": 10})
 

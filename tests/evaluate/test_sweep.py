@@ -1,6 +1,6 @@
 """Guidance sweep: one protocol run per (decoder, prior) point sharing one reference; table (md + JSON) and PNG plot.
 
-The generator here is a cheap stand-in (the full cascade runs in tests/test_evaluate_protocol.py): images are the
+The generator here is a cheap stand-in (the full cascade runs in tests/evaluate/test_protocol.py): images are the
 reference-sized noise fields whose contrast grows with the decoder guidance, so FID changes with guidance and the
 sweep's bookkeeping (which scale went where) is checked against separately computed single runs.
 """
