@@ -94,3 +94,18 @@ def test_report_rows_of_train_steps_cascade_and_conv_ab(tmp_path):
     assert "| x0.50 | 100 |" in cascade_row  # our GFLOP/s from torch's FLOP count
     assert "| upsampler | 1.000 | 0.500 | x2.00 | 2.0 / 2.5 |" in md
     assert json.loads(out.with_suffix(".json").read_text()) == rep
+
+
+def test_export_phase_times_every_format_and_reports_it(tmp_path):
+    from unclip_jax.bench.export_jobs import job_export
+    from unclip_jax.bench.report import export_section
+    from unclip_jax.convert.formats import FORMATS
+
+    res = job_export(tmp_path, 1, variant="test")
+    for name in FORMATS:
+        assert res[name]["export_s"] > 0 and res[name]["load_run_s"] > 0 and res[name]["size_mb"] > 0
+        assert res[name]["max_abs_diff"] < 1e-4
+    md = export_section(res)
+    md = "\n".join(md)
+    assert "## Export of the `bench` decoder (decoder:test" in md
+    assert all(f"| {name} | " in md for name in FORMATS)

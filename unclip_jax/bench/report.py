@@ -104,6 +104,26 @@ def ab_row(phase: str, ab: dict[str, Any]) -> str | None:
     )
 
 
+def export_section(res: dict[str, Any]) -> list[str]:
+    """The export phase's table (:mod:`unclip_jax.bench.export_jobs`)."""
+    if "error" in res:
+        return ["## Export", "", f"error: {res['error']}", ""]
+    formats = [name for name, r in res.items() if isinstance(r, dict)]
+    rows = [
+        f"| {name} | {fmt(res[name]['export_s'])} | {fmt(res[name]['size_mb'], '.1f')} | "
+        f"{fmt(res[name]['load_run_s'])} | {res[name]['max_abs_diff']:.1e} |"
+        for name in formats
+    ]
+    return [
+        f"## Export of the `bench` decoder ({res['network']}, {res['params'] / 1e6:.1f}M parameters)",
+        "",
+        "| format | export s | size MB | load + first run s (batch 2) | max abs diff to Flax |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     """BENCHMARKS.md (tables + machine/versions) and BENCHMARKS.json next to it."""
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))
@@ -139,5 +159,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             *ab,
             "",
         ]
+    if results.get("export"):
+        lines += export_section(results["export"])
     lines += [f"Note: {n}" for n in report.get("notes", [])]
     out.write_text("\n".join(lines) + "\n")

@@ -22,18 +22,22 @@ from unclip_jax.bench import workloads
 from unclip_jax.bench.measure import TORCH_THREADS
 from unclip_jax.bench.micro import CONV_SHAPES, CONV_SHAPES_ENV, MATMUL_N, MATMUL_N_ENV
 
-PHASES: tuple[str, ...] = ("conv", *workloads.TRAIN_PHASES, "cascade")
+PHASES: tuple[str, ...] = ("conv", *workloads.TRAIN_PHASES, "cascade", "export")
+SINGLE_JOB_PHASES = ("conv", "export")  # one job, ours only
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers", "numpy")
 
 
 def run_job(name: str, workdir: Path, repeats: int) -> dict[str, Any]:
-    """One measurement in this process: ``matmul``, ``conv``, ``cascade:jax|torch`` or ``<task>:jax|torch|ab``."""
-    from unclip_jax.bench import jax_jobs, micro, torch_jobs
+    """One measurement in this process: ``matmul``, ``conv``, ``export``, ``cascade:jax|torch`` or
+    ``<task>:jax|torch|ab``."""
+    from unclip_jax.bench import export_jobs, jax_jobs, micro, torch_jobs
 
     if name == "matmul":
         return micro.job_matmul(workdir, repeats)
     if name == "conv":
         return micro.job_conv(workdir, repeats)
+    if name == "export":
+        return export_jobs.job_export(workdir, repeats)
     phase, side = name.split(":")
     if phase == "cascade":
         return (jax_jobs.job_cascade if side == "jax" else torch_jobs.job_cascade)(workdir, repeats)
@@ -106,8 +110,8 @@ def run_phases(phases: list[str], repeats: int, cascade_repeats: int, timeout: f
         workdir = Path(tmp)
         report["matmul"] = subprocess_job("matmul", workdir, repeats, timeout)
         for phase in phases:
-            if phase == "conv":
-                report["results"]["conv"] = subprocess_job("conv", workdir, repeats, timeout)
+            if phase in SINGLE_JOB_PHASES:
+                report["results"][phase] = subprocess_job(phase, workdir, repeats, timeout)
                 continue
             r = cascade_repeats if phase == "cascade" else repeats
             ours = subprocess_job(f"{phase}:jax", workdir, r, timeout)
