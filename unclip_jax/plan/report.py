@@ -18,6 +18,11 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def compiled(plan: dict[str, Any]) -> bool:
+    """Whether a plan holds the compiled program's numbers (a ``--nocompile`` plan has the layout only)."""
+    return "memory" in plan
+
+
 def _mesh(plan: dict[str, Any]) -> str:
     m = plan["mesh"]
     return "x".join(str(m[k]) for k in ("data", "fsdp", "tensor"))
@@ -41,7 +46,7 @@ def format_train(plan: dict[str, Any]) -> str:
     if not f["ok"]:
         for row in f["largest_replicated"]:
             lines.append(f"    replicated: {row['path']} {tuple(row['shape'])} {row['bytes'] / 2**20:.1f} MiB")
-    if not plan.get("compiled"):
+    if not compiled(plan):
         return "\n".join([*lines, "  (layout only: not compiled)"])
     m, r = plan["memory"], plan["roofline"]
     lines += [
@@ -85,7 +90,7 @@ def markdown_table(plans: Sequence[dict[str, Any]]) -> str:
             gib(f["state_per_chip"]),
             "ok" if f["ok"] else "**fails**",
         ]
-        if p.get("compiled"):
+        if compiled(p):
             cells += [
                 f"{gib(p['memory']['used'])} / {p['hbm_gib']:.0f}",
                 "yes" if p["fits"] else "**no**",

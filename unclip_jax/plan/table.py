@@ -108,7 +108,7 @@ def run_row(row: Row, out_dir: str, force: bool = False, compile: bool = True) -
     path = os.path.join(out_dir, f"{row.name}.json")
     old = _load(path)
     same = old is not None and old.get("overrides") == list(row.overrides) and not old.get("error")
-    if same and not force and (old.get("compiled") or not compile):
+    if same and not force and (report.compiled(old) or not compile):
         return old
     if same and not compile:
         return old
