@@ -10,7 +10,7 @@ from unclip_jax.plan.chips import GIB
 ESTIMATE_NOTE = (
     "Compile-time estimates, not measured runs: XLA's TPU compiler (libtpu) compiled each train step for the slice "
     "on a CPU machine; memory is the compiled program's, FLOPs and bytes are XLA's cost analysis per chip, the "
-    "roofline is max(FLOPs / peak bf16, bytes / HBM bandwidth) and days are total_steps x FLOPs / (peak x MFU)."
+    "roofline is max(FLOPs / peak bf16, bytes / HBM bandwidth) and days are total_steps x max(FLOPs / (peak x MFU), roofline)."
 )
 
 

@@ -14,7 +14,7 @@ needed). From the result:
   large array is replicated by accident (the largest replicated ones are listed);
 - **FLOPs and bytes accessed per chip per step** (``cost_analysis``), a roofline step time from the chip's
   published peaks (:mod:`unclip_jax.plan.chips`) and the days to ``total_steps`` at a stated model-FLOPs
-  utilisation. XLA counts a loop body once, so with gradient accumulation the FLOPs of one microbatch's forward
+  utilisation (or at the roofline, when the step is memory-bound even at full bandwidth). XLA counts a loop body once, so with gradient accumulation the FLOPs of one microbatch's forward
   and backward are counted once; the plan scales them by the accumulation count. XLA's FLOPs are the
   program's: with remat they include the recomputed forward, so the days quoted at an MFU are the days at that
   utilisation of the FLOPs the chip actually executes.
@@ -265,7 +265,8 @@ def describe_compiled(compiled: Any, lay: Layout, mfu: float = DEFAULT_MFU) -> d
     flops = float(cost.get("flops", 0.0)) * accum
     bytes_accessed = float(cost.get("bytes accessed", 0.0)) * accum
     roof = roofline(flops, bytes_accessed, chip)
-    step_at_mfu = flops / (chip.bf16_tflops * 1e12 * mfu) if flops else float("nan")
+    # At the stated MFU, but never faster than the roofline (memory-bound steps: the upsamplers).
+    step_at_mfu = max(flops / (chip.bf16_tflops * 1e12 * mfu), roof["step_s"]) if flops else float("nan")
     total_steps = int(lay.config.total_steps)
     return {
         "compiled": True,
