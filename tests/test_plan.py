@@ -57,7 +57,7 @@ def test_plan_of_a_test_variant_compiles_for_a_tpu_slice_with_sane_numbers(cli_p
     chip_spec = chip_of_device_kind("TPU v5")
     assert math.isclose(r["compute_s"], plan["flops_per_chip"] / (chip_spec.bf16_tflops * 1e12))
     assert math.isclose(plan["days_at_mfu"], plan["step_s_at_mfu"] * plan["total_steps"] / 86400)
-    assert math.isclose(plan["step_s_at_mfu"] * 0.4, r["compute_s"])
+    assert math.isclose(plan["step_s_at_mfu"], max(r["compute_s"] / 0.4, r["step_s"]))  # never beats the roofline
 
 
 def test_report_says_what_fits(cli_plan):
