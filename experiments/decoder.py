@@ -19,10 +19,7 @@ def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS}")
     c = base_config("decoder")
-    c.diffusion.mean_type = "epsilon"
-    c.diffusion.var_type = "learned_range"
     c.diffusion.loss_type = "hybrid"
-    c.diffusion.clip_denoised = 1.0
     if arg == "test":
         apply_test(c)
         c.data.image_size = 16

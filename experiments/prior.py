@@ -19,9 +19,6 @@ def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/prior.py:{arg}: expected one of {VARIANTS}")
     c = base_config("prior")
-    c.diffusion.mean_type = "x_start"
-    c.diffusion.var_type = "fixed_small_log"
-    c.diffusion.clip_denoised = 5.0  # Karlo's prior clip_sample_range
     c.model.overrides.learned_null_text = True
     c.optim.weight_decay = 6.0e-2
     c.optim.b2 = 0.96

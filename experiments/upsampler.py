@@ -11,6 +11,7 @@ Variants: test (tiny crops, seconds on CPU), tiny (the CPU demo: 32 -> 128 on 32
 ``tiny`` decoder's 32x32 output), bench, karlo, paper.
 """
 
+from unclip_jax import stages
 from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
@@ -21,10 +22,8 @@ def get_config(arg: str = "test"):
     if variant not in VARIANTS:
         raise ValueError(f"experiments/upsampler.py:{arg}: expected one of {VARIANTS} (optionally + '_1024')")
     c = base_config("upsampler")
-    c.diffusion.mean_type = "epsilon"
-    c.diffusion.var_type = "fixed_small_log"
-    c.diffusion.clip_denoised = 1.0
-    c.diffusion.schedule = "linear" if stage2 else "cosine"
+    if stage2:  # the 256->1024 stage's diffusion (linear schedule, paper table 3)
+        c.diffusion.update(dict(stages.stage("upsampler_1024").diffusion))
     c.diffusion.sample_steps = "ddim15" if stage2 else "ddim27"
     c.data.degradation = "bsr" if stage2 else "blur"
     c.data.target_size = 1024 if stage2 else 256

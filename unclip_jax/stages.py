@@ -84,7 +84,9 @@ class Task:
       input_stage: the grain pipeline it reads (:mod:`unclip_jax.input.pipelines`).
       tokenizer: whether its pipeline tokenises captions (CLIP trains on raw captions).
       component: the pipeline component its export serves.
-      experiment: its experiment file(s) under ``experiments/``.
+      experiments: its experiment file(s) under ``experiments/``.
+      diffusion: whether it trains a diffusion model (its config then starts from the default diffusion of the
+        sampling stage its component serves).
     """
 
     name: str
@@ -94,6 +96,12 @@ class Task:
     tokenizer: bool
     component: str
     experiments: tuple[str, ...]
+    diffusion: bool = True
+
+    @property
+    def stage(self) -> str:
+        """The sampling stage its component serves ('' for the CLIP encoders)."""
+        return component(self.component).stage
 
 
 STAGES: tuple[Stage, ...] = (
@@ -131,11 +139,11 @@ COMPONENTS: tuple[Component, ...] = (
 
 TASKS: tuple[Task, ...] = (
     Task("clip", "unclip_jax.models.clip", "unclip_jax.train.tasks.clip:make_clip_task", "clip", True,
-         "text_encoder", ("clip.py",)),
+         "text_encoder", ("clip.py",), diffusion=False),
     Task("prior", "unclip_jax.models.prior", "unclip_jax.train.tasks.prior:make_prior_task", "prior", False,
          "prior", ("prior.py",)),
     Task("ar_prior", "unclip_jax.models.ar_prior", "unclip_jax.train.tasks.ar_prior:make_ar_prior_task", "prior",
-         False, "prior", ("ar_prior.py",)),
+         False, "prior", ("ar_prior.py",), diffusion=False),
     Task("decoder", "unclip_jax.models.decoder", "unclip_jax.train.tasks.decoder:make_decoder_task", "decoder",
          False, "decoder", ("decoder.py",)),
     Task("upsampler", "unclip_jax.models.upsampler", "unclip_jax.train.tasks.upsampler:make_upsampler_task",

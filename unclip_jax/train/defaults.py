@@ -57,6 +57,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict(dict(DIFFUSION_DEFAULTS))
     c.diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # None: off; typed for --config overrides
     c.diffusion.sample_steps = "unclip25"  # previews (unclip_jax.diffusion.respace)
+    task = stages.task(stage)
+    if task.diffusion:  # the default diffusion of the sampling stage it trains for (Karlo's schedulers)
+        c.diffusion.update(dict(stages.stage(task.stage).diffusion))
 
     # unclip_jax.train.optim
     c.optim = ml_collections.ConfigDict()
