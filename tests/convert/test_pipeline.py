@@ -119,6 +119,12 @@ def test_pipeline_round_trip(torch_threads, pipeline_folder, tmp_path):
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), f"{sub}/{k}"
     for rel, text in bundle.files.items():
         assert (out / rel).read_text() == text
+    # Every diffusers config.json as diffusers wrote it: the same keys and values after the round trip. (The text
+    # encoder's differs only in bos/pad token ids, which the tower does not hold.)
+    for sub in ("prior", "decoder", "text_proj", "super_res_first", "super_res_last"):
+        assert io.read_config(out / sub) == io.read_config(pipeline_folder / sub), sub
+    theirs, ours = io.read_config(pipeline_folder / "text_encoder"), io.read_config(out / "text_encoder")
+    assert {k: v for k, v in theirs.items() if k not in ("bos_token_id", "pad_token_id")} == ours
     # Import of our export is the same bundle.
     again = cp.read_diffusers_pipeline(out)
     for name, (module, variables) in bundle.models.items():

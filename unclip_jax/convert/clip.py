@@ -165,6 +165,12 @@ def vision_module_from_config(config: dict, where: str = "config.json", **overri
     )
 
 
+# Fields transformers 5.23 writes for every CLIPTextConfig (its defaults) that do not shape our text tower: written
+# as transformers writes them, so a transformers folder's config survives import + export unchanged.
+# (bos/pad token ids are not part of the tower; written as OpenAI's vocabulary has them where it is that one.)
+TEXT_WRITTEN_DEFAULTS = {"initializer_factor": 1.0, "initializer_range": 0.02}
+
+
 def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
     """A ``CLIPTextModelWithProjection`` config.json reproducing ``m``."""
     return {
@@ -173,6 +179,7 @@ def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
         "max_position_embeddings": m.context_length,
         "eos_token_id": m.eos_token_id,
         **({"bos_token_id": 49406, "pad_token_id": 1} if m.vocab_size == 49408 and m.eos_token_id != 2 else {}),
+        **TEXT_WRITTEN_DEFAULTS,
     }
 
 

@@ -123,10 +123,25 @@ def _block_types(module: Decoder) -> tuple[list[str], list[str]]:
     return down, up
 
 
+# Fields diffusers 0.42.1 writes for every UNet2DConditionModel (its __init__ defaults) that do not shape this
+# U-Net: written as diffusers writes them, so a diffusers folder's config survives import + export unchanged.
+UNET_WRITTEN_DEFAULTS = {
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": None,
+    "attention_type": "default",
+    "downsample_padding": 1,
+    "reverse_transformer_layers_per_block": None,
+    "transformer_layers_per_block": 1,
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+
 def decoder_config(module: Decoder) -> dict[str, Any]:
-    """A diffusers ``UNet2DConditionModel`` config.json reproducing ``module``."""
+    """A diffusers ``UNet2DConditionModel`` config.json reproducing ``module`` (every field diffusers writes)."""
     down, up = _block_types(module)
     return {
+        **UNET_WRITTEN_DEFAULTS,
         **unet_config(module, "UNet2DConditionModel"),
         "down_block_types": down,
         "mid_block_type": MID_ATTN,

@@ -27,7 +27,7 @@ TRANSFORMERS_WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # The library versions written into exported configs (the versions the parity tests run against).
 DIFFUSERS_VERSION = "0.42.1"
-TRANSFORMERS_VERSION = "5.0.0"
+TRANSFORMERS_VERSION = "5.23.0"
 
 
 class ConversionError(ValueError):

@@ -48,10 +48,23 @@ def module_from_config(config: dict[str, Any], where: str = "config.json", **ove
     return io.build_module(SuperResUNet, kwargs, overrides, where)
 
 
+# Fields diffusers 0.42.1 writes for every UNet2DModel (its __init__ defaults) that do not shape this attention-free
+# U-Net: written as diffusers writes them, so a diffusers folder's config survives import + export unchanged.
+WRITTEN_DEFAULTS = {
+    "attention_head_dim": 8,
+    "attn_norm_num_groups": None,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "num_train_timesteps": None,
+    "upsample_type": "conv",
+}
+
+
 def config_from_module(module: SuperResUNet) -> dict[str, Any]:
-    """A diffusers ``UNet2DModel`` config.json reproducing ``module``."""
+    """A diffusers ``UNet2DModel`` config.json reproducing ``module`` (every field diffusers writes)."""
     n = len(module.channel_mult)
     return {
+        **WRITTEN_DEFAULTS,
         **unet.unet_config(module, "UNet2DModel"),
         "down_block_types": [unet.DOWN_PLAIN] * n,
         "up_block_types": [unet.UP_PLAIN] * n,
