@@ -46,4 +46,8 @@ def get_config(arg: str = "test"):
     else:
         apply_table3(c, "upsampler_1024" if stage2 else "upsampler")
         c.model.variant = "paper_1024" if stage2 and variant == "paper" else variant
+        # The channel counts (320 x 1,2,3,4; 192 x 1,1,2,2,4,4) divide 64 but not 128: on a wider fsdp axis the
+        # conv kernels would stay whole on every chip, so the parameters split 64 ways and data takes the rest
+        # (unclip plan: the sharding check).
+        c.mesh.fsdp, c.mesh.data = 64, -1
     return c

@@ -1,4 +1,4 @@
-"""Shared test set-up: 8 fake CPU devices, float32 matmuls, deterministic threads.
+"""Shared test set-up: the CPU backend with 8 fake devices, float32 matmuls, deterministic threads.
 
 Every test process sees 8 CPU devices so that sharding tests can build real meshes;
 computations that are not sharded run on device 0 as usual.
@@ -10,6 +10,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CPU backend only: with libtpu installed (the tpu extra, for `unclip plan`), JAX would otherwise load it in
+# every test process (memory, a lock file, start-up noise). The plan tests compile for TPU topologies regardless.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
