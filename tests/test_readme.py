@@ -185,6 +185,15 @@ def test_command_is_accepted_by_its_program(env, argv, monkeypatch):
         fv = parse_train(argv, monkeypatch)
         assert fv.config is not None and fv.workdir, argv
         return
+    if prog == "unclip plan":  # absl flags like unclip train
+        from unclip_jax.plan import commands as plan_commands
+
+        monkeypatch.chdir(ROOT)
+        flag_argv = ["unclip plan", *argv[2:]]
+        fv = plan_commands.make_flags(flag_argv)
+        fv(flag_argv)
+        assert fv.config is not None and fv.topology, argv
+        return
     entry = _argparse_entry(argv)
     if entry is not None:
         parsed = parse_argparse(*entry, monkeypatch)
@@ -279,6 +288,10 @@ def known_flags() -> set[str]:
     finally:
         mp.undo()
     flags |= {f"--{name}" for name in main_lib.make_flags(["x"])}
+    from unclip_jax.plan import commands as plan_commands
+
+    plan_flags = plan_commands.make_flags(["x"])
+    flags |= {f"--{name}" for name in plan_flags} | {f"--no{name}" for name in plan_flags if plan_flags[name].boolean}
     return flags
 
 
