@@ -38,12 +38,12 @@ plan: $(STAMP)
 	nice -n 19 $(BIN)/python -m unclip_jax.plan.table $(PLAN_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check unclip_jax experiments data tests setup.py
-	$(BIN)/ruff format --check unclip_jax experiments data tests setup.py
+	$(BIN)/ruff check unclip_jax experiments data tools tests setup.py
+	$(BIN)/ruff format --check unclip_jax experiments data tools tests setup.py
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix unclip_jax experiments data tests setup.py
-	$(BIN)/ruff format unclip_jax experiments data tests setup.py
+	$(BIN)/ruff check --fix unclip_jax experiments data tools tests setup.py
+	$(BIN)/ruff format unclip_jax experiments data tools tests setup.py
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

@@ -131,7 +131,7 @@ def _argparse_entry(argv: list[str]):
         from unclip_jax import cli
 
         return cli.main, argv[1:]
-    if prog.startswith("data/") and prog.endswith(".py"):
+    if prog.startswith(("data/", "tools/")) and prog.endswith(".py"):
         return _load_script(ROOT / prog).main, argv[2:]
     if prog.startswith("python -m ") and argv[2] in PYTHON_MODULES:
         return importlib.import_module(PYTHON_MODULES[argv[2]]).main, argv[3:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "train_parity.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_parity.py"
 
 
 def _tool():
