@@ -281,6 +281,7 @@ def known_flags() -> set[str]:
             (_load_script(ROOT / "data/prepare_folder.py").main, ["--out", "x"]),
             (_load_script(ROOT / "data/prepare_coco.py").main, ["--out", "x"]),
             (_load_script(ROOT / "data/precompute_embeddings.py").main, ["--src", "x", "--out", "y"]),
+            (_load_script(ROOT / "tools/train_parity.py").main, []),
             (importlib.import_module("unclip_jax.bench").main, []),
             (importlib.import_module("unclip_jax.demo.__main__").main, ["--workdir", "x"]),
         ]:
