@@ -13,8 +13,6 @@ from unclip_jax.plan.chips import CHIPS, chip_of_device_kind
 from unclip_jax.plan.train_step import FSDP_SLACK, layout
 from unclip_jax.train.config_loading import load_experiment
 
-pytestmark = pytest.mark.skipif(not topology.libtpu_available(), reason="libtpu is not installed (make install)")
-
 FSDP = {"mesh.rules": "fsdp", "mesh.data": 1, "mesh.fsdp": -1}
 
 
