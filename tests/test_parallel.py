@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from tests.train import test_data as data
 from jax.sharding import PartitionSpec as P
 
+from tests.train import test_data as data
 from unclip_jax import parallel
 from unclip_jax.train import loop, optim
 from unclip_jax.train.tasks import make_task

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.models.test_decoder import random_params
 
+from tests.models.test_decoder import random_params
 from unclip_jax.convert import upsampler as cu
 from unclip_jax.models import unet, upsampler
 

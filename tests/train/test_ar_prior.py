@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.train.test_data import shared_embed_folder
 
+from tests.train.test_data import shared_embed_folder
 from unclip_jax.input import pipelines
 from unclip_jax.models import pca_codec
 from unclip_jax.train import loop

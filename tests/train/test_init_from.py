@@ -7,8 +7,8 @@ import os
 import jax
 import numpy as np
 import pytest
-from tests.train import test_data as data
 
+from tests.train import test_data as data
 from unclip_jax.convert import native
 from unclip_jax.train import loop
 from unclip_jax.train.tasks import make_task

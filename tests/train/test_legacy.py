@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tests.train import test_data as data
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "legacy_03a46a7" / "train_prior"

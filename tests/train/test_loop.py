@@ -17,8 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tests.train import test_data as data
 
+from tests.train import test_data as data
 from unclip_jax import parallel
 from unclip_jax.convert import native
 from unclip_jax.train import checkpoint as ckpt_lib

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.train import test_data as data
 
+from tests.train import test_data as data
 from unclip_jax import parallel
 from unclip_jax.models import ar_prior as ar_lib
 from unclip_jax.models import pca_codec
