@@ -35,7 +35,7 @@ def test_train_phases_come_from_the_registry_and_the_bench_experiments(tmp_path)
     from unclip_jax.bench import PHASES, workloads
     from unclip_jax.train.config_loading import load_experiment
 
-    assert PHASES == ("conv", *workloads.TRAIN_PHASES, "cascade")
+    assert PHASES == ("conv", *workloads.TRAIN_PHASES, "cascade", "export")
     assert set(workloads.TRAIN_PHASES) <= set(stages.TASK_NAMES)
     for phase in workloads.TRAIN_PHASES:
         config = workloads.train_config(phase, tmp_path)

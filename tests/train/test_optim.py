@@ -198,8 +198,7 @@ def test_warmup_reaches_the_optimizer_and_the_lr_metric():
 
 # ----------------------------------------------------------------------------- bf16 compute, f32 params
 def test_bfloat16_compute_keeps_float32_params_and_a_finite_loss():
-    import test_train_data as data
-
+    from tests.train import test_data as data
     from unclip_jax.train.tasks import make_task
 
     config = data.experiment("prior", **{"model.dtype": "bfloat16"})
