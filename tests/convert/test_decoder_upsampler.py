@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.models.test_decoder import torch_forward as torch_decoder_forward
 from unclip_jax.convert import decoder as cd
 from unclip_jax.convert import io, registry
 from unclip_jax.convert import upsampler as cu
@@ -89,20 +90,9 @@ def test_export_loads_in_diffusers_with_same_output(torch_threads, exported):
     root, (m, dec_params, inp), (u, up_params, up_inp) = exported
     unet = UNet2DConditionModel.from_pretrained(root / "decoder").eval()
     proj = UnCLIPTextProjModel.from_pretrained(root / "text_proj").eval()
-    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inp.items()}
-    with torch.no_grad():
-        ctx, add = proj(
-            image_embeddings=t["image_embeds"],
-            prompt_embeds=t["text_embeds"],
-            text_encoder_hidden_states=t["text_hidden_states"],
-            do_classifier_free_guidance=False,
-        )
-        mask = torch.nn.functional.pad(t["text_mask"], (4, 0), value=True)
-        want = unet(
-            t["x_t"].permute(0, 3, 1, 2), t["t"], encoder_hidden_states=ctx, class_labels=add, attention_mask=mask
-        )
+    want, _, _ = torch_decoder_forward(torch, unet, proj, inp)
     got = np.asarray(jax.jit(m.apply)(dec_params, **inp))
-    diff = float(np.abs(got - want.sample.permute(0, 2, 3, 1).numpy()).max())
+    diff = float(np.abs(got - want).max())
     print(f"exported decoder in diffusers: max abs diff {diff:.2e}")
     assert diff <= 1e-4
 

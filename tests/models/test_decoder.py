@@ -168,7 +168,7 @@ def _torch_reference(torch, m: decoder.UnCLIPDecoder, folder):
     return unet, proj
 
 
-def _torch_forward(torch, unet, proj, inp, cfg_guidance=False):
+def torch_forward(torch, unet, proj, inp, cfg_guidance=False):
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in inp.items()}
     with torch.no_grad():
         ctx, add = proj(
@@ -193,7 +193,7 @@ def test_matches_diffusers(torch_threads, tmp_path, name):
     module, variables = cd.load_unclip_decoder(tmp_path)
     assert module == m
     inp = _inputs(m, shape["b"], shape["size"], shape["length"], seed=5)
-    want, _, _ = _torch_forward(torch, unet, proj, inp)
+    want, _, _ = torch_forward(torch, unet, proj, inp)
     got = np.asarray(jax.jit(module.apply)(variables, **inp))
     diff = float(np.abs(got - want).max())
     print(f"decoder parity {name}: max abs diff {diff:.2e} (output max {np.abs(want).max():.2f})")
@@ -209,7 +209,7 @@ def test_matches_diffusers(torch_threads, tmp_path, name):
             inp["text_hidden_states"],
             do_classifier_free_guidance=True,
         )
-        _, want_ctx, want_add = _torch_forward(torch, unet, proj, {**inp, **half}, cfg_guidance=True)
+        _, want_ctx, want_add = torch_forward(torch, unet, proj, {**inp, **half}, cfg_guidance=True)
         assert max(np.abs(ctx - want_ctx).max(), np.abs(add - want_add).max()) <= 1e-5
 
 
