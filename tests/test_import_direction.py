@@ -18,13 +18,25 @@ PKG = Path(__file__).resolve().parents[1] / "unclip_jax"
 ALLOWED = {
     "stages": {"stages"},
     "logs": {"logs"},
+    "chips": {"chips"},
     "diffusion": {"diffusion", "stages"},
     "layers": {"layers", "stages"},
     "models": {"layers", "models", "stages"},
     "convert": {"convert", "models", "layers", "diffusion", "stages"},
     "input": {"input", "models", "layers", "parallel", "stages"},
     "parallel": {"parallel", "layers", "stages"},
-    "train": {"train", "diffusion", "layers", "models", "input", "parallel", "convert", "checkpoints", "stages"},
+    "train": {
+        "train",
+        "diffusion",
+        "layers",
+        "models",
+        "input",
+        "parallel",
+        "convert",
+        "checkpoints",
+        "stages",
+        "chips",
+    },
     "checkpoints": {"checkpoints", "stages"},
     "pipeline": {"pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "checkpoints", "stages"},
     "evaluate": {
@@ -40,7 +52,19 @@ ALLOWED = {
         "stages",
     },
     # `unclip plan`: ahead-of-time compiles of the train step and the cascade for TPU topologies.
-    "plan": {"plan", "train", "pipeline", "diffusion", "models", "layers", "convert", "input", "parallel", "stages"},
+    "plan": {
+        "plan",
+        "train",
+        "pipeline",
+        "diffusion",
+        "models",
+        "layers",
+        "convert",
+        "input",
+        "parallel",
+        "stages",
+        "chips",
+    },
 }
 # Modules at the top of the package that may import anything (the entry points).
 ENTRY_POINTS = {"main", "cli", "demo", "bench", "__init__"}

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
+from unclip_jax.chips import CHIPS, chip_of_device_kind
 from unclip_jax.plan import commands, report, topology
-from unclip_jax.plan.chips import CHIPS, chip_of_device_kind
 from unclip_jax.plan.train_step import FSDP_SLACK, layout
 from unclip_jax.train.config_loading import load_experiment
 
@@ -138,8 +138,8 @@ def test_unet_activations_are_split_over_the_batch_axes_on_every_chip():
     """fsdp on 8 devices: no large value of the compiled upsampler train step holds all 40 examples on one chip."""
     import jax
 
+    from unclip_jax.chips import chip_named
     from unclip_jax.plan import hlo
-    from unclip_jax.plan.chips import chip_named
     from unclip_jax.plan.train_step import compile_layout
 
     config = load_experiment("experiments/upsampler.py:test", {**FSDP, "batch_size": 40})

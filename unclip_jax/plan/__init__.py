@@ -1,6 +1,6 @@
 """``unclip plan``: ahead-of-time compiles of the train steps for TPU slices, on a machine without a TPU.
 
-- :mod:`~unclip_jax.plan.chips`: published per-chip peaks (bf16 FLOP/s, HBM bytes and bandwidth) of v4, v5e, v5p,
+- :mod:`unclip_jax.chips`: published per-chip peaks (bf16 FLOP/s, HBM bytes and bandwidth) of v4, v5e, v5p,
   v6e;
 - :mod:`~unclip_jax.plan.topology`: a slice's devices from libtpu (``jax.experimental.topologies``);
 - :mod:`~unclip_jax.plan.batches`: abstract global batches of each input pipeline;

@@ -26,12 +26,6 @@ from unclip_jax.plan.topology import PlanError  # noqa: E402
 PROG = "unclip plan"
 
 
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/unclip_jax/plan_xla`` (``~/.cache/...`` when unset): the plans' XLA compilation cache."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "unclip_jax", "plan_xla")
-
-
 def make_flags(argv: list[str]) -> flags.FlagValues:
     """A fresh flag set; ml_collections registers the ``--config.<field>`` overrides from ``argv``."""
     fv = flags.FlagValues()
@@ -46,16 +40,6 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
     )
     flags.DEFINE_string("cache_dir", None, "persistent XLA compilation cache (default: see --help)", flag_values=fv)
     return fv
-
-
-def enable_compilation_cache(cache_dir: str) -> None:
-    """Turns on JAX's persistent compilation cache in ``cache_dir`` for every compile (however quick)."""
-    import jax
-
-    os.makedirs(cache_dir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     from unclip_jax.plan import report, train_step
+    from unclip_jax.train import profiling
 
-    enable_compilation_cache(fv.cache_dir or default_cache_dir())
+    # Every compile, however quick: a plan is one program, compiled again only when something changed.
+    profiling.enable_compilation_cache(fv.cache_dir or profiling.default_cache_dir("plan_xla"), min_compile_time_s=0.0)
     try:
         plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu, compile=fv.compile)
     except PlanError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from unclip_jax.plan.chips import GIB
+from unclip_jax.chips import GIB
 
 ESTIMATE_NOTE = (
     "Compile-time estimates, not measured runs: XLA's TPU compiler (libtpu) compiled each train step for the slice "

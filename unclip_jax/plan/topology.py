@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from unclip_jax.plan.chips import CHIPS, Chip, chip_named, chip_of_device_kind
+from unclip_jax.chips import CHIPS, Chip, chip_named, chip_of_device_kind
 
 TOPOLOGY_RE = re.compile(r"^(?P<chip>[a-z0-9]+):(?P<shape>\d+(x\d+){1,2})$")
 EXAMPLES = "v5p:2x2x1, v5p:4x4x8 (v5p-128 chips), v5e:16x16 (v5e-256), v4:4x4x8, v6e:16x16"

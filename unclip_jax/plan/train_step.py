@@ -13,7 +13,7 @@ needed). From the result:
 - **the fsdp bound**: parameters + optimiser + EMA per chip must be at most 1.1 x total / (fsdp x tensor), else a
   large array is replicated by accident (the largest replicated ones are listed);
 - **FLOPs and bytes accessed per chip per step** (``cost_analysis``), a roofline step time from the chip's
-  published peaks (:mod:`unclip_jax.plan.chips`) and the days to ``total_steps`` at a stated model-FLOPs
+  published peaks (:mod:`unclip_jax.chips`) and the days to ``total_steps`` at a stated model-FLOPs
   utilisation (or at the roofline, when the step is memory-bound even at full bandwidth). XLA counts a loop body once, so with gradient accumulation the FLOPs of one microbatch's forward
   and backward are counted once; the plan scales them by the accumulation count. XLA's FLOPs are the
   program's: with remat they include the recomputed forward, so the days quoted at an MFU are the days at that
@@ -35,8 +35,8 @@ import jax
 import numpy as np
 
 from unclip_jax import parallel
+from unclip_jax.chips import GIB, Chip
 from unclip_jax.plan import batches
-from unclip_jax.plan.chips import GIB, Chip
 from unclip_jax.plan.topology import PlanError, device_grid_shape, topology_devices
 
 HEADROOM = 0.10  # fits = used <= (1 - HEADROOM) x HBM

@@ -118,6 +118,14 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
     c.export = ml_collections.ConfigDict()
     c.export.at_end = True
+
+    # unclip_jax.train.profiling: a jax.profiler trace of steps start_step+1 .. start_step+num_steps into
+    # WORKDIR/profile (start_step -1: off), and the persistent XLA compilation cache ('default':
+    # $XDG_CACHE_HOME/unclip_jax/xla; '': off; or a directory).
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = -1
+    c.profile.num_steps = 3
+    c.compilation_cache_dir = "default"
     return c
 
 
@@ -130,6 +138,7 @@ def apply_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.ema.decay = 0.99
     c.checkpoint.every = 10
     c.data.read_threads, c.data.prefetch_batches = 1, 0
+    c.compilation_cache_dir = ""  # tests compile from scratch: no state shared between runs
     return c
 
 

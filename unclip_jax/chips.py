@@ -1,4 +1,4 @@
-"""Published per-chip peaks of Cloud TPU generations: the roofline of :mod:`unclip_jax.plan`.
+"""Published per-chip peaks of Cloud TPU generations: the roofline of :mod:`unclip_jax.plan` and the MFU of the train loop.
 
 Numbers are Google's "key specifications" tables, per chip (v4 and v5p chips are two TensorCores run as one
 "megacore" device, as JAX uses them):
