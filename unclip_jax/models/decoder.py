@@ -37,9 +37,13 @@ import jax.numpy as jnp
 
 from unclip_jax.layers import axes
 from unclip_jax.layers.transformer import dense, layer_norm
+from unclip_jax.models.glide_text import CLIP_VOCAB_SIZE, GlideTextEncoder, empty_caption
 from unclip_jax.models.unet import AttentionUNetFields, UNetModel
 
 Dtype = Any
+
+TEXT_ENCODERS = ("clip", "glide")  # UnCLIPDecoder.text_encoder: Karlo's frozen CLIP caption states, the paper's GLIDE
+INPAINT_CHANNELS = 4  # GLIDE's inpainting decoder: x_t plus the masked image (3) and the mask (1)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # Compiles and runs in seconds on CPU; pairs with clip.VARIANTS["test"] (CLIP width 32).
@@ -53,6 +57,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         norm_num_groups=8,
         clip_embeddings_dim=32,
         sample_size=16,
+        # GLIDE caption transformer of text_encoder="glide" (experiments/decoder.py:test_glide).
+        text_ctx=77,
+        xf_width=32,
+        xf_layers=2,
+        xf_heads=2,
     ),
     # The CPU demo (unclip_jax.demo, experiments/decoder.py:tiny): 32x32, block channels (16, 32, 64), attention at
     # 16x16 and 8x8 (the caption reaches the finer level too), fixed variance (3 output channels); pairs with the
@@ -69,6 +78,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         norm_num_groups=8,
         clip_embeddings_dim=64,
         sample_size=32,
+        text_ctx=77,
+        xf_width=64,
+        xf_layers=2,
+        xf_heads=4,
     ),
     # Benchmark size (64x64): block channels (64, 128, 192, 256), attention in the 3 inner levels.
     "bench": dict(
@@ -93,7 +106,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         sample_size=64,
     ),
     # Appendix C: 512 channels, mult 1,2,3,4, 3 res blocks, attention at 32,16,8, 64 channels per head,
-    # caption context width 2048, 1024-dim CLIP (ViT-H/16), dropout 0.1 (GLIDE 3.5B class).
+    # caption context width 2048, 1024-dim CLIP (ViT-H/16), dropout 0.1 (GLIDE 3.5B class). With
+    # text_encoder="glide" (experiments/decoder.py:paper) the caption transformer of table 3: ctx 256, width 2048,
+    # 24 blocks, 32 heads; the variant alone keeps Karlo's CLIP-caption pathway.
     "paper": dict(
         model_channels=512,
         channel_mult=(1, 2, 3, 4),
@@ -104,6 +119,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         clip_embeddings_dim=1024,
         dropout=0.1,
         sample_size=64,
+        text_ctx=256,
+        xf_width=2048,
+        xf_layers=24,
+        xf_heads=32,
     ),
 }
 
@@ -117,6 +136,9 @@ class UnCLIPTextProj(nn.Module):
       cross_attention_dim: context width of the U-Net.
       clip_extra_context_tokens: number of tokens made from z_i (4).
       layer_norm_eps: eps of ``text_encoder_hidden_states_norm`` (torch default 1e-5).
+      text_encoder: ``"clip"`` (Karlo: z_t and the CLIP caption states are projected here) or ``"glide"`` (the
+        paper: ``text_embeds`` is GLIDE's ``xf_proj``, already of the time-embedding width, and
+        ``text_hidden_states`` its token states, already of the context width; both are used as they are).
     """
 
     clip_embeddings_dim: int = 768
@@ -124,6 +146,7 @@ class UnCLIPTextProj(nn.Module):
     cross_attention_dim: int = 1536
     clip_extra_context_tokens: int = 4
     layer_norm_eps: float = 1e-5
+    text_encoder: str = "clip"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -170,16 +193,23 @@ class UnCLIPTextProj(nn.Module):
         def proj(features, name):
             return dense(features, axes.EMBED, axes.MLP, self.dtype, self.param_dtype, name)
 
-        time_emb = proj(self.time_embed_dim, "embedding_proj")(text_embeds) + proj(
-            self.time_embed_dim, "clip_image_embeddings_project_to_time_embeddings"
-        )(image_embeds)
+        glide = self.text_encoder == "glide"
+        text_time = (
+            text_embeds.astype(self.dtype) if glide else proj(self.time_embed_dim, "embedding_proj")(text_embeds)
+        )
+        time_emb = text_time + proj(self.time_embed_dim, "clip_image_embeddings_project_to_time_embeddings")(
+            image_embeds
+        )
         n, c = self.clip_extra_context_tokens, self.cross_attention_dim
         tokens = proj(n * c, "clip_extra_context_tokens_proj")(image_embeds)
         tokens = tokens.reshape(b, c, n).transpose(0, 2, 1)
-        states = proj(c, "encoder_hidden_states_proj")(text_hidden_states)
-        states = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "text_encoder_hidden_states_norm")(
-            states
-        )
+        if glide:
+            states = text_hidden_states.astype(self.dtype)
+        else:
+            states = proj(c, "encoder_hidden_states_proj")(text_hidden_states)
+            states = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "text_encoder_hidden_states_norm")(
+                states
+            )
         context = jnp.concatenate([tokens.astype(states.dtype), states], axis=1)
         context = nn.with_logical_constraint(context, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
         return context, time_emb
@@ -204,13 +234,44 @@ class UnCLIPDecoder(AttentionUNetFields):
     (:class:`Decoder`); the fields are the U-Net's
     (:class:`~unclip_jax.models.unet.AttentionUNetFields`) plus the two below.
 
+    With ``text_encoder="glide"`` (the paper's decoder, section 2.1) the caption is encoded by GLIDE's transformer
+    trained with the U-Net (:class:`unclip_jax.models.glide_text.GlideTextEncoder`, parameters under ``text_encoder``)
+    from the caption token ids: its last state is added to the timestep embedding, its token states (width
+    ``xf_width`` = ``context_dim``, GLIDE's ``encoder_channels``) follow the 4 CLIP tokens in the context, with no
+    context mask (GLIDE attends over every position; padding has its learned embedding). z_t is not used (the paper
+    conditions the decoder on z_i and the caption).
+
+    GLIDE's inpainting model (``InpaintText2ImUNet``) is this decoder with ``in_channels = 3 + 4``: the masked
+    image and the mask are concatenated to x_t (``inpaint_image``, ``inpaint_mask``).
+
     Attributes:
       clip_embeddings_dim: size of z_i, z_t and of the caption hidden states.
       clip_extra_context_tokens: number of context tokens made from z_i (4).
+      text_encoder: ``"clip"`` (frozen CLIP caption states, Karlo) or ``"glide"`` (the paper).
+      text_ctx, xf_width, xf_layers, xf_heads, xf_final_ln, xf_padding, xf_vocab_size: the GLIDE caption
+        transformer (``text2im_model.py`` names; only with ``text_encoder="glide"``).
     """
 
     clip_embeddings_dim: int = 768
     clip_extra_context_tokens: int = 4
+    text_encoder: str = "clip"
+    text_ctx: int = 128
+    xf_width: int = 512
+    xf_layers: int = 16
+    xf_heads: int = 8
+    xf_final_ln: bool = True
+    xf_padding: bool = True
+    xf_vocab_size: int = CLIP_VOCAB_SIZE
+
+    @property
+    def glide(self) -> bool:
+        """Whether the caption goes through GLIDE's jointly trained transformer."""
+        return self.text_encoder == "glide"
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the image x_t (the rest of ``in_channels`` are the inpainting inputs)."""
+        return self.in_channels - INPAINT_CHANNELS if self.in_channels > 3 + 1 else self.in_channels
 
     def unet_kwargs(self) -> dict[str, Any]:
         """Constructor kwargs of the :class:`Decoder` inside."""
@@ -223,12 +284,38 @@ class UnCLIPDecoder(AttentionUNetFields):
             time_embed_dim=self.temb_dim,
             cross_attention_dim=self.context_dim,
             clip_extra_context_tokens=self.clip_extra_context_tokens,
+            text_encoder=self.text_encoder,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def text_encoder_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs of the :class:`~unclip_jax.models.glide_text.GlideTextEncoder` inside."""
+        return dict(
+            text_ctx=self.text_ctx,
+            xf_width=self.xf_width,
+            xf_layers=self.xf_layers,
+            xf_heads=self.xf_heads,
+            xf_final_ln=self.xf_final_ln,
+            xf_padding=self.xf_padding,
+            vocab_size=self.xf_vocab_size,
+            time_embed_dim=self.temb_dim,
+            remat=self.remat,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
 
     def setup(self):
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"UnCLIPDecoder.text_encoder={self.text_encoder!r}: expected one of {TEXT_ENCODERS}")
+        if self.glide and self.xf_width != self.context_dim:
+            raise ValueError(
+                f"UnCLIPDecoder: xf_width={self.xf_width} must equal context_dim={self.context_dim} "
+                "(GLIDE: the attention layers' encoder_channels are the transformer's width)"
+            )
         self.text_proj = UnCLIPTextProj(**self.text_proj_kwargs())
+        if self.glide:
+            self.text_encoder_module = GlideTextEncoder(**self.text_encoder_kwargs(), name="text_encoder")
         self.unet = Decoder(**self.unet_kwargs())
 
     def __call__(
@@ -236,13 +323,16 @@ class UnCLIPDecoder(AttentionUNetFields):
         x_t: jnp.ndarray,
         t: jnp.ndarray,
         image_embeds: jnp.ndarray,
-        text_embeds: jnp.ndarray,
-        text_hidden_states: jnp.ndarray,
+        text_embeds: jnp.ndarray | None = None,
+        text_hidden_states: jnp.ndarray | None = None,
         text_mask: jnp.ndarray | None = None,
         drop_image_embeds: jnp.ndarray | None = None,
         drop_caption: jnp.ndarray | None = None,
         null_caption: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None,
         deterministic: bool = True,
+        input_ids: jnp.ndarray | None = None,
+        inpaint_image: jnp.ndarray | None = None,
+        inpaint_mask: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """Predicts eps and the variance interpolation given CLIP conditioning.
 
@@ -250,22 +340,39 @@ class UnCLIPDecoder(AttentionUNetFields):
           x_t: [B, H, W, 3] noisy images.
           t: [B] timesteps.
           image_embeds: [B, D] CLIP image embeddings z_i.
-          text_embeds: [B, D] CLIP text embeddings z_t.
-          text_hidden_states: [B, L, D] CLIP caption hidden states.
+          text_embeds: [B, D] CLIP text embeddings z_t (``"clip"`` text encoder; unused by ``"glide"``).
+          text_hidden_states: [B, L, D] CLIP caption hidden states (``"clip"`` only).
           text_mask: optional [B, L] bool caption mask (True = real token); the 4 CLIP
             tokens are always visible.
           drop_image_embeds: optional [B] bool: use the learned null embedding for z_i
             (classifier-free guidance training, 10% in the paper).
           drop_caption: optional [B] bool: use ``null_caption`` instead of the caption
-            (50% in the paper).
+            (50% in the paper); with ``"glide"`` the empty caption
+            (:func:`unclip_jax.models.glide_text.empty_caption`).
           null_caption: (text_embeds [1|B, D], text_hidden_states [1|B, L, D], text_mask
             [1|B, L]) of the empty caption (what the sampler's unconditional branch
-            uses: the CLIP encoding of ""). Required with ``drop_caption``.
+            uses: the CLIP encoding of ""). Required with ``drop_caption`` (``"clip"`` only).
           deterministic: disables dropout.
+          input_ids: [B, L] caption token ids (``"glide"``).
+          inpaint_image, inpaint_mask: [B, H, W, 3] image in [-1, 1] and [B, H, W, 1] mask (1 = known pixel) of an
+            inpainting decoder (``in_channels = 7``): ``[x_t, image * mask, mask]`` enter the U-Net (GLIDE
+            ``InpaintText2ImUNet``).
 
         Returns:
           [B, H, W, out_channels].
         """
+        if self.in_channels != x_t.shape[-1]:
+            if inpaint_image is None or inpaint_mask is None:
+                raise ValueError(
+                    f"UnCLIPDecoder: in_channels={self.in_channels} for a {x_t.shape[-1]}-channel x_t needs "
+                    "inpaint_image and inpaint_mask"
+                )
+            m = inpaint_mask.astype(x_t.dtype)
+            x_t = jnp.concatenate([x_t, inpaint_image.astype(x_t.dtype) * m, m], axis=-1)
+        if self.glide:
+            return self._glide_call(
+                x_t, t, image_embeds, input_ids, text_mask, drop_image_embeds, drop_caption, deterministic
+            )
         b, length = text_hidden_states.shape[:2]
         if text_mask is None:
             text_mask = jnp.ones((b, length), bool)
@@ -284,6 +391,22 @@ class UnCLIPDecoder(AttentionUNetFields):
         )
         mask = jnp.concatenate([jnp.ones((b, self.clip_extra_context_tokens), bool), text_mask.astype(bool)], axis=1)
         return self.unet(x_t, t, context, class_labels=time_emb, context_mask=mask, deterministic=deterministic)
+
+    def _glide_call(self, x_t, t, image_embeds, input_ids, text_mask, drop_image_embeds, drop_caption, deterministic):
+        if input_ids is None:
+            raise ValueError('UnCLIPDecoder(text_encoder="glide") needs the caption token ids (input_ids)')
+        b, length = input_ids.shape
+        if text_mask is None:
+            text_mask = jnp.ones((b, length), bool)
+        text_mask = text_mask.astype(bool)
+        if drop_caption is not None:
+            null_ids, null_mask = empty_caption(b, length)
+            d = drop_caption.astype(bool)[:, None]
+            input_ids = jnp.where(d, null_ids, input_ids)
+            text_mask = jnp.where(d, null_mask, text_mask)
+        xf_proj, xf_out = self.text_encoder_module(input_ids, text_mask)
+        context, time_emb = self.text_proj(image_embeds, xf_proj, xf_out, drop_image_embeds=drop_image_embeds)
+        return self.unet(x_t, t, context, class_labels=time_emb, context_mask=None, deterministic=deterministic)
 
 
 def build(variant: str, **overrides: Any) -> UnCLIPDecoder:
