@@ -4,11 +4,13 @@
     python -m unclip_jax.main --config=experiments/decoder.py:test --workdir=DIR --mode=export [--export_dir=OUT]
     unclip train --config=... --workdir=...          # the same, through the `unclip` command
 
-``--mode=train`` (default) trains, resuming from ``DIR/checkpoints`` when present;
-``--mode=export`` writes the EMA params of the latest checkpoint as a params-only native
+``--mode=train`` (default) trains, resuming from the newest checkpoint of ``DIR/checkpoints`` that verifies;
+``--mode=export`` writes the EMA params of that checkpoint as a params-only native
 folder (:func:`unclip_jax.convert.native.load_native` reads it). An unknown config field,
-a value of the wrong type, or a mesh that does not divide the devices is an error naming
-the field. Multi-host: set ``--config.distributed.coordinator_address=HOST:PORT``,
+a value of the wrong type or out of its domain (:mod:`unclip_jax.train.validate`), a mesh that does not divide the
+devices, a work directory another run holds (:mod:`unclip_jax.train.lock`) or a resume with a config that differs
+from the checkpointed one (``--allow_config_change=FIELD,...`` when meant) is a one-line error naming it, exit 2;
+``UNCLIP_TRACEBACK=1`` shows the traceback. SIGTERM and Ctrl-C (SIGINT) save a checkpoint and exit 143 / 130. Multi-host: set ``--config.distributed.coordinator_address=HOST:PORT``,
 ``--config.distributed.num_processes=N`` and ``--config.distributed.process_id=I`` (or
 ``--config.distributed.auto=True`` on TPU pods / SLURM) on every process.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 
 # TensorFlow (clu's summary writer, tensorflow-datasets) is only a data/metrics dependency here: keep its start-up
@@ -47,19 +50,23 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_string(
         "export_dir", None, "--mode=export: output folder (default WORKDIR/export/ema_<step>)", flag_values=fv
     )
+    flags.DEFINE_list(
+        "allow_config_change",
+        [],
+        "resume although these fields differ from the checkpointed config (beyond those that may always change)",
+        flag_values=fv,
+    )
     return fv
 
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run saved a checkpoint and should be restarted
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C): likewise
 
 
 def _setup_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("unclip_jax").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
+    from unclip_jax.logs import setup_logging
+
+    setup_logging()
 
 
 def _explain(error: Exception, argv: list[str]) -> str:
@@ -80,8 +87,8 @@ def _explain(error: Exception, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv`` (argv[0] is the program name) and runs; returns the exit code.
 
-    Returns 0 when training finished, 143 when it stopped on SIGTERM after saving a
-    checkpoint, 2 on a usage error, 1 on a non-finite loss.
+    Returns 0 when training finished, 143 / 130 when it stopped on SIGTERM / SIGINT after saving a
+    checkpoint, 2 on a usage error (one line; ``UNCLIP_TRACEBACK=1`` re-raises), 1 on a non-finite loss.
     """
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
@@ -91,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         FLAGS = make_flags(argv)
         FLAGS(argv)
-    except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+        if os.environ.get("UNCLIP_TRACEBACK"):
+            raise
         print(f"{argv[0] if argv else 'unclip_jax.main'}: {_explain(e, argv)}", file=sys.stderr)
         return 2
     if FLAGS.config is None or FLAGS.workdir is None:
@@ -104,19 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     config = FLAGS.config
 
     from unclip_jax import parallel
+    from unclip_jax.train import lock, validate
 
     try:
+        validate.validate_config(config)
         parallel.initialize_distributed(config.distributed)
         from unclip_jax.train import loop
 
         if FLAGS.mode == "export":
             print(loop.export_from_checkpoint(config, FLAGS.workdir, FLAGS.export_dir))
             return 0
-        result = loop.train_and_evaluate(config, FLAGS.workdir)
+        result = loop.train_and_evaluate(config, FLAGS.workdir, allow_changes=tuple(FLAGS.allow_config_change))
+    except KeyboardInterrupt:
+        print(f"{argv[0]}: interrupted; the steps since the last checkpoint are not saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except parallel.MeshError as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, lock.WorkdirLocked, PermissionError) as e:
         # Bad input (an empty or wrong data folder, a missing stats / codec file): the message names it. Set
         # UNCLIP_TRACEBACK=1 to see where it was raised.
         if os.environ.get("UNCLIP_TRACEBACK"):
@@ -126,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # metrics.NonFiniteLossError
         logging.getLogger("unclip_jax.train").error("%s", e)
         return 1
-    return EXIT_PREEMPTED if result.preempted else 0
+    if not result.preempted:
+        return 0
+    return EXIT_INTERRUPTED if result.signum == signal.SIGINT else EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

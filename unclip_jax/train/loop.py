@@ -15,12 +15,17 @@ Flow (flax lm1b / big_vision style):
 6. host work only every ``config.log_every`` steps (metrics, NaN check, progress line),
    ``config.checkpoint.every`` steps (async save with the iterator state) and
    ``config.preview_every`` steps (``task.sample`` -> PNG grid / preview metrics);
-7. at the end (or on SIGTERM) a final checkpoint; at the end also the params-only export
+7. at the end (or on SIGTERM / SIGINT) a final checkpoint; at the end also the params-only export
    of the EMA weights to ``WORKDIR/export/ema``.
 
+Before anything is built the config is validated (:mod:`unclip_jax.train.validate`) and the work directory locked
+(:mod:`unclip_jax.train.lock`: one run per directory). A resumed run restores the newest checkpoint that verifies
+(:meth:`~unclip_jax.train.checkpoint.Checkpointer.restore_newest_good`), after checking that the config differs from
+the checkpointed one only in fields that may change, and drops ``metrics.jsonl`` rows past the restored step.
+
 A non-finite loss raises :class:`~unclip_jax.train.metrics.NonFiniteLossError` naming the
-first bad step; states from that step on are never saved. Metrics are checked before
-every save, so the last checkpoint is always a good one.
+first bad step and the checkpoint a rerun resumes from; states from that step on are never saved. Metrics are
+checked before every save, so the last checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ import optax
 
 from unclip_jax import parallel, stages
 from unclip_jax.train import checkpoint as ckpt_lib
+from unclip_jax.train import lock as lock_lib
 from unclip_jax.train import metrics as metrics_lib
-from unclip_jax.train import optim
+from unclip_jax.train import optim, validate
 from unclip_jax.train import state as state_lib
 from unclip_jax.train.tasks import Task, make_task
 
@@ -224,26 +230,39 @@ def compile_train_step(
         return jitted.lower(state, batch).compile(compiler_options)
 
 
-# ----------------------------------------------------------------------------- SIGTERM
+# ----------------------------------------------------------------------------- SIGTERM / SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class _Preemption:
-    """Records SIGTERM; the loop saves a checkpoint at the next step and returns."""
+    """Records SIGTERM or SIGINT (Ctrl-C); the loop saves a checkpoint after the current step and returns.
+
+    A second SIGINT raises ``KeyboardInterrupt`` at once (the way out when the user does not want to wait).
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame):
-        del signum, frame
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop at once)")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
     def agreed(self) -> bool:
@@ -265,13 +284,21 @@ class TrainResult:
     preempted: bool = False
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     export_dir: str | None = None
+    signum: int | None = None  # the signal that stopped a preempted run (SIGTERM when not known)
 
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, data_iter: Any = None) -> TrainResult:
+def train_and_evaluate(
+    config: Any,
+    workdir: str,
+    *,
+    task: Task | None = None,
+    data_iter: Any = None,
+    allow_changes: tuple[str, ...] = (),
+) -> TrainResult:
     """Trains ``config.task`` for ``config.total_steps`` steps in ``workdir`` (resuming if it has checkpoints).
 
     Args:
@@ -280,14 +307,25 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
         (``previews/step_<n>.png``) and the export (``export/ema``) go here.
       task: overrides :func:`make_task` (tests).
       data_iter: overrides :func:`make_train_iterator` (must yield per-process batches).
+      allow_changes: fields that may differ from the checkpointed config on resume beyond
+        :data:`unclip_jax.train.validate.RESUMABLE` (``--allow_config_change``).
 
     Returns:
       :class:`TrainResult` (final state still on device).
 
     Raises:
-      NonFiniteLossError: the loss became NaN/inf (the message names the step).
+      NonFiniteLossError: the loss became NaN/inf (the message names the step and the checkpoint to resume from).
+      ConfigError: a field out of its domain, or a resume with a config that differs in a field that may not.
+      WorkdirLocked: another run holds the work directory.
+      CheckpointError: no checkpoint of the work directory can be restored.
     """
+    validate.validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with lock_lib.WorkdirLock(workdir, primary=jax.process_index() == 0):
+        return _train(config, workdir, task, data_iter, tuple(allow_changes))
+
+
+def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_changes: tuple[str, ...]) -> TrainResult:
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config.mesh)
     task = task or make_task(config)
@@ -296,7 +334,6 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     parallel.batch_size_per_process(int(config.batch_size), mesh)  # validates divisibility
     data_iter = data_iter if data_iter is not None else make_train_iterator(config)
     primary = jax.process_index() == 0
-    writer = metrics_lib.create_writer(workdir, primary)
     ck = config.checkpoint
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -307,20 +344,26 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     rng = jax.random.PRNGKey(int(config.seed))
     init_rng, base_rng = jax.random.split(rng)
     first = parallel.global_batch(peek(data_iter), mesh)
+    writer = metrics_lib.create_writer(workdir, primary)
+    run_config = config.to_dict()
 
-    if checkpointer.latest_step() is not None:
+    if checkpointer.all_steps():
+        _check_resume_config(checkpointer, run_config, allow_changes)
         abstract, shardings = abstract_state(task, tx, first, mesh, rules)
         target = ckpt_lib.abstract_with_shardings(abstract, shardings)
-        start, state = checkpointer.restore(target, data_iter)
-        log.info("resumed from %s at step %d", checkpointer.directory, start)
+        start, state = checkpointer.restore_newest_good(target, data_iter)
+        log.info("resumed from %s at step %d", checkpointer.step_dir(start), start)
+        if primary:
+            metrics_lib.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start)
     else:
+        log.info("initialising the state (compiling the init function) ...")
         state, shardings, _ = init_state(task, tx, init_rng, first, mesh, rules)
         start = 0
         if config.init_from:
             state = ckpt_lib.init_from_native(state, shardings, config.init_from)
             log.info("initialised params, EMA and %s from %s", sorted(state.extra), config.init_from)
         if primary:
-            writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+            writer.write_hparams({k: v for k, v in _flat(run_config).items()})
 
     train_step = make_train_step(
         task,
@@ -331,6 +374,7 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
         ema_warmup=bool(config.ema.warmup),
         grad_accum_steps=int(config.optim.grad_accum_steps),
     )
+    log.info("compiling the train step (the first minute or so of a run; nothing is wrong) ...")
     t0 = time.perf_counter()
     compiled = compile_train_step(train_step, state, first, shardings, mesh, rules)
     flops = metrics_lib.step_flops(compiled, mesh.size)
@@ -345,6 +389,7 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
         preview_batch = jax.jit(lambda b: jax.tree.map(lambda x: x[:n], b), out_shardings=parallel.replicated(mesh))(
             first
         )
+        log.info("previews every %d steps (compiled when the first one is due)", preview_every)
         with parallel.mesh_context(mesh, rules):
             preview_fn = jax.jit(lambda p, e, b, r: task.sample(p, b, r, e), out_shardings=parallel.replicated(mesh))
 
@@ -355,6 +400,19 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     last: dict[str, float] = {}
     step = start
     preempted = False
+    signum = None
+
+    def flush_window(upto: int) -> dict[str, float]:
+        """Writes the mean of the logged-but-unwritten steps as the row of ``upto`` (a window in progress too)."""
+        if not to_log:
+            return {}
+        scalars = {**metrics_lib.mean_metrics(to_log), **progress.update(upto)}
+        to_log.clear()
+        writer.write_scalars(upto, scalars)
+        if primary:
+            log.info(progress.line(upto, scalars))
+        return scalars
+
     try:
         with _Preemption() as preemption:
             while step < total:
@@ -371,27 +429,28 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
                     pending.clear()
                     bad = metrics_lib.first_non_finite(rows)
                     if bad is not None:
-                        raise metrics_lib.NonFiniteLossError(*bad)
+                        to_log += [r for r in rows if r[0] < bad[0]]
+                        flush_window(bad[0] - 1)
+                        good = checkpointer.newest_verified_step()
+                        where = None if good is None else f"step {good} ({checkpointer.step_dir(good)})"
+                        raise metrics_lib.NonFiniteLossError(*bad, checkpoint=where)
                     to_log += rows
-                if _due(step, log_every) or step == total:
-                    scalars = {**metrics_lib.mean_metrics(to_log), **progress.update(step)}
-                    to_log.clear()
-                    writer.write_scalars(step, scalars)
-                    last = scalars
-                    if primary:
-                        log.info(progress.line(step, scalars))
+                if _due(step, log_every) or step == total or stop_now:
+                    last = flush_window(step) or last
                 if preview_fn is not None and _due(step, preview_every):
                     _preview(preview_fn, state, preview_batch, base_rng, step, workdir, writer, primary)
                 if save_now or stop_now:
-                    checkpointer.save(step, state, data_iter, force=True)
+                    checkpointer.save(step, state, data_iter, force=True, config=run_config)
                 if stop_now:
                     preempted = True
-                    log.warning("SIGTERM: saved a checkpoint at step %d; stopping", step)
+                    signum = preemption.signum or signal.SIGTERM
+                    log.warning("%s: saved a checkpoint at step %d; stopping", signal.Signals(signum).name, step)
                     break
         checkpointer.wait()
         export_dir = None
         if not preempted and config.export.at_end:
             export_dir = os.path.join(workdir, "export", "ema")
+            ckpt_lib.clean_stale_staging(export_dir)
             variables = {"params": state.ema_params, **state.extra}
             ckpt_lib.export_params(
                 task.module, variables, export_dir, variant=config.model.variant, diffusion=task.diffusion_config
@@ -400,7 +459,22 @@ def train_and_evaluate(config: Any, workdir: str, *, task: Task | None = None, d
     finally:
         checkpointer.close()
         writer.flush()
-    return TrainResult(state=state, step=step, preempted=preempted, metrics=last, export_dir=export_dir)
+    return TrainResult(state=state, step=step, preempted=preempted, metrics=last, export_dir=export_dir, signum=signum)
+
+
+def _check_resume_config(checkpointer: ckpt_lib.Checkpointer, run_config: dict, allow: tuple[str, ...]) -> None:
+    """Compares the config with the newest checkpoint's recorded one (old checkpoints have none)."""
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            meta = checkpointer.meta(step)
+        except ValueError:
+            continue  # a damaged record: restore_newest_good reports it
+        if meta is None or "config" not in meta:
+            return
+        changed = validate.resume_changes(meta["config"], run_config, allow, where=str(checkpointer.step_dir(step)))
+        if changed:
+            log.info("resuming with changed %s", ", ".join(changed))
+        return
 
 
 def _preview(preview_fn, state, batch, base_rng, step, workdir, writer, primary) -> None:
@@ -430,24 +504,31 @@ def export_from_checkpoint(config: Any, workdir: str, out_dir: str | None = None
     """Params-only export of the EMA weights of a checkpoint in ``workdir`` (latest by default).
 
     Restores only the shapes it needs (abstract state from the data's first batch) on the
-    current mesh and writes :func:`unclip_jax.convert.native.save_native` to ``out_dir``
+    current mesh, from the newest checkpoint that verifies (a damaged newer one is reported and skipped), and writes :func:`unclip_jax.convert.native.save_native` to ``out_dir``
     (default ``WORKDIR/export/ema_<step>``).
     """
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config.mesh)
     task = make_task(config)
     tx, _ = optim.make_optimizer(config.optim, int(config.total_steps))
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), every=1)
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no checkpoints (is --workdir the work directory of a training run?)")
+    checkpointer = ckpt_lib.Checkpointer(folder, every=1)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
+        steps = checkpointer.all_steps()
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"{folder}: no checkpoint of step {step} (there are {steps})")
+        if not steps:
+            raise FileNotFoundError(f"{folder}: no checkpoint to export")
         batch = parallel.global_batch(peek(make_train_iterator(config)), mesh)
         abstract, shardings = abstract_state(task, tx, batch, mesh, rules)
-        _, state = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), None, step)
+        target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+        step, state = checkpointer.restore_newest_good(target, None, [step] if step is not None else None)
     finally:
         checkpointer.close()
     out_dir = out_dir or os.path.join(workdir, "export", f"ema_{step}")
+    ckpt_lib.clean_stale_staging(out_dir)
     return ckpt_lib.export_params(
         task.module,
         {"params": state.ema_params, **state.extra},

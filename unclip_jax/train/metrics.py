@@ -25,13 +25,23 @@ log = logging.getLogger("unclip_jax.train")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; ``step`` is the first bad step (its state was not saved)."""
+    """The loss became NaN/inf; ``step`` is the first bad step (its state was not saved).
 
-    def __init__(self, step: int, metrics: Mapping[str, float]):
+    ``checkpoint`` names the newest checkpoint that verifies (what a rerun resumes from), or ``None``.
+    """
+
+    def __init__(self, step: int, metrics: Mapping[str, float], checkpoint: str | None = None):
         self.step = step
+        self.checkpoint = checkpoint
+        where = (
+            f"the newest checkpoint that verifies is {checkpoint}, from before it"
+            if checkpoint
+            else "no checkpoint was saved before it"
+        )
         super().__init__(
             f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in sorted(metrics.items()))}); "
-            "stopping without saving this state: the last good checkpoint is intact"
+            f"stopping without saving this state: {where}. Lower config.optim.lr (or set config.optim.grad_clip_norm) "
+            "and rerun to resume from it"
         )
 
 
@@ -81,6 +91,33 @@ def create_writer(workdir: str, is_primary: bool) -> metric_writers.MetricWriter
         return metric_writers.create_default_writer(None, just_logging=True)
     tb = metric_writers.create_default_writer(os.path.join(workdir, "tb"), asynchronous=True)
     return metric_writers.MultiWriter([tb, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Removes the rows of steps after ``step`` from a ``metrics.jsonl`` (a resumed run writes them anew, so the file
+    keeps one row per step); rewritten in place, so a writer appending to it stays valid. Returns the rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "r+") as f:
+        lines = f.readlines()
+        keep = [line for line in lines if not _after(line, step)]
+        if len(keep) != len(lines):
+            f.seek(0)
+            f.writelines(keep)
+            f.truncate()
+    if len(keep) != len(lines):
+        log.info(
+            "%s: dropped %d rows after step %d (the resumed run writes them again)", path, len(lines) - len(keep), step
+        )
+    return len(lines) - len(keep)
+
+
+def _after(line: str, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
