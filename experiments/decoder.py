@@ -7,17 +7,26 @@ embedding) and caption dropped 50%, independently, for classifier-free guidance.
 
 Variants: test (16x16, pairs with clip ``test``), tiny (the CPU demo: the ``tiny`` decoder at
 32x32, pairs with ``experiments/clip.py:tiny``; the demo's upsampler takes it to 128x128),
-bench, karlo (fine-tune Karlo's decoder), paper (appendix C table 3).
+bench, karlo (fine-tune Karlo's decoder), paper (appendix C table 3, with GLIDE's caption transformer of
+ctx 256 / width 2048 / 24 blocks / 32 heads trained jointly: 3.56B parameters, the paper's 3.5B).
+
+GLIDE variants (:data:`GLIDE_VARIANTS`): ``test_glide`` and ``tiny_glide`` are ``test`` and ``tiny`` with the
+decoder's own small caption transformer (``text_encoder="glide"``) in place of the frozen CLIP caption states.
 """
 
 from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
+GLIDE_VARIANTS = ("test_glide", "tiny_glide")
 
 
 def get_config(arg: str = "test"):
-    if arg not in VARIANTS:
-        raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS}")
+    if arg not in VARIANTS + GLIDE_VARIANTS:
+        raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS + GLIDE_VARIANTS}")
+    if arg in GLIDE_VARIANTS:
+        c = get_config(arg.removesuffix("_glide"))
+        c.model.overrides.text_encoder = "glide"
+        return c
     c = base_config("decoder")
     c.diffusion.loss_type = "hybrid"
     if arg == "test":
@@ -42,4 +51,6 @@ def get_config(arg: str = "test"):
     else:
         apply_table3(c, "decoder")
         c.model.variant = arg
+        if arg == "paper":
+            c.model.overrides.text_encoder = "glide"  # section 2.1: GLIDE's text encoder, trained with the decoder
     return c

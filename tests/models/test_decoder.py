@@ -59,6 +59,15 @@ def test_decoder_is_the_unet_with_attention_fields():
     assert _fields(decoder.UnCLIPDecoder) == _fields(decoder.Decoder) | {
         "clip_embeddings_dim",
         "clip_extra_context_tokens",
+        # GLIDE's caption transformer (text_encoder="glide"; tests/models/test_glide_text.py)
+        "text_encoder",
+        "text_ctx",
+        "xf_width",
+        "xf_layers",
+        "xf_heads",
+        "xf_final_ln",
+        "xf_padding",
+        "xf_vocab_size",
     }
     assert len(_fields(decoder.Decoder)) == 19
     m = decoder.build("tiny", remat=True)

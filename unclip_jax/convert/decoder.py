@@ -285,8 +285,31 @@ def load_unclip_decoder(folder: str | os.PathLike, **overrides: Any) -> tuple[Un
     return module, {"params": jax.tree.map(lambda a: jnp.asarray(a, dtype=module.param_dtype), params)}
 
 
+def check_diffusers_exportable(module: UnCLIPDecoder) -> None:
+    """Raises a one-line :class:`ConversionError` when ``module`` has parts a diffusers ``UnCLIPPipeline`` cannot
+    hold: GLIDE's jointly trained caption transformer (diffusers' decoder reads frozen CLIP caption states through
+    ``UnCLIPTextProjModel``) or the 4 extra input channels of GLIDE's inpainting decoder."""
+    if getattr(module, "text_encoder", "clip") != "clip":
+        raise io.ConversionError(
+            f"UnCLIPDecoder(text_encoder={module.text_encoder!r}): its GLIDE caption transformer (params "
+            "'text_encoder/...') has no diffusers equivalent; diffusers' UnCLIPPipeline decoder reads frozen CLIP "
+            "caption states (text_proj). Keep this decoder in the native format"
+        )
+    if module.in_channels != 3:
+        raise io.ConversionError(
+            f"UnCLIPDecoder(in_channels={module.in_channels}): the inpainting inputs (masked image, mask) have no "
+            "slot in diffusers' UnCLIPPipeline; keep this decoder in the native format"
+        )
+
+
 def save_unclip_decoder(module: UnCLIPDecoder, variables: dict[str, Any], folder: str | os.PathLike) -> Path:
-    """Exports an :class:`UnCLIPDecoder` to ``folder/decoder`` and ``folder/text_proj`` (each atomic)."""
+    """Exports an :class:`UnCLIPDecoder` to ``folder/decoder`` and ``folder/text_proj`` (each atomic).
+
+    Raises:
+      ConversionError: a decoder with GLIDE's caption transformer (``text_encoder="glide"``) or inpainting inputs
+        (diffusers' ``UnCLIPPipeline`` has no slot for either; keep such a decoder in the native format).
+    """
+    check_diffusers_exportable(module)
     folder = Path(folder)
     params = as_variables(variables)["params"]
     save_decoder(Decoder(**module.unet_kwargs()), {"params": params["unet"]}, folder / "decoder")

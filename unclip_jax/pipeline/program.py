@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.diffusion import classifier_free_guidance, ddim_reverse_loop
+from unclip_jax.models.glide_text import empty_caption
 from unclip_jax.pipeline.loops import initial_noise, sample_loop
 from unclip_jax.pipeline.ops import encode_text, resize
 from unclip_jax.pipeline.plan import DiffusionStage, Plan
@@ -60,8 +61,28 @@ def _stage_done(plan: Plan, stage: str, steps: int, x: jax.Array) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- stages
-def _decoder_conditions(text: Arrays, null: Arrays, image_embeds: jax.Array, learned_image_embeds: bool):
+def decoder_conditions(
+    module: Any, text: Arrays, null: Arrays, image_embeds: jax.Array, learned_image_embeds: bool
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The decoder's conditional and unconditional keyword arguments (classifier-free guidance, section 2.1).
+
+    The unconditional branch replaces z_i by the learned CFG embedding and the caption by the empty caption: CLIP's
+    encoding of ``""`` (``null``) for a CLIP-caption decoder, GLIDE's empty caption tokens
+    (`unclip_jax.models.glide_text.empty_caption`, as in training) for a decoder with GLIDE's text transformer.
+    """
     b = image_embeds.shape[0]
+    if getattr(module, "glide", False):
+        null_ids, null_mask = empty_caption(*text["input_ids"].shape)
+        cond = dict(
+            image_embeds=image_embeds,
+            input_ids=text["input_ids"],
+            text_mask=text["mask"],
+            drop_image_embeds=jnp.full((b,), learned_image_embeds, bool),
+        )
+        uncond = dict(
+            image_embeds=image_embeds, input_ids=null_ids, text_mask=null_mask, drop_image_embeds=jnp.ones((b,), bool)
+        )
+        return cond, uncond
     cond = dict(
         image_embeds=image_embeds,
         text_embeds=text["text_embeds"],
@@ -88,15 +109,15 @@ def _decoder_fn(stage: DiffusionStage, variables, cond, uncond, scale):
     if stage.settings.guidance_scale is None:
         return denoise, cond
     # Guidance on the eps channels only; the variance channels come from the conditional half (diffusers).
-    return classifier_free_guidance(denoise, scale, cond, uncond, guided_channels=module.in_channels), None
+    return classifier_free_guidance(denoise, scale, cond, uncond, guided_channels=module.image_channels), None
 
 
 def _decoder_stage(plan: Plan, variables, text, null, image_embeds, x_T, scales, key, out, learned) -> jax.Array:
     stage = plan.decoder
-    cond, uncond = _decoder_conditions(text, null, image_embeds, learned)
+    cond, uncond = decoder_conditions(stage.module, text, null, image_embeds, learned)
     fn, c = _decoder_fn(stage, variables["decoder"], cond, uncond, scales["decoder"])
     if x_T is None:
-        x_T = initial_noise(key, (image_embeds.shape[0], stage.size, stage.size, stage.module.in_channels))
+        x_T = initial_noise(key, (image_embeds.shape[0], stage.size, stage.size, stage.module.image_channels))
     res = sample_loop(
         stage.diffusion, stage.settings, fn, x_T, key, c, plan.return_intermediates, scales["decoder_eta"]
     )
@@ -151,7 +172,12 @@ def run_cascade(plan: Plan, variables: Mapping[str, Any], inputs: Mapping[str, A
     out: dict[str, jax.Array] = {}
     k_prior, k_dec, k_sr, k_1024 = jax.random.split(key, 4)
     enc = encode_text(plan.text_encoder, variables["text_encoder"], inputs["input_ids"])
-    text = dict(text_embeds=enc["text_embeds"], last_hidden_state=enc["last_hidden_state"], mask=inputs["mask"])
+    text = dict(
+        text_embeds=enc["text_embeds"],
+        last_hidden_state=enc["last_hidden_state"],
+        mask=inputs["mask"],
+        input_ids=inputs["input_ids"],
+    )
     null_enc = encode_text(plan.text_encoder, variables["text_encoder"], inputs["null_ids"])
     null = dict(
         text_embeds=null_enc["text_embeds"], last_hidden_state=null_enc["last_hidden_state"], mask=inputs["null_mask"]
@@ -160,7 +186,7 @@ def run_cascade(plan: Plan, variables: Mapping[str, Any], inputs: Mapping[str, A
     b = text["text_embeds"].shape[0]
 
     if plan.mode == "invert":
-        cond, uncond = _decoder_conditions(text, null, inputs["image_embeds"], False)
+        cond, uncond = decoder_conditions(plan.decoder.module, text, null, inputs["image_embeds"], False)
         fn, c = _decoder_fn(plan.decoder, variables["decoder"], cond, uncond, scales["decoder"])
         out["x_T"] = ddim_reverse_loop(plan.decoder.diffusion, fn, inputs["images"], cond=c)
         return out

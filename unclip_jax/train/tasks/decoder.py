@@ -12,7 +12,10 @@ L_hybrid = L_simple + lambda L_vlb (Improved DDPM section 3.1; ``config.diffusio
 = 'hybrid'``, ``var_type = 'learned_range'``). Classifier-free guidance training: z_i is
 replaced by the learned ``learned_classifier_free_guidance_embeddings`` with probability
 ``config.task.drop_image_prob`` (10%) and, independently, the caption by the empty
-caption with probability ``config.task.drop_caption_prob`` (50%). The empty caption comes
+caption with probability ``config.task.drop_caption_prob`` (50%). With GLIDE's caption transformer
+(``config.model.overrides.text_encoder = "glide"``, the paper's decoder) the network reads ``input_ids`` /
+``text_mask`` instead of the CLIP caption states, the transformer trains with the U-Net, and the dropped caption
+is GLIDE's empty caption (:func:`unclip_jax.models.glide_text.empty_caption`). Otherwise the empty caption comes
 from ``config.task.null_caption`` (an .npz with ``text_embeds`` [1, D],
 ``text_hidden_states`` [1, L, D], ``text_mask`` [1, L]: CLIP of "" as the sampler's
 unconditional branch uses) or, when unset, is all zeros with only the first token
@@ -79,6 +82,13 @@ class DecoderTask:
         self.null_caption = null_caption
 
     def _cond(self, batch: base.Batch) -> dict[str, jax.Array]:
+        if self.module.glide:
+            base.require(batch, ("image", "image_embeds", "input_ids"), self.name)
+            return dict(
+                image_embeds=batch["image_embeds"].astype(jnp.float32),
+                input_ids=batch["input_ids"].astype(jnp.int32),
+                text_mask=batch.get("text_mask", jnp.ones(batch["input_ids"].shape, bool)).astype(bool),
+            )
         base.require(batch, ("image", *COND_KEYS), self.name)
         mask = base.text_mask(batch)
         return dict(
@@ -116,11 +126,9 @@ class DecoderTask:
         variables = {"params": params, **extra}
         x_start = base.to_model_range(batch["image"])
         cond = self._cond(batch)
-        cond.update(
-            drop_image_embeds=draws["drop_image_embeds"],
-            drop_caption=draws["drop_caption"],
-            null_caption=self._null(cond),
-        )
+        cond.update(drop_image_embeds=draws["drop_image_embeds"], drop_caption=draws["drop_caption"])
+        if not self.module.glide:  # GLIDE's empty caption is fixed tokens (models.glide_text.empty_caption)
+            cond["null_caption"] = self._null(cond)
 
         def denoise(x_t, t_model, **kw):
             return self.module.apply(
