@@ -7,12 +7,17 @@
     unclip plan --config=experiments/decoder.py:paper --topology=v5p:4x4x8  # TPU fit, compiled on this machine
 
 Sub-commands are imported lazily so that `unclip --help` stays fast and light.
+
+A user error (a missing or unreadable file, a value out of its domain, a work directory in use, a stage output holding
+NaN) is one line ``unclip <command>: <message>`` and exit code 2 (:data:`USER_ERRORS`); ``UNCLIP_TRACEBACK=1`` shows
+the traceback instead. Ctrl-C outside training exits 130 without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> (module, argv prefix, help). Each module has main(argv) -> int; the prefix is what its
@@ -33,6 +38,17 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
+# What a command raises on bad input (each names the file, field or value): one line, not a traceback. ValueError
+# covers the package's own errors (PipelineLoadError, ConversionError, ConfigError, CheckpointError);
+# FloatingPointError a non-finite stage output or loss; RuntimeError subclasses are listed by name (WorkdirLocked).
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, FloatingPointError)
+USER_ERROR_NAMES = ("WorkdirLocked",)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    return isinstance(e, USER_ERRORS) or type(e).__name__ in USER_ERROR_NAMES
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the `unclip` command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -44,8 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, prefix, _ = COMMANDS[argv[0]]
-    module = importlib.import_module(module_name)
-    return int(module.main([*prefix, *argv[1:]]) or 0)
+    if os.environ.get("UNCLIP_TRACEBACK"):
+        return int(importlib.import_module(module_name).main([*prefix, *argv[1:]]) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main([*prefix, *argv[1:]]) or 0)
+    except KeyboardInterrupt:
+        print(f"unclip {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"unclip {argv[0]}: {text} (UNCLIP_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ def _setup_logging() -> None:
 def _explain(error: Exception, argv: list[str]) -> str:
     """Names the ``--config.<field>`` override an error is about (ml_collections reports only the key)."""
     text = str(error).replace("\\n", " ").replace("\n", " ").replace("\\'", "'").strip()
+    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    if spec and ("No such file" in text or "Failed loading config file" in text):
+        return f"--config={spec}: no experiment file {spec.split(':', 1)[0]!r} (e.g. experiments/prior.py:test)"
     if text.startswith("'") and text.endswith("'") and text.count("'") > 2:
         text = text[1:-1]
     conversion = any(s in text for s in ("could not convert", "invalid literal", "flag --config"))
@@ -98,19 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         FLAGS = make_flags(argv)
         FLAGS(argv)
-    except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+        config = FLAGS.config
+        if config is not None:
+            config.to_dict()  # a config file that failed to load raises on first use
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError, flags.UnparsedFlagAccessError) as e:
         if os.environ.get("UNCLIP_TRACEBACK"):
             raise
         print(f"{argv[0] if argv else 'unclip_jax.main'}: {_explain(e, argv)}", file=sys.stderr)
         return 2
-    if FLAGS.config is None or FLAGS.workdir is None:
+    if config is None or FLAGS.workdir is None:
         print(
             "usage: --config=experiments/<stage>.py:<variant> --workdir=DIR [--config.<field>=value ...]",
             file=sys.stderr,
         )
         return 2
     _setup_logging()
-    config = FLAGS.config
 
     from unclip_jax import parallel
     from unclip_jax.train import lock, validate

@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         parser.error(f"--only: unknown phase(s) {unknown}; expected a subset of {list(PHASES)}")
+    out_dir = Path(args.out).resolve().parent  # checked before the measurements, which take minutes
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK):
+        parser.error(f"--out {args.out}: the folder {out_dir} does not exist or is not writable")
     repeats = args.repeats or (2 if args.quick else 5)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

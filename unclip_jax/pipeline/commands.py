@@ -10,6 +10,10 @@ components) and/or per-component paths (``--prior WORKDIR`` etc.: training workd
 per-stage sampling settings (``--<stage>-steps``, ``--<stage>-sampler``, ``--<stage>-eta``, ``--<stage>-guidance``),
 writes every image as a PNG plus a labelled grid (``--out``), prints where, and prints a line per finished stage.
 
+Bad input is found before any model is loaded: a count below its minimum (``--num``), an input image that is missing
+or not an image, an ``--out`` that is a folder, not a ``.png`` or not writable. A stage whose output holds NaN/inf
+(damaged weights) is an error naming it, never a black PNG (:func:`check_stage_outputs`).
+
 The prior may be the diffusion prior or the autoregressive prior (paper section 2.2; ``experiments/ar_prior.py``):
 ``--prior PATH`` takes either, the kind is read from the folder (its module class). ``--prior-kind {auto,diffusion,ar}``
 asserts it; ``--prior ar`` (or ``--prior=ar``; ``diffusion`` likewise), when no file of that name exists, is short for
@@ -34,9 +38,39 @@ import numpy as np
 from unclip_jax.pipeline.flags import add_pipeline_arguments, float_list, load_from_args, stage_settings
 from unclip_jax.pipeline.plan import IMAGE_EMBED_SOURCES
 
+# Program outputs of each stage (unclip_jax.pipeline.program.run_cascade), in cascade order.
+STAGE_OUTPUTS = (
+    ("x_T", "decoder (DDIM inversion)"),
+    ("image_embeds", "prior"),
+    ("decoder_images", "decoder"),
+    ("super_res_images", "super_res"),
+    ("upsampler_1024_images", "upsampler_1024"),
+    ("images", "the last stage"),
+)
+
+
+def check_stage_outputs(result: dict[str, Any]) -> None:
+    """Refuses a result whose stage outputs hold NaN/inf, naming the first such stage.
+
+    Raises:
+      FloatingPointError: ``<stage> produced N non-finite values ...``.
+    """
+    for key, stage in STAGE_OUTPUTS:
+        if key not in result:
+            continue
+        x = np.asarray(result[key])
+        if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            raise FloatingPointError(
+                f"the {stage} stage produced {bad} non-finite values of {x.size} ({key}); its weights or settings "
+                "are broken (no images written)"
+            )
+
 
 def _write(result: dict[str, Any], out: Path, labels: list[str], ncols: int | None = None) -> None:
     from unclip_jax.pipeline.images import save_outputs
+
+    check_stage_outputs(result)
 
     grid, singles = save_outputs(result["images"], out, labels, ncols=ncols)
     for p in singles:
@@ -53,11 +87,29 @@ def _timed(what: str, fn, *a, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------- sample
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse reports anything else as a usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     """``unclip sample``: text -> images through the whole cascade."""
     parser.add_argument("--prompt", action="append", required=True, help="caption (repeat for a batch)")
-    parser.add_argument("--num", type=int, default=1, help="images per prompt")
-    parser.add_argument("--candidates", type=int, default=2, help="prior samples per image; largest z_i.z_t kept")
+    parser.add_argument("--num", type=at_least(1), default=1, help="images per prompt")
+    parser.add_argument(
+        "--candidates", type=at_least(1), default=2, help="prior samples per image; largest z_i.z_t kept"
+    )
     parser.add_argument(
         "--image-embeds",
         choices=IMAGE_EMBED_SOURCES,
@@ -109,7 +161,7 @@ def _image_size(pipe) -> int:
 def add_vary_arguments(parser: argparse.ArgumentParser) -> None:
     """``unclip vary IMAGE``: variations by DDIM inversion + decoding with eta > 0 (paper section 3.1)."""
     parser.add_argument("image", type=Path, help="input image")
-    parser.add_argument("--num", type=int, default=4, help="number of variations")
+    parser.add_argument("--num", type=at_least(1), default=4, help="number of variations")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of decoding (0 reconstructs)")
     parser.add_argument("--caption", default="", help="caption conditioning of the decoder (default: none)")
     add_pipeline_arguments(parser, guided=("decoder",), default_out="samples/vary.png")
@@ -137,7 +189,9 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     """``unclip interpolate A B``: slerp of the CLIP image embeddings (paper section 3.2)."""
     parser.add_argument("image_a", type=Path)
     parser.add_argument("image_b", type=Path)
-    parser.add_argument("--num", type=int, default=5, help="number of interpolation points (endpoints included)")
+    parser.add_argument(
+        "--num", type=at_least(2), default=5, help="number of interpolation points (endpoints included)"
+    )
     parser.add_argument(
         "--x-T", dest="x_T", choices=("slerp", "fixed"), default="slerp", help="decoder latent: slerped or fixed"
     )
@@ -211,7 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     add, run, help_text = COMMANDS[argv[0]]
     parser = argparse.ArgumentParser(prog=f"unclip {argv[0]}", description=help_text)
     add(parser)
-    return int(run(parser.parse_args(argv[1:])) or 0)
+    args = parser.parse_args(argv[1:])
+    check_inputs(args)
+    return int(run(args) or 0)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """What can be checked before any model is loaded: input images readable, ``--out`` writable.
+
+    Raises:
+      ValueError: naming the argument and the file.
+    """
+    from unclip_jax.pipeline import images
+
+    for name in ("image", "image_a", "image_b"):
+        if getattr(args, name, None) is not None:
+            images.check_image(getattr(args, name))
+    if getattr(args, "out", None) is not None:
+        images.check_output(args.out)
 
 
 if __name__ == "__main__":

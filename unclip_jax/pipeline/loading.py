@@ -144,11 +144,13 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
             if is_native(folder):
                 module, variables = load_native(folder)
                 _check_type(name, module, folder)
+                check_finite(name, variables, folder)
                 return Component(module, dict(variables)), folder
             found = _torch_folder(name, folder)
             if found is not None:
                 c, where = found
                 module, variables = c.load(where)
+                check_finite(name, variables, where)
                 return Component(module, dict(variables)), where
         except io.ConversionError as e:
             raise PipelineLoadError(f"{name}: cannot read {folder}: {e}") from e
@@ -156,6 +158,30 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
         f"{name}: no component found; searched {[str(s) for s in searched]} (expected a training workdir with "
         "export/ema, a native folder (unclip convert import) or a diffusers/transformers folder)"
     )
+
+
+def check_finite(name: str, variables: Mapping[str, Any], folder: Path) -> None:
+    """Refuses weights holding NaN/inf (a damaged file or a diverged run would sample black images).
+
+    Raises:
+        PipelineLoadError: naming the component, the folder and the first non-finite array.
+    """
+    import numpy as np
+
+    def walk(tree: Any, prefix: str) -> None:
+        if isinstance(tree, Mapping):
+            for k, v in tree.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+            return
+        x = np.asarray(tree)
+        if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            raise PipelineLoadError(
+                f"{name}: {folder} holds non-finite weights ({prefix}: {bad} of {x.size} values are NaN/inf); "
+                "re-export them from a good checkpoint"
+            )
+
+    walk(variables, "")
 
 
 def _load_prior(
