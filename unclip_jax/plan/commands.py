@@ -2,6 +2,10 @@
 
     unclip plan --config=experiments/decoder.py:paper --topology=v5p:4x4x8 [--config.<field>=value ...]
         [--json=OUT.json] [--mfu=0.4] [--cache_dir=DIR] [--nocompile]
+    unclip plan --cascade=paper --topology=v5p:2x2x1 [--batch=1] [--stop_after=upsampler_1024] [--json=OUT.json]
+
+The second form plans serving: the sampling cascade of every stage's ``<variant>`` experiment on one chip
+(:mod:`unclip_jax.plan.cascade`: memory, seconds per image at the paper's step counts).
 
 Needs libtpu (``pip install -e '.[tpu]'``; ``make install`` does it) and no TPU. Compiles are cached in
 ``--cache_dir`` (default ``$XDG_CACHE_HOME/unclip_jax/plan_xla``, i.e. ``~/.cache/unclip_jax/plan_xla``), so a
@@ -39,6 +43,14 @@ def make_flags(argv: list[str]) -> flags.FlagValues:
         "compile", True, "--nocompile: lay out only (bytes from the shardings, fsdp bound)", flag_values=fv
     )
     flags.DEFINE_string("cache_dir", None, "persistent XLA compilation cache (default: see --help)", flag_values=fv)
+    flags.DEFINE_string(
+        "cascade",
+        None,
+        "plan the sampling cascade of this experiment variant on one chip (paper, karlo, test)",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("batch", 1, "--cascade: images per call", flag_values=fv)
+    flags.DEFINE_string("stop_after", "upsampler_1024", "--cascade: the last stage that runs", flag_values=fv)
     return fv
 
 
@@ -55,15 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
         print(f"{PROG}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    if fv.cascade and fv.topology:
+        return _cascade(fv)
     if fv.config is None or not fv.topology:
         print(f"{PROG}: usage: --config=experiments/<stage>.py:<variant> --topology=v5p:4x4x8 [--json=OUT]",
               file=sys.stderr)  # fmt: skip
         return 2
     from unclip_jax.plan import report, train_step
-    from unclip_jax.train import profiling
 
-    # Every compile, however quick: a plan is one program, compiled again only when something changed.
-    profiling.enable_compilation_cache(fv.cache_dir or profiling.default_cache_dir("plan_xla"), min_compile_time_s=0.0)
+    _enable_cache(fv)
     try:
         plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu, compile=fv.compile)
     except PlanError as e:
@@ -72,11 +84,36 @@ def main(argv: list[str] | None = None) -> int:
     plan["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     plan["overrides"] = [a for a in argv if a.startswith("--config.")]
     print(report.format_train(plan))
-    if fv.json:
-        os.makedirs(os.path.dirname(os.path.abspath(fv.json)), exist_ok=True)
-        with open(fv.json, "w") as f:
-            json.dump(plan, f, indent=1, default=str)
+    _write_json(fv.json, plan)
     return 0 if plan.get("fits", True) and plan["fsdp_check"]["ok"] else 1
+
+
+def _enable_cache(fv: flags.FlagValues) -> None:
+    from unclip_jax.train import profiling
+
+    # Every compile, however quick: a plan is one program, compiled again only when something changed.
+    profiling.enable_compilation_cache(fv.cache_dir or profiling.default_cache_dir("plan_xla"), min_compile_time_s=0.0)
+
+
+def _write_json(path: str | None, plan: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(plan, f, indent=1, default=str)
+
+
+def _cascade(fv: flags.FlagValues) -> int:
+    from unclip_jax.plan import cascade, report
+
+    _enable_cache(fv)
+    try:
+        plan = cascade.plan_cascade(fv.cascade, fv.topology, batch=fv.batch, mfu=fv.mfu, stop_after=fv.stop_after)
+    except PlanError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    print(report.format_cascade(plan))
+    _write_json(fv.json, plan)
+    return 0 if plan["fits"] else 1
 
 
 if __name__ == "__main__":

@@ -103,3 +103,32 @@ def markdown_table(plans: Sequence[dict[str, Any]]) -> str:
             cells += [f"? / {p['hbm_gib']:.0f}", "not compiled yet", "", "", "", ""]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def format_cascade(plan: dict[str, Any]) -> str:
+    """The human-readable report of one cascade plan (:func:`unclip_jax.plan.cascade.plan_cascade`)."""
+    m = plan["memory"]
+    params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in plan["params"].items())
+    lines = [
+        f"cascade {plan['variant']} on one chip of {plan['topology']} ({plan['device_kind']}, {plan['hbm_gib']:.0f} "
+        f"GiB HBM): batch {plan['batch']}, {plan['dtype']} weights and compute, {plan['num_candidates']} prior "
+        f"candidates, up to {plan['stop_after']}",
+        f"  parameters: {params}",
+        f"  compiled: arguments {gib(m['argument'])}, temporaries {gib(m['temp'])}, code {gib(m['generated_code'])}; "
+        f"used {gib(m['used'])} of {plan['hbm_gib']:.0f} GiB: "
+        + ("fits with >= 10% headroom" if plan["fits"] else "DOES NOT FIT with 10% headroom"),
+    ]
+    for stage, s in plan["stages"].items():
+        extra = " (with the text encoder)" if stage == "prior" else ""
+        lines.append(
+            f"  {stage}: {s['steps']} steps ({s['sampler']}, {s['spacing']}), {s['flops_per_step'] / 1e12:.3f} TFLOP "
+            f"and {s['bytes_per_step'] / GIB:.2f} GiB per step{extra}; roofline {s['roofline_s']:.2f} s, at "
+            f"{100 * plan['mfu']:.0f}% MFU {s['s_at_mfu']:.2f} s"
+        )
+    lines += [
+        f"  per image: {plan['s_per_image_roofline']:.2f} s at the roofline, {plan['s_per_image_at_mfu']:.2f} s at "
+        f"{100 * plan['mfu']:.0f}% MFU",
+        f"  (compiled in {plan['compile_s']:.0f} s; compile-time estimates, not measured runs: one step of each stage "
+        "is the difference of programs stopped after consecutive stages, times the stage's step count)",
+    ]
+    return "\n".join(lines)

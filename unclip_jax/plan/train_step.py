@@ -71,7 +71,8 @@ def replicated_leaves(abstract: Any, shardings: Any, top: int = 5) -> list[dict[
     return sorted(rows, key=lambda r: -r["bytes"])[:top]
 
 
-def _cost(compiled: Any) -> dict[str, float]:
+def xla_cost(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program (flops, bytes accessed, ...) as a dict; {} without a cost model."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without a cost model
@@ -258,7 +259,7 @@ def describe_compiled(compiled: Any, lay: Layout, mfu: float = DEFAULT_MFU) -> d
     """The compiled program's part of a plan: memory vs HBM, FLOPs and bytes per chip, roofline, days."""
     chip = lay.chip
     memory = memory_report(compiled)
-    cost = _cost(compiled)
+    cost = xla_cost(compiled)
     accum = int(lay.config.optim.grad_accum_steps)
     # XLA's cost model counts a while-loop body once: the accumulation scan runs it `accum` times (the optimiser
     # update outside the loop is then counted `accum` times too; it is small next to forward and backward).
