@@ -16,13 +16,13 @@ decoder's own small caption transformer (``text_encoder="glide"``) in place of t
 
 from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
 
-VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 GLIDE_VARIANTS = ("test_glide", "tiny_glide")
+VARIANTS = ("test", "tiny", "bench", "karlo", "paper", *GLIDE_VARIANTS)
 
 
 def get_config(arg: str = "test"):
-    if arg not in VARIANTS + GLIDE_VARIANTS:
-        raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS + GLIDE_VARIANTS}")
+    if arg not in VARIANTS:
+        raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS}")
     if arg in GLIDE_VARIANTS:
         c = get_config(arg.removesuffix("_glide"))
         c.model.overrides.text_encoder = "glide"

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("prior", "ar_prior", "decoder", "upsampler", "upsampler_1024", "clip")
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 # The AR prior has no `bench` variant (its throughput is not benchmarked against a PyTorch reference).
-FILE_VARIANTS = {"ar_prior": ("test", "tiny", "karlo", "paper")}
+FILE_VARIANTS = {"ar_prior": ("test", "tiny", "karlo", "paper"), "decoder": (*VARIANTS, "test_glide", "tiny_glide")}
 MODEL_MODULE = {
     "prior": "prior",
     "ar_prior": "ar_prior",
