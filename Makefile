@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
-WORKDIR ?= workdirs/demo
+PROFILE ?= full
+WORKDIR ?= workdirs/demo$(if $(filter-out full,$(PROFILE)),_$(PROFILE))
 PYTEST_ARGS ?=
 PLAN_ARGS ?=
 
@@ -27,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m unclip_jax.demo --workdir=$(WORKDIR)
+	$(BIN)/python -m unclip_jax.demo --workdir=$(WORKDIR) --profile=$(PROFILE)
 
 bench: $(STAMP)
 	$(BIN)/python -m unclip_jax.bench --out=BENCHMARKS.md

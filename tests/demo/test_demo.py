@@ -262,11 +262,26 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     p = _Collect()
     p.feed(text)
     body = " ".join(p.text)
-    # 5 sample figures + 4 training curves + the classifier's curve
-    assert len(p.imgs) == len(report.IMAGES) + len(report.LOSS_STAGES) + 1
+    # 5 sample figures + 4 training curves + the classifier's curve + diversity plot and grid + accuracy curves
+    assert len(p.imgs) == len(report.IMAGES) + len(report.LOSS_STAGES) + 1 + 3
     assert "not run" not in body
     assert "python -m unclip_jax.main --config=experiments/decoder.py:test" in body
     assert "Attribute accuracy" in body and "FID" in body and "decoder given the real z_i" in body
+    assert "Background smoothness" in body and "Diversity vs decoder guidance" in body
+    sm = ev["smoothness"]
+    assert sm["real"]["mean_std"] == 0.0 and sm["generated"]["mean_std"] > 0  # random-ish samples are not flat
+    assert sm["generated"]["ratio"] == sm["generated"]["mean_std"] / max(sm["real"]["mean_std"], sm["floor"])
+    div = runner.read_marker(wd, "diversity")["outputs"]
+    fast = PROFILES["fast"]
+    assert set(div["table"]) == {"unclip", "caption-only"} and div["n"] == fast.diversity_n
+    for by_scale in div["table"].values():
+        assert sorted(map(float, by_scale)) == sorted(fast.diversity_scales)
+        for v in by_scale.values():
+            assert 0 <= v["clip_distance"] <= 2 and 0 <= v["mean_entropy"] <= 1  # n = 2 samples: at most 1 bit
+    cur = runner.read_marker(wd, "curves")["outputs"]
+    assert [r["step"] for r in cur["decoder"]] == [1, 2] and [r["step"] for r in cur["clip"]] == [1, 2]
+    assert all(0 <= r["shape"] <= 1 and 0 <= r["colour"] <= 1 for r in cur["decoder"] + cur["clip"])
+    assert (wd / "decoder" / "export" / "ema_1" / "config.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
-"""python -m unclip_jax.demo --workdir=workdirs/demo [--fast]
+"""python -m unclip_jax.demo --workdir=workdirs/demo [--profile=full|long] [--fast]
 
 The whole unCLIP pipeline on the built-in captioned-shapes dataset (what ``make demo``
 runs): data, CLIP, embeddings, prior, decoder, upsampler (through ``unclip_jax.main`` and
 ``experiments/*.py``), an attribute classifier, samples, variations, an interpolation,
 attribute accuracy / CLIP score / FID, and one HTML report whose path is printed last.
 Re-running resumes: finished stages are skipped (``WORKDIR/stages/*.json``) and an
-interrupted training stage continues from its checkpoints. ``--fast`` runs the ``test``
+interrupted training stage continues from its checkpoints. ``--profile=long`` trains for hours
+(:mod:`unclip_jax.demo.profiles`); ``--fast`` (the ``fast`` profile) runs the ``test``
 experiments for a few steps each (a smoke run of every stage).
 """
 
@@ -24,12 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m unclip_jax.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="everything goes here; re-run with the same one to resume")
     p.add_argument("--fast", action="store_true", help="test experiments, a few steps per stage (smoke run)")
+    p.add_argument("--profile", default="full", help="full (make demo, ~20 min), long (hours) or fast")
     args = p.parse_args(argv)
 
     from unclip_jax.demo import report, runner, stages
     from unclip_jax.demo.profiles import PROFILES
 
-    profile = PROFILES["fast" if args.fast else "full"]
+    name = "fast" if args.fast else args.profile
+    if name not in PROFILES:
+        print(f"--profile={name}: expected one of {sorted(PROFILES)}", file=sys.stderr)
+        return 2
+    profile = PROFILES[name]
     os.makedirs(args.workdir, exist_ok=True)
     info = os.path.join(args.workdir, "demo.json")
     if os.path.exists(info):

