@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from unclip_jax.chips import chip_named
-from unclip_jax.plan import cascade, commands, report, topology
+from unclip_jax.plan import cascade, commands, report, table, topology
 from unclip_jax.plan.train_step import xla_cost
 
 
@@ -67,3 +67,15 @@ def test_a_cascade_variant_some_stage_lacks_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("unclip plan: --cascade=nosuch: experiments/clip.py:nosuch cannot be loaded")
+
+
+def test_make_plan_writes_the_serving_table(cli_cascade, tmp_path):
+    _, plan = cli_cascade
+    row = table.ServingRow("test", "v5p:2x2x1", ("--batch=2", "--stop_after=decoder"))
+    (tmp_path / f"{row.name}.json").write_text(json.dumps(plan))
+    table.write_outputs((), str(tmp_path), str(tmp_path / "PLAN.md"), serving=(row,))
+    text = (tmp_path / "PLAN.md").read_text()
+    decoder_s = f"{plan['stages']['decoder']['s_at_mfu'] / 2:.2f}"
+    assert "| test | v5p:2x2x1 (TPU v5) | 2 | " in text and f"| {decoder_s} |" in text
+    assert "unclip plan --cascade=test --topology=v5p:2x2x1 --batch=2 --stop_after=decoder" in text
+    assert json.loads((tmp_path / "plan.json").read_text())[0]["stage"] == "cascade"

@@ -14,6 +14,12 @@ ESTIMATE_NOTE = (
 )
 
 
+CASCADE_NOTE = (
+    "compile-time estimates, not measured runs: memory is the compiled program's; one sampling step of a stage is "
+    "the difference of XLA's cost analysis of the programs stopped after and before it, times the stage's step count"
+)
+
+
 def gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
@@ -128,7 +134,41 @@ def format_cascade(plan: dict[str, Any]) -> str:
     lines += [
         f"  per image: {plan['s_per_image_roofline']:.2f} s at the roofline, {plan['s_per_image_at_mfu']:.2f} s at "
         f"{100 * plan['mfu']:.0f}% MFU",
-        f"  (compiled in {plan['compile_s']:.0f} s; compile-time estimates, not measured runs: one step of each stage "
-        "is the difference of programs stopped after consecutive stages, times the stage's step count)",
+        f"  (compiled in {plan['compile_s']:.0f} s; {CASCADE_NOTE})",
     ]
     return "\n".join(lines)
+
+
+def markdown_serving(plans: Sequence[dict[str, Any]]) -> str:
+    """One row per cascade plan: chip, batch, GiB used / HBM, and per-image seconds (each stage and in total)."""
+    head = (
+        "| cascade | chip | batch | GiB used / HBM | fits | prior s | decoder s | super-res s | 1024 s | s / image "
+        "(roofline) | s / image @ MFU |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for p in plans:
+        if p.get("error"):
+            rows.append(f"| {p.get('variant', '?')} | {p['topology']} | error: {p['error']} |" + " |" * 8)
+            continue
+        st = p["stages"]
+        per = [
+            f"{st[s]['s_at_mfu'] / p['batch']:.2f}" if s in st else ""
+            for s in ("prior", "decoder", "super_res", "upsampler_1024")
+        ]
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    p["variant"],
+                    f"{p['topology']} ({p['device_kind']})",
+                    str(p["batch"]),
+                    f"{gib(p['memory']['used'])} / {p['hbm_gib']:.0f}",
+                    "yes" if p["fits"] else "**no**",
+                    *per,
+                    f"{p['s_per_image_roofline']:.2f}",
+                    f"{p['s_per_image_at_mfu']:.2f} ({100 * p['mfu']:.0f}%)",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(rows)

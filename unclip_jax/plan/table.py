@@ -48,6 +48,31 @@ class Row:
     def argv(self, json_path: str) -> list[str]:
         return [f"--config={self.experiment}", f"--topology={self.topology}", f"--json={json_path}", *self.overrides]
 
+    @property
+    def command(self) -> str:
+        return " ".join(["unclip plan", f"--config={self.experiment}", f"--topology={self.topology}", *self.overrides])
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingRow:
+    """One serving plan: the ``variant`` cascade on one chip of a slice (``unclip plan --cascade``)."""
+
+    variant: str
+    topology: str
+    overrides: tuple[str, ...] = ()
+    stage: str = "cascade"
+
+    @property
+    def name(self) -> str:
+        return f"cascade_{self.variant}_{self.topology.replace(':', '_')}"
+
+    def argv(self, json_path: str) -> list[str]:
+        return [f"--cascade={self.variant}", f"--topology={self.topology}", f"--json={json_path}", *self.overrides]
+
+    @property
+    def command(self) -> str:
+        return " ".join(["unclip plan", f"--cascade={self.variant}", f"--topology={self.topology}", *self.overrides])
+
 
 # Channel counts of the upsamplers (320 x (1, 2, 3, 4); 192 x (1, 1, 2, 2, 4, 4)) divide 64 but not 128: with a
 # wider fsdp axis their conv kernels stay replicated (parallel.fit_spec), so they split 64 ways and data takes the rest.
@@ -92,6 +117,13 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+# Serving: the paper's cascade on one chip, four images per call.
+SERVING: tuple[ServingRow, ...] = (
+    ServingRow("paper", "v5p:2x2x1", ("--batch=4",)),
+    ServingRow("paper", "v5e:2x2", ("--batch=4",)),
+)
+
+
 def _load(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
@@ -100,7 +132,7 @@ def _load(path: str) -> dict[str, Any] | None:
         return None
 
 
-def run_row(row: Row, out_dir: str, force: bool = False, compile: bool = True) -> dict[str, Any]:
+def run_row(row: Row | ServingRow, out_dir: str, force: bool = False, compile: bool = True) -> dict[str, Any]:
     """Plans one row in its own process (unless its JSON exists with the same settings); returns its JSON.
 
     ``compile=False`` lays the row out only (seconds): the sharded state and the fsdp bound.
@@ -112,6 +144,8 @@ def run_row(row: Row, out_dir: str, force: bool = False, compile: bool = True) -
         return old
     if same and not compile:
         return old
+    if not compile and isinstance(row, ServingRow):  # a cascade has no layout-only plan
+        return old or {}
     os.makedirs(out_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "unclip_jax.plan.commands", *row.argv(path), *(() if compile else ("--nocompile",))]
     print(f"[plan] {' '.join(cmd[2:])}", flush=True)
@@ -123,22 +157,25 @@ def run_row(row: Row, out_dir: str, force: bool = False, compile: bool = True) -
         last = [ln for ln in proc.stderr.splitlines() if ln.startswith("unclip plan:")] or proc.stderr.splitlines()[-1:]
         plan = {"error": last[-1] if last else f"exit {proc.returncode}", "overrides": list(row.overrides)}
         print(f"[plan] {row.name}: {plan['error']}", flush=True)
-    plan.update(stage=row.stage, topology=row.topology, wall_s=time.perf_counter() - t0)
+    plan.update(stage=row.stage, topology=row.topology, overrides=list(row.overrides), wall_s=time.perf_counter() - t0)
     with open(path, "w") as f:
         json.dump(plan, f, indent=1, default=str)
     return plan
 
 
-def write_outputs(rows: tuple[Row, ...], out_dir: str, markdown: str) -> list[dict[str, Any]]:
+def write_outputs(
+    rows: tuple[Row, ...], out_dir: str, markdown: str, serving: tuple[ServingRow, ...] = SERVING
+) -> list[dict[str, Any]]:
     """PLAN.md and ``plan.json`` from the rows' JSON files that exist (missing rows are left out)."""
-    plans = []
-    for row in rows:
+    plans, served = [], []
+    for row in (*rows, *serving):
         plan = _load(os.path.join(out_dir, f"{row.name}.json"))
-        if plan is not None:
-            plans.append({**plan, "stage": row.stage, "topology": row.topology, "command": _command(row)})
+        if plan is not None and (plan.get("error") or report.compiled(plan) or isinstance(row, Row)):
+            entry = {**plan, "stage": row.stage, "topology": row.topology, "command": row.command}
+            (served if isinstance(row, ServingRow) else plans).append(entry)
     with open(os.path.join(out_dir, "plan.json"), "w") as f:
-        json.dump(plans, f, indent=1, default=str)
-    commands = "\n".join(f"    {p['command']}" for p in plans)
+        json.dump([*plans, *served], f, indent=1, default=str)
+    commands = "\n".join(f"    {p['command']}" for p in (*plans, *served))
     pending = (
         ' Rows marked "not compiled yet" were laid out only (`--nocompile`: the sharded state and the fsdp bound); '
         "`make plan` compiles them."
@@ -149,15 +186,17 @@ def write_outputs(rows: tuple[Row, ...], out_dir: str, markdown: str) -> list[di
         "# Scale out: the paper's train steps compiled for TPU slices\n\n"
         f"{report.ESTIMATE_NOTE} Generated by `make plan` (`python -m unclip_jax.plan.table`); every row is one "
         f"`unclip plan` run (below), its full report in `data/plan/`.{pending}\n\n"
-        f"{report.markdown_table(plans)}\n\nCommands:\n\n{commands}\n"
+        f"{report.markdown_table(plans)}\n\n"
+        + (
+            f"Serving: the cascade on one chip ({report.CASCADE_NOTE})\n\n{report.markdown_serving(served)}\n\n"
+            if served
+            else ""
+        )
+        + f"Commands:\n\n{commands}\n"
     )
     with open(markdown, "w") as f:
         f.write(text)
     return plans
-
-
-def _command(row: Row) -> str:
-    return " ".join(["unclip plan", f"--config={row.experiment}", f"--topology={row.topology}", *row.overrides])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
     rows = [row for row in ROWS if not only or row.stage in only or row.topology in only]
+    serving = [row for row in SERVING if not only or row.stage in only or row.topology in only]
     if not args.write_only:
         for row in rows:  # every row's layout first (seconds each), then the compiles one at a time
             run_row(row, args.out_dir, compile=False)
         write_outputs(ROWS, args.out_dir, args.markdown)
-        for row in rows:
+        for row in (*rows, *serving):
             run_row(row, args.out_dir, args.force)
             write_outputs(ROWS, args.out_dir, args.markdown)
     write_outputs(ROWS, args.out_dir, args.markdown)
