@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+
+from unclip_jax.logs import QUIET_LOGGERS
 
 # sub-command -> (module, argv prefix, help). Each module has main(argv) -> int; the prefix is what its
 # own argv starts with (absl wants a program name, the multi-command modules want the command name).

@@ -26,7 +26,7 @@ import numpy as np
 
 from unclip_jax.diffusion import GaussianDiffusion
 from unclip_jax.pipeline.ops import encode_image, encode_text
-from unclip_jax.pipeline.plan import ImageEmbedSource, ProgressFn, make_plan
+from unclip_jax.pipeline.plan import ImageEmbedSource, InpaintMethod, InpaintSettings, ProgressFn, make_plan
 from unclip_jax.pipeline.priors import prior_kind
 from unclip_jax.pipeline.program import Program, print_progress, trace_count
 from unclip_jax.pipeline.settings import STAGES, StageSettings, default_diffusion, resolve_settings, traced_values
@@ -132,6 +132,7 @@ class UnclipPipeline:
         return_intermediates: bool = False,
         progress: bool | ProgressFn = False,
         mesh: jax.sharding.Mesh | None = None,
+        inpaint: InpaintSettings | None = None,
     ) -> Program:
         """The compiled-plan entry point: one call's plan bound to this pipeline's variables.
 
@@ -145,6 +146,8 @@ class UnclipPipeline:
             settings: per-stage overrides of :data:`unclip_jax.pipeline.settings.DEFAULT_SETTINGS`.
             progress: True (print a line as each stage finishes), a callback ``(stage, steps)``, or False.
             mesh: optional device mesh.
+            inpaint: inpainting settings (the program then reads ``inpaint_image`` / ``inpaint_mask``; see
+                :meth:`inpaint`).
             Others: see :meth:`__call__`, :meth:`decode`.
         """
         full = resolve_settings(settings)
@@ -160,6 +163,7 @@ class UnclipPipeline:
             decoder_clip_denoised=decoder_clip_denoised,
             return_intermediates=return_intermediates,
             progress=print_progress if progress is True else progress or None,
+            inpaint=inpaint,
         )
         variables = {n: self.component(n).variables for n in names}
         return Program(plan, variables, traced_values(full), mesh)
@@ -213,6 +217,58 @@ class UnclipPipeline:
             progress=progress,
         )
         return program(self.text_inputs(texts), seed)
+
+    def inpaint(
+        self,
+        image: np.ndarray | jax.Array,
+        mask: np.ndarray | jax.Array,
+        prompts: str | Sequence[str],
+        *,
+        method: InpaintMethod = "repaint",
+        jump_length: int = 10,
+        jump_n_sample: int = 10,
+        seed: int | jax.Array = 0,
+        settings: Mapping[str, StageSettings | None] | None = None,
+        num_candidates: int = 2,
+        image_embed_source: ImageEmbedSource = "prior",
+        stop_after: str | None = None,
+        progress: bool | ProgressFn = False,
+    ) -> dict[str, np.ndarray]:
+        """Text-guided inpainting through the cascade: the masked region of ``image`` is generated under the caption,
+        the rest kept (every stage keeps the unmasked pixels, so the final image equals the source there).
+
+        The prior samples z_i from the caption as in :meth:`__call__`; the decoder inpaints with RePaint resampling
+        (``method="repaint"``, any decoder; Lugmayr et al. 2022) or GLIDE's fine-tuned inpainting decoder
+        (``"model"``); the upsamplers inpaint with RePaint. See `unclip_jax.pipeline.inpaint` for the checks.
+
+        Args:
+            image: ``[H, W, 3]`` or ``[B, H, W, 3]`` in [-1, 1], square; resized to each stage's size (at the last
+                stage's size it is used as given).
+            mask: ``[H, W]``, ``[H, W, 1]`` or ``[B, H, W, 1]``: 1 (>= 0.5) keeps the pixel, 0 inpaints it.
+            prompts: one caption (for every row) or one per row.
+            method, jump_length, jump_n_sample: :class:`~unclip_jax.pipeline.plan.InpaintSettings`.
+            Others as :meth:`__call__`.
+
+        Returns:
+            numpy dict as :meth:`__call__` (``images`` etc.), plus ``mask`` [B, H, W, 1] (binarised) and ``source``.
+        """
+        from unclip_jax.pipeline.inpaint import prepare_inpaint_inputs
+
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        image, mask = prepare_inpaint_inputs(image, mask, len(texts))
+        if len(texts) == 1 and image.shape[0] > 1:
+            texts = texts * image.shape[0]
+        program = self.program(
+            "generate",
+            settings,
+            num_candidates=num_candidates,
+            image_embed_source=image_embed_source,
+            stop_after=stop_after,
+            progress=progress,
+            inpaint=InpaintSettings(method, jump_length, jump_n_sample),
+        )
+        out = program(dict(self.text_inputs(texts), inpaint_image=image, inpaint_mask=mask), seed)
+        return {**out, "mask": np.asarray(mask), "source": np.asarray(image)}
 
     def decode(
         self,

@@ -24,6 +24,35 @@ IMAGE_EMBED_SOURCES: tuple[str, ...] = get_args(ImageEmbedSource)
 ProgressFn = Callable[[str, int], None]  # (stage, steps) as each stage finishes
 
 
+InpaintMethod = Literal["repaint", "model"]
+INPAINT_METHODS: tuple[str, ...] = get_args(InpaintMethod)
+
+
+@dataclasses.dataclass(frozen=True)
+class InpaintSettings:
+    """How a plan inpaints (the program then reads ``inpaint_image`` / ``inpaint_mask`` inputs).
+
+    Attributes:
+        method: ``"repaint"``: RePaint resampling with any decoder (`unclip_jax.diffusion.repaint`, Lugmayr et al.
+            2022); ``"model"``: GLIDE's inpainting decoder (4 extra input channels: masked image and mask), sampled
+            as usual with the known pixels pasted at the end. The upsamplers always use RePaint, so every stage keeps
+            the unmasked pixels.
+        jump_length, jump_n_sample: RePaint's resampling schedule (`unclip_jax.diffusion.repaint.jump_schedule`).
+    """
+
+    method: InpaintMethod = "repaint"
+    jump_length: int = 10
+    jump_n_sample: int = 10
+
+    def __post_init__(self) -> None:
+        if self.method not in INPAINT_METHODS:
+            raise ValueError(f"inpaint method {self.method!r}: expected one of {INPAINT_METHODS}")
+        if self.jump_length < 1 or self.jump_n_sample < 1:
+            raise ValueError(
+                f"inpaint jump_length={self.jump_length}, jump_n_sample={self.jump_n_sample}: both must be >= 1"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionStage:
     """A diffusion-sampled stage of a plan (decoder, super_res, upsampler_1024).
@@ -62,6 +91,7 @@ class Plan:
         return_intermediates: also return x_T and per-step noises of every stage.
         progress: called on the host with (stage, steps) as each stage finishes (compiled in as an ordered
             ``jax.debug.callback``; None: no callbacks, as a program sharded over several devices needs).
+        inpaint: inpainting settings (``generate`` / ``decode`` modes), or None.
     """
 
     mode: Literal["generate", "decode", "invert"]
@@ -75,6 +105,7 @@ class Plan:
     stop_after: str = "upsampler_1024"
     return_intermediates: bool = False
     progress: ProgressFn | None = None
+    inpaint: InpaintSettings | None = None
 
     def runs(self, stage: str) -> bool:
         """Whether the program runs ``stage``."""
@@ -108,13 +139,14 @@ def make_plan(
     decoder_clip_denoised: float | None | str = "default",
     return_intermediates: bool = False,
     progress: ProgressFn | None = None,
+    inpaint: InpaintSettings | None = None,
 ) -> tuple[Plan, list[str]]:
     """The plan of one call, and the components whose variables it reads.
 
     Args:
         modules: the pipeline's networks by component name (None: not loaded).
         diffusions: the training diffusion per stage.
-        mode, num_candidates, image_embed_source, stop_after, return_intermediates, progress: see :class:`Plan`
+        mode, num_candidates, image_embed_source, stop_after, return_intermediates, progress, inpaint: see :class:`Plan`
             (``stop_after`` None: the last loaded upsampler).
         settings: every stage's full `StageSettings` (`unclip_jax.pipeline.settings.resolve_settings`).
         decoder_clip_denoised: "default" or an override of the decoder diffusion's x0 clipping (manipulations).
@@ -135,6 +167,8 @@ def make_plan(
         stop_after = last[0] if last else "decoder"
     if stop_after not in STAGES:
         raise ValueError(f"stop_after={stop_after!r}: expected one of {STAGES}")
+    if inpaint is not None and (mode == "invert" or return_intermediates):
+        raise ValueError("inpainting runs in the generate / decode modes, without return_intermediates")
 
     def need(name: str) -> nn.Module:
         if modules.get(name) is None:
@@ -151,6 +185,7 @@ def make_plan(
         stop_after=stop_after,
         return_intermediates=return_intermediates,
         progress=progress,
+        inpaint=inpaint,
     )
     # Sampling z_i alone (stop_after="prior") needs no decoder; the zero / learned sources take its shapes.
     if mode != "generate" or stop_after != "prior" or image_embed_source in ("zero", "learned"):
@@ -160,6 +195,14 @@ def make_plan(
                 decoder, diffusion=dataclasses.replace(decoder.diffusion, clip_denoised=decoder_clip_denoised)
             )
         kw["decoder"] = decoder
+        inpaints = decoder.module.in_channels != getattr(decoder.module, "image_channels", decoder.module.in_channels)
+        if inpaint is not None and inpaint.method == "model" and not inpaints:
+            raise ValueError(
+                "inpaint method 'model' needs GLIDE's inpainting decoder (in_channels 7: experiments/decoder_inpaint.py);"
+                " this decoder has 3 input channels: use method 'repaint'"
+            )
+        if inpaints and inpaint is None:
+            raise ValueError("this decoder is an inpainting decoder (in_channels 7): it samples through inpaint()")
     if mode == "generate" and image_embed_source == "prior":
         kw["prior"] = prior_sampler(need("prior"), diffusions["prior"], settings["prior"])
     if mode != "invert" and STAGES.index(stop_after) >= STAGES.index("super_res"):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.diffusion import classifier_free_guidance, ddim_reverse_loop
+from unclip_jax.diffusion.repaint import binarize_mask, repaint_loop
 from unclip_jax.models.glide_text import empty_caption
 from unclip_jax.pipeline.loops import initial_noise, sample_loop
 from unclip_jax.pipeline.ops import encode_text, resize
@@ -45,7 +46,7 @@ from unclip_jax.pipeline.priors import keep_best_candidate
 
 Arrays = Mapping[str, jax.Array]
 # Inputs with one row per sample (split over a mesh's batch axis); the others (null caption) are replicated.
-ROW_INPUTS = ("input_ids", "mask", "image_embeds", "images", "x_T")
+ROW_INPUTS = ("input_ids", "mask", "image_embeds", "images", "x_T", "inpaint_image", "inpaint_mask")
 
 
 def print_progress(stage: str, steps: int) -> None:
@@ -112,15 +113,60 @@ def _decoder_fn(stage: DiffusionStage, variables, cond, uncond, scale):
     return classifier_free_guidance(denoise, scale, cond, uncond, guided_channels=module.image_channels), None
 
 
-def _decoder_stage(plan: Plan, variables, text, null, image_embeds, x_T, scales, key, out, learned) -> jax.Array:
+def stage_inpaint_inputs(inputs: Mapping[str, Any], size: int) -> tuple[jax.Array, jax.Array]:
+    """The source image and the binary mask (1 = known) of an inpainting program at a stage's ``size``.
+
+    ``inputs["inpaint_image"]`` [B, H, W, 3] in [-1, 1] is resized like the upsamplers' conditioning (bicubic,
+    antialiased; `unclip_jax.pipeline.ops.resize`) and clipped to [-1, 1]; ``inputs["inpaint_mask"]`` [B, H, W, 1]
+    is averaged (linear, antialiased) and thresholded at `unclip_jax.diffusion.repaint.MASK_THRESHOLD`. At the
+    inputs' own size both are used as given (so the last stage keeps exactly the source's known pixels).
+    """
+    image, mask = inputs["inpaint_image"].astype(jnp.float32), inputs["inpaint_mask"].astype(jnp.float32)
+    if image.shape[1] != size or image.shape[2] != size:
+        image = resize(image, size)
+        b = mask.shape[0]
+        mask = jax.image.resize(mask, (b, size, size, mask.shape[-1]), "linear", antialias=True)
+    return jnp.clip(image, -1.0, 1.0), binarize_mask(mask)
+
+
+def _stage_loop(plan: Plan, stage: DiffusionStage, fn, x_T, key, cond, eta, known) -> Any:
+    """The stage's sampling loop: the plain sampler, or RePaint when the plan inpaints with it (``known`` = (source,
+    mask) at the stage's size); GLIDE's inpainting decoder samples plainly (its inputs are in ``cond``)."""
+    if known is None or (stage is plan.decoder and plan.inpaint.method == "model"):
+        return sample_loop(stage.diffusion, stage.settings, fn, x_T, key, cond, plan.return_intermediates, eta)
+    ip = plan.inpaint
+    return repaint_loop(
+        stage.diffusion,
+        fn,
+        known[0],
+        known[1],
+        key,
+        cond=cond,
+        x_T=x_T,
+        jump_length=ip.jump_length,
+        jump_n_sample=ip.jump_n_sample,
+        sampler=stage.settings.sampler,
+        eta=eta,
+    )
+
+
+def _decoder_stage(
+    plan: Plan, variables, text, null, image_embeds, x_T, scales, key, out, learned, inputs
+) -> jax.Array:
     stage = plan.decoder
     cond, uncond = decoder_conditions(stage.module, text, null, image_embeds, learned)
+    known = None
+    if plan.inpaint is not None:
+        known = stage_inpaint_inputs(inputs, stage.size)
+        if stage.module.in_channels != stage.module.image_channels:  # GLIDE's inpainting decoder: both branches
+            extra = dict(inpaint_image=known[0], inpaint_mask=known[1][..., :1])
+            cond, uncond = {**cond, **extra}, {**uncond, **extra}
     fn, c = _decoder_fn(stage, variables["decoder"], cond, uncond, scales["decoder"])
     if x_T is None:
         x_T = initial_noise(key, (image_embeds.shape[0], stage.size, stage.size, stage.module.image_channels))
-    res = sample_loop(
-        stage.diffusion, stage.settings, fn, x_T, key, c, plan.return_intermediates, scales["decoder_eta"]
-    )
+    res = _stage_loop(plan, stage, fn, x_T, key, c, scales["decoder_eta"], known)
+    if known is not None:
+        res = known[1] * known[0] + (1.0 - known[1]) * res  # the known pixels are the source's
     x = res[0] if plan.return_intermediates else res
     if plan.return_intermediates:
         out["decoder_latents"], out["decoder_noise"] = x_T, res[1]["noise"]
@@ -129,7 +175,7 @@ def _decoder_stage(plan: Plan, variables, text, null, image_embeds, x_T, scales,
     return x
 
 
-def _upsampler_stage(plan: Plan, name: str, v_first, v_last, low_res, scales, key, out) -> jax.Array:
+def _upsampler_stage(plan: Plan, name: str, v_first, v_last, low_res, scales, key, out, inputs) -> jax.Array:
     stage: DiffusionStage = getattr(plan, name)
     first, last, diffusion, size = stage.module, stage.last_module, stage.diffusion, stage.size
     up = resize(low_res, size)
@@ -145,7 +191,8 @@ def _upsampler_stage(plan: Plan, name: str, v_first, v_last, low_res, scales, ke
 
     x_T = initial_noise(key, (low_res.shape[0], size, size, low_res.shape[-1]))
     eta = scales[f"{name}_eta"]
-    res = sample_loop(diffusion, stage.settings, denoise, x_T, key, dict(low_res=up), plan.return_intermediates, eta)
+    known = None if plan.inpaint is None else stage_inpaint_inputs(inputs, size)
+    res = _stage_loop(plan, stage, denoise, x_T, key, dict(low_res=up), eta, known)
     x = res[0] if plan.return_intermediates else res
     if plan.return_intermediates:
         out[f"{name}_latents"], out[f"{name}_noise"] = x_T, res[1]["noise"]
@@ -162,7 +209,8 @@ def run_cascade(plan: Plan, variables: Mapping[str, Any], inputs: Mapping[str, A
         plan: the static plan.
         variables: each needed component's variables by component name.
         inputs: ``input_ids`` / ``mask`` [B, L] of the captions, ``null_ids`` / ``null_mask`` [1, L] of ``""``;
-            ``image_embeds`` [B, D] (decode, invert), ``x_T`` (decode, optional), ``images`` (invert).
+            ``image_embeds`` [B, D] (decode, invert), ``x_T`` (decode, optional), ``images`` (invert);
+            ``inpaint_image`` [B, H, W, 3] / ``inpaint_mask`` [B, H, W, 1] (a plan that inpaints).
         scales: `unclip_jax.pipeline.settings.traced_values` of the settings.
         key: PRNG key.
 
@@ -217,14 +265,14 @@ def run_cascade(plan: Plan, variables: Mapping[str, Any], inputs: Mapping[str, A
     out["image_embeds"] = z_i
     if not plan.runs("decoder"):
         return out
-    x = _decoder_stage(plan, variables, text, null, z_i, inputs.get("x_T"), scales, k_dec, out, learned)
+    x = _decoder_stage(plan, variables, text, null, z_i, inputs.get("x_T"), scales, k_dec, out, learned, inputs)
     out["decoder_images"] = out["images"] = x
     if plan.runs("super_res"):
         v_first, v_last = variables["super_res_first"], variables.get("super_res_last")
-        x = _upsampler_stage(plan, "super_res", v_first, v_last, x, scales, k_sr, out)
+        x = _upsampler_stage(plan, "super_res", v_first, v_last, x, scales, k_sr, out, inputs)
         out["super_res_images"] = out["images"] = x
     if plan.runs("upsampler_1024"):
-        x = _upsampler_stage(plan, "upsampler_1024", variables["upsampler_1024"], None, x, scales, k_1024, out)
+        x = _upsampler_stage(plan, "upsampler_1024", variables["upsampler_1024"], None, x, scales, k_1024, out, inputs)
         out["upsampler_1024_images"] = out["images"] = x
     return out
 
