@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
-
-from unclip_jax.logs import QUIET_LOGGERS
 
 # sub-command -> (module, argv prefix, help). Each module has main(argv) -> int; the prefix is what its
 # own argv starts with (absl wants a program name, the multi-command modules want the command name).
@@ -38,6 +35,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "textdiff": ("unclip_jax.pipeline.commands", ("textdiff",), "edit an image along a text diff"),
     "evaluate": ("unclip_jax.evaluate.commands", (), "FID / CLIP score (MS-COCO 30k protocol, sweeps)"),
     "plan": ("unclip_jax.plan.commands", ("unclip plan",), "compile a train step for a TPU slice: memory, FLOPs, days"),
+    "inpaint": ("unclip_jax.pipeline.inpaint", ("unclip inpaint",), "fill the masked region of an image under a caption"),
 }
 
 
