@@ -91,3 +91,9 @@ def test_sample_sets_only_the_decoder_guidance(pipe, monkeypatch):
     monkeypatch.setattr(pipe, "__call__", fake_call, raising=False)
     with pytest.raises(ValueError, match="mode"):
         diversity.sample(pipe, "x", "glide", 1.0, 2, SETTINGS)
+
+
+def test_fidelity_reads_the_prompt_colour_and_shape():
+    # "a blue square": blue is colour 2, square is shape 1
+    heads = {"colour_a": np.asarray([2, 2, 0, 2]), "shape_a": np.asarray([1, 0, 0, 0])}
+    assert diversity.fidelity("a blue square", heads) == {"colour_accuracy": 0.75, "shape_accuracy": 0.25}

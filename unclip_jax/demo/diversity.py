@@ -85,6 +85,19 @@ def measure(
     }
 
 
+def fidelity(prompt: str, heads: dict[str, np.ndarray]) -> dict[str, float]:
+    """Fraction of samples of a one-object prompt ``"a <colour> <shape>"`` whose classifier reading has its colour /
+    shape (the other side of the diversity trade-off)."""
+    from unclip_jax.input import synthetic
+
+    words = prompt.split()
+    colour, shape = synthetic.COLOUR_NAMES.index(words[-2]), synthetic.SHAPES.index(words[-1])
+    return {
+        "colour_accuracy": float(np.mean(np.asarray(heads["colour_a"]) == colour)),
+        "shape_accuracy": float(np.mean(np.asarray(heads["shape_a"]) == shape)),
+    }
+
+
 def plot(table: dict[str, dict[str, dict[str, float]]], scales: Sequence[float]) -> bytes:
     """PNG bytes: mean CLIP distance and mean free-attribute entropy against decoder guidance, one line per mode."""
     import matplotlib
@@ -145,6 +158,7 @@ def stage_diversity(ctx: Context) -> dict[str, Any]:
                 u8 = images_lib.to_uint8(demo_stages.resize_to(res["decoder_images"], attributes.IMAGE_SIZE))
                 pred = attributes.predict(model, variables, u8)
                 m = measure(u8, np.asarray(embed_img(u8.astype(np.float32) / 255.0)), pred, num_classes)
+                m.update(fidelity(prompt, pred))
                 per_prompt[f"{mode}|{scale:g}|{prompt}"] = m
                 rows.append(m)
                 if k == 0:
@@ -155,6 +169,7 @@ def stage_diversity(ctx: Context) -> dict[str, Any]:
                 "clip_distance": float(np.mean([r["clip_distance"] for r in rows])),
                 "mean_entropy": float(np.mean([r["mean_entropy"] for r in rows])),
                 **{f"entropy_{h}": float(np.mean([r["entropy"][h] for r in rows])) for h in FREE_HEADS},
+                **{k: float(np.mean([r[k] for r in rows])) for k in ("colour_accuracy", "shape_accuracy")},
             }
             ctx.log(
                 f"  {mode} s={scale:g}: CLIP distance {table[mode][str(float(scale))]['clip_distance']:.4f}, "

@@ -113,11 +113,13 @@ def _diversity_section(workdir: Path, out: dict[str, Any] | None) -> list[str]:
     for mode, by_scale in out["table"].items():
         for scale, v in by_scale.items():
             rows.append(
-                [mode, float(scale), v["clip_distance"], v["mean_entropy"]]
+                [mode, float(scale), v.get("colour_accuracy", ""), v.get("shape_accuracy", "")]
+                + [v["clip_distance"], v["mean_entropy"]]
                 + [v[k] for k in sorted(v) if k.startswith("entropy_")]
             )
     heads = sorted(k for k in next(iter(next(iter(out["table"].values())).values())) if k.startswith("entropy_"))
-    parts.append(_table(["mode", "guidance", "CLIP distance", "mean entropy", *heads], rows))
+    header = ["mode", "guidance", "colour acc.", "shape acc.", "CLIP distance", "mean entropy", *heads]
+    parts.append(_table(header, rows))
     return parts
 
 
