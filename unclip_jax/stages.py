@@ -148,6 +148,9 @@ TASKS: tuple[Task, ...] = (
          False, "decoder", ("decoder.py",)),
     Task("upsampler", "unclip_jax.models.upsampler", "unclip_jax.train.tasks.upsampler:make_upsampler_task",
          "upsampler", False, "super_res_first", ("upsampler.py", "upsampler_1024.py")),
+    Task("decoder_inpaint", "unclip_jax.models.decoder",
+         "unclip_jax.train.tasks.decoder_inpaint:make_decoder_inpaint_task", "decoder", False, "decoder",
+         ("decoder_inpaint.py",)),
 )  # fmt: skip
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

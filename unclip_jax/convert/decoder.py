@@ -16,6 +16,7 @@ script already split their fused per-head ``qkv`` weights into ``to_q/to_k/to_v`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from unclip_jax.convert import io
 from unclip_jax.convert.mapping import Rule, flax_to_torch, linear, norm
-from unclip_jax.convert.native import as_variables, resolve_component_folder
+from unclip_jax.convert.native import as_variables, load_native, resolve_component_folder, save_native
 from unclip_jax.convert.unet import (
     DOWN_ATTN,
     DOWN_PLAIN,
@@ -42,7 +43,7 @@ from unclip_jax.convert.unet import (
     unet_kwargs,
     unet_rules,
 )
-from unclip_jax.models.decoder import Decoder, UnCLIPDecoder, UnCLIPTextProj
+from unclip_jax.models.decoder import INPAINT_CHANNELS, Decoder, UnCLIPDecoder, UnCLIPTextProj, widen_input_conv
 from unclip_jax.models.unet import AttentionUNetFields
 
 MID_ATTN = "UNetMidBlock2DSimpleCrossAttn"
@@ -315,3 +316,25 @@ def save_unclip_decoder(module: UnCLIPDecoder, variables: dict[str, Any], folder
     save_decoder(Decoder(**module.unet_kwargs()), {"params": params["unet"]}, folder / "decoder")
     save_text_proj(UnCLIPTextProj(**module.text_proj_kwargs()), {"params": params["text_proj"]}, folder / "text_proj")
     return folder
+
+
+def widen_for_inpainting(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A native decoder folder (a training ``export/ema``) rewritten as GLIDE's inpainting decoder in ``out``.
+
+    The module gets ``in_channels = 3 + 4`` (masked image and mask after x_t) and its input convolution zero weights
+    for the new channels (:func:`unclip_jax.models.decoder.widen_input_conv`), so it starts from the decoder's
+    function; ``out`` is the ``--config.init_from`` of ``experiments/decoder_inpaint.py``.
+
+    Raises:
+      ConversionError: the folder does not hold a 3-channel :class:`UnCLIPDecoder`.
+    """
+    module, variables = load_native(folder)
+    if not isinstance(module, UnCLIPDecoder) or module.in_channels != 3:
+        raise io.ConversionError(
+            f"{folder}: expected a native UnCLIPDecoder with 3 input channels, got {type(module).__name__}"
+            f" (in_channels={getattr(module, 'in_channels', None)})"
+        )
+    wide = dataclasses.replace(module, in_channels=3 + INPAINT_CHANNELS)
+    params = widen_input_conv(as_variables(variables)["params"], wide.in_channels)
+    save_native(wide, {**variables, "params": params}, out)
+    return Path(out)

@@ -409,6 +409,19 @@ class UnCLIPDecoder(AttentionUNetFields):
         return self.unet(x_t, t, context, class_labels=time_emb, context_mask=None, deterministic=deterministic)
 
 
+def widen_input_conv(params: Any, in_channels: int) -> Any:
+    """``params`` of an :class:`UnCLIPDecoder` with ``unet/conv_in``'s kernel [3, 3, C, W] zero-padded to
+    ``in_channels`` input channels (GLIDE's inpainting decoder from a trained decoder: with zero weights on the new
+    channels the widened network computes the same function until fine-tuning moves them)."""
+    kernel = params["unet"]["conv_in"]["kernel"]
+    extra = in_channels - kernel.shape[-2]
+    if extra < 0:
+        raise ValueError(f"widen_input_conv: conv_in has {kernel.shape[-2]} input channels, more than {in_channels}")
+    pad = jnp.zeros((*kernel.shape[:-2], extra, kernel.shape[-1]), kernel.dtype)
+    conv_in = {**params["unet"]["conv_in"], "kernel": jnp.concatenate([jnp.asarray(kernel), pad], axis=-2)}
+    return {**params, "unet": {**params["unet"], "conv_in": conv_in}}
+
+
 def build(variant: str, **overrides: Any) -> UnCLIPDecoder:
     """Builds an :class:`UnCLIPDecoder` (text projection + U-Net) from :data:`VARIANTS` with overrides."""
     if variant not in VARIANTS:

@@ -71,10 +71,10 @@ class DecoderTask:
                 f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the decoder predicts epsilon "
                 "(the paper, Karlo) or v (small models trained briefly, e.g. the CPU demo)"
             )
-        if (module.out_channels == 2 * module.in_channels) != diffusion.learned_variance:
+        if (module.out_channels == 2 * module.image_channels) != diffusion.learned_variance:
             raise ValueError(
                 f"config.diffusion.var_type={diffusion.model_var_type!r} does not fit the decoder's "
-                f"out_channels={module.out_channels} (learned_range needs 2 * in_channels)"
+                f"out_channels={module.out_channels} (learned_range needs 2 * {module.image_channels} image channels)"
             )
         self.module = module
         self.drop_image_prob = float(drop_image_prob)
@@ -104,8 +104,12 @@ class DecoderTask:
             n = zeros_caption(cond["text_embeds"].shape[-1], cond["text_hidden_states"].shape[1])
         return (jnp.asarray(n["text_embeds"]), jnp.asarray(n["text_hidden_states"]), jnp.asarray(n["text_mask"]))
 
+    def extra_inputs(self, batch: base.Batch, draws: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+        """Network inputs beyond the conditioning (none here; the inpainting task adds the masked image)."""
+        return {}
+
     def init(self, rng: jax.Array, batch: base.Batch) -> dict[str, Any]:
-        cond = self._cond(batch)
+        cond = {**self._cond(batch), **self.extra_inputs(batch)}
         x = jnp.zeros(batch["image"].shape, jnp.float32)
         b = x.shape[0]
         return dict(self.module.init({"params": rng}, x, jnp.zeros((b,), jnp.int32), **cond))
@@ -127,6 +131,7 @@ class DecoderTask:
         x_start = base.to_model_range(batch["image"])
         cond = self._cond(batch)
         cond.update(drop_image_embeds=draws["drop_image_embeds"], drop_caption=draws["drop_caption"])
+        cond.update(self.extra_inputs(batch, draws))
         if not self.module.glide:  # GLIDE's empty caption is fixed tokens (models.glide_text.empty_caption)
             cond["null_caption"] = self._null(cond)
 
@@ -142,7 +147,7 @@ class DecoderTask:
     def sample(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> dict[str, Any]:
         """Conditional samples (no guidance) next to the real images: ``images`` [2B, H, W, 3] in [0, 1]."""
         variables = {"params": params, **extra}
-        cond = self._cond(batch)
+        cond = {**self._cond(batch), **self.extra_inputs(batch)}
         x_real = base.to_model_range(batch["image"])
 
         def denoise(x_t, t_model, **kw):
