@@ -11,10 +11,21 @@ from unclip_jax.bench import workloads
 HEADER = "# Benchmarks: unclip_jax vs diffusers/PyTorch (same weights, float32, 2 threads)"
 TRAIN_NOTE = (
     "Ours: the train loop's jitted `train_step` (task loss incl. the decoder's hybrid loss, AdamW, global-norm "
-    "clipping, EMA). Torch: the same networks' forward/backward, MSE loss, `torch.optim.AdamW` with clipping. "
+    "clipping, EMA). Torch: the same work (`unclip_jax.bench.torch_train`): the same networks' forward/backward "
+    "with the same loss (the decoder's hybrid loss with its learned-variance VLB term and CFG drops), "
+    "`torch.optim.AdamW` (decay on ndim >= 2), clipping and the EMA update. "
     "Our FLOPs come from XLA's cost analysis; for the cascade (whose loops XLA does not cost) the torch "
     "FLOP count is used for both sides. *Peak: the XLA 1024x1024 f32 matmul measured inside the same "
     "job right after it (the machine's load drifts between jobs); the 2048 figure above when absent."
+)
+
+PROFILE_NOTE = (
+    "Both steps profiled in one process (`python -m unclip_jax.bench --job=<task>:profile`): ours from a "
+    "`jax.profiler` trace (one event per executed HLO instruction, put in a category from the optimised HLO: "
+    "opcode, fused ops, convolution window, op name), PyTorch's from `torch.profiler` self times (each op in the "
+    "category of its outermost recognised ancestor). PyTorch's oneDNN conv backward computes both gradients in "
+    "one op. A fusion counts where its root op puts it. Milliseconds per step; each side's categories sum to its "
+    "total op time (ours can exceed the wall time where XLA runs thunks concurrently)."
 )
 
 
@@ -124,6 +135,19 @@ def export_section(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def profile_section(profiles: dict[str, dict[str, Any]]) -> list[str]:
+    """One op-category table per train step, ours against PyTorch's (:mod:`unclip_jax.bench.profile`)."""
+    from unclip_jax.bench.profile import profile_table
+
+    lines = ["## Where the time goes: train steps op by op, ours vs PyTorch", "", PROFILE_NOTE, ""]
+    for phase, res in profiles.items():
+        if "error" in res:
+            lines += [f"### {workloads.title(phase)}", "", f"failed: {res['error']}", ""]
+        else:
+            lines += profile_table(workloads.title(phase), res)
+    return lines
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     """BENCHMARKS.md (tables + machine/versions) and BENCHMARKS.json next to it."""
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))
@@ -159,6 +183,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             *ab,
             "",
         ]
+    prof = [p for p in phases if results[p].get("profile")]
+    if prof:
+        lines += profile_section({p: results[p]["profile"] for p in prof})
     if results.get("export"):
         lines += export_section(results["export"])
     lines += [f"Note: {n}" for n in report.get("notes", [])]

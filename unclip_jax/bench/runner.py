@@ -29,8 +29,8 @@ VERSIONS = ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformer
 
 def run_job(name: str, workdir: Path, repeats: int) -> dict[str, Any]:
     """One measurement in this process: ``matmul``, ``conv``, ``export``, ``cascade:jax|torch`` or
-    ``<task>:jax|torch|ab``."""
-    from unclip_jax.bench import export_jobs, jax_jobs, micro, torch_jobs
+    ``<task>:jax|torch|ab|profile``."""
+    from unclip_jax.bench import export_jobs, jax_jobs, micro, profile, torch_jobs
 
     if name == "matmul":
         return micro.job_matmul(workdir, repeats)
@@ -41,6 +41,8 @@ def run_job(name: str, workdir: Path, repeats: int) -> dict[str, Any]:
     phase, side = name.split(":")
     if phase == "cascade":
         return (jax_jobs.job_cascade if side == "jax" else torch_jobs.job_cascade)(workdir, repeats)
+    if side == "profile":
+        return profile.job_profile(phase, workdir, repeats)
     if side == "ab":
         return jax_jobs.job_train_ab(phase, workdir, repeats)
     return (jax_jobs.job_train if side == "jax" else torch_jobs.job_train)(phase, workdir, repeats)
@@ -121,6 +123,8 @@ def run_phases(phases: list[str], repeats: int, cascade_repeats: int, timeout: f
                 else {"error": "not run: our side failed (it writes the weights)"}
             )
             report["results"][phase] = {"jax": ours, "torch": ref}
+            if phase in workloads.TRAIN and "error" not in ours:
+                report["results"][phase]["profile"] = subprocess_job(f"{phase}:profile", workdir, 2, timeout)
             if phase in workloads.TRAIN and workloads.TRAIN[phase].conv_ab and "error" not in ours:
                 report["results"][phase]["conv_ab"] = subprocess_job(f"{phase}:ab", workdir, r + 1, timeout)
     return report

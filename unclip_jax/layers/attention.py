@@ -32,6 +32,11 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+# The name scope of the attention core (q k^T, softmax, p v and their gradients) in the compiled program's op names:
+# what the bench's op-by-op profile counts as attention (:mod:`unclip_jax.bench.profile`).
+ATTENTION_SCOPE = "attention_core"
+
+
 def make_causal_mask(length: int) -> jnp.ndarray:
     """Lower-triangular mask: query i sees keys 0..i (GPT / CLIP text tower / prior).
 
@@ -83,12 +88,13 @@ def dot_product_attention(
     Returns:
       [B, Lq, H, Dh].
     """
-    scale = query.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    with jax.named_scope(ATTENTION_SCOPE):
+        scale = query.shape[-1] ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
 class MultiHeadAttention(nn.Module):
