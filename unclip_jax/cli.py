@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+
+from unclip_jax.logs import QUIET_LOGGERS
 
 # sub-command -> (module, argv prefix, help). Each module has main(argv) -> int; the prefix is what its
 # own argv starts with (absl wants a program name, the multi-command modules want the command name).
@@ -35,7 +38,6 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "textdiff": ("unclip_jax.pipeline.commands", ("textdiff",), "edit an image along a text diff"),
     "evaluate": ("unclip_jax.evaluate.commands", (), "FID / CLIP score (MS-COCO 30k protocol, sweeps)"),
     "plan": ("unclip_jax.plan.commands", ("unclip plan",), "compile a train step for a TPU slice: memory, FLOPs, days"),
-    "inpaint": ("unclip_jax.pipeline.inpaint", ("unclip inpaint",), "fill the masked region of an image under a caption"),
 }
 
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, prefix, _ = COMMANDS[argv[0]]
+    for name, level in QUIET_LOGGERS.items():  # e.g. JAX's "Unable to initialize backend 'tpu'" on every CPU start
+        logging.getLogger(name).setLevel(level)
     if os.environ.get("UNCLIP_TRACEBACK"):
         return int(importlib.import_module(module_name).main([*prefix, *argv[1:]]) or 0)
     try:
@@ -69,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unclip {argv[0]}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a command that exits with its message (``raise SystemExit("unclip: ...")``)
+        if not isinstance(e.code, str):
+            raise
+        text = e.code.removeprefix("unclip:").strip()
+        print(f"unclip {argv[0]}: {text}", file=sys.stderr)
+        return 2
     except Exception as e:
         if not _is_user_error(e):
             raise

@@ -283,3 +283,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     bad = err.value.step
     assert bad >= 2
     assert _steps(workdir) == list(range(1, bad))[-3:]  # every step saved up to the last good one (keep=3)
+    # The message names the checkpoint a rerun resumes from: the newest one, which verifies.
+    good = os.path.join(workdir, "checkpoints", str(bad - 1))
+    assert err.value.checkpoint == f"step {bad - 1} ({good})"
+    assert f"the newest checkpoint that verifies is step {bad - 1} ({good}), from before it" in str(err.value)
+    # The steps before the bad one are in metrics.jsonl (the window in progress is flushed).
+    assert _logged_steps(workdir)[-1] == bad - 1
