@@ -1,0 +1,167 @@
+"""Fault injection on the `unclip` command line (issue 22): bad arguments, missing or non-image inputs, unwritable
+outputs, config typos and out-of-domain values are one line ``unclip <command>: ...`` with exit code 2 before any work;
+non-finite weights and non-finite stage outputs are refused naming the component / stage. The training faults
+(checkpoints, lock, signals) are in tests/train/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from unclip_jax import cli
+from unclip_jax.pipeline import commands, images, loading
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """A native pipeline folder (random ``test`` components) whose prior's proj_in kernel holds one NaN."""
+    from unclip_jax.convert import native
+    from unclip_jax.pipeline.testing import random_pipeline, save_native_pipeline
+
+    folder = save_native_pipeline(random_pipeline("test"), tmp_path_factory.mktemp("nan") / "model")
+    module, variables = native.load_native(folder / "prior")
+    variables = {k: dict(v) for k, v in variables.items()}
+    kernel = np.array(variables["params"]["proj_in"]["kernel"])
+    kernel[0, 0] = np.nan
+    variables["params"]["proj_in"] = {**variables["params"]["proj_in"], "kernel": kernel}
+    native.save_native(module, variables, folder / "prior")
+    return folder, kernel.size
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback_env(monkeypatch):
+    monkeypatch.delenv("UNCLIP_TRACEBACK", raising=False)
+
+
+@pytest.mark.parametrize("num", ["0", "-1", "x"])
+def test_num_below_one_is_a_usage_error(num, tmp_path, capsys):
+    code, err = _run(["sample", "--model", str(tmp_path), "--prompt", "a", "--num", num], capsys)
+    assert code == 2
+    got = repr(num) if num == "x" else num
+    assert err.splitlines()[-1] == f"unclip sample: error: argument --num: expected an integer >= 1, got {got}"
+
+
+def test_interpolate_needs_two_points(tmp_path, capsys):
+    code, err = _run(["interpolate", "a.png", "b.png", "--model", str(tmp_path), "--num", "1"], capsys)
+    assert code == 2 and err.splitlines()[-1].endswith("argument --num: expected an integer >= 2, got 1")
+
+
+def test_vary_on_a_missing_or_non_image_file(tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    assert _run(["vary", str(missing), "--model", str(tmp_path)], capsys) == (
+        2,
+        f"unclip vary: {missing}: no such file (UNCLIP_TRACEBACK=1 shows the traceback)",
+    )
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    code, err = _run(["vary", str(text), "--model", str(tmp_path)], capsys)
+    assert code == 2 and re.fullmatch(rf"unclip vary: {re.escape(str(text))}: not an image \(.*\) \(UNCLIP.*\)", err)
+    assert _run(["vary", str(tmp_path), "--model", str(tmp_path)], capsys)[1].startswith(
+        f"unclip vary: {tmp_path}: is a folder, expected an image file"
+    )
+
+
+def test_out_is_checked_before_any_model_loads(tmp_path, capsys):
+    """--model points nowhere: were the model loaded first, the error would be about it."""
+    base = ["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a"]
+    assert _run([*base, "--out", str(tmp_path)], capsys) == (
+        2,
+        f"unclip sample: --out {tmp_path}: is a folder; give a file name such as {tmp_path / 'grid.png'} "
+        "(UNCLIP_TRACEBACK=1 shows the traceback)",
+    )
+    assert _run([*base, "--out", str(tmp_path / "grid.jpg")], capsys)[1].startswith(
+        f"unclip sample: --out {tmp_path / 'grid.jpg'}: the output must be a .png file"
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = _run([*base, "--out", str(blocker / "grid.png")], capsys)
+    assert code == 2 and err.startswith(f"unclip sample: --out {blocker / 'grid.png'}: cannot write there (")
+    # A good --out gets past the checks: the missing model is what stops it.
+    code, err = _run([*base, "--out", str(tmp_path / "out" / "grid.png")], capsys)
+    assert code == 2 and err.startswith("unclip sample: text_encoder: no component found")
+
+
+def test_traceback_only_with_unclip_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UNCLIP_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="no such file"):
+        cli.main(["vary", str(tmp_path / "nope.png"), "--model", str(tmp_path)])
+
+
+def test_train_config_typo_and_out_of_domain_values(tmp_path, capsys):
+    code, err = _run(["train", "--config=experiments/priorr.py:test", f"--workdir={tmp_path}"], capsys)
+    assert (code, err) == (
+        2,
+        "unclip train: --config=experiments/priorr.py:test: no experiment file 'experiments/priorr.py' "
+        "(e.g. experiments/prior.py:test)",
+    )
+    argv = ["train", "--config=experiments/prior.py:test", f"--workdir={tmp_path / 'wd'}"]
+    code, err = _run([*argv, "--config.total_steps=0", "--config.optim.lr=-0.001"], capsys)
+    assert code == 2
+    assert err == (
+        "unclip train: error: config.optim.lr=-0.001: expected a number > 0; config.total_steps=0: expected an "
+        "integer >= 1 (UNCLIP_TRACEBACK=1 shows the traceback)"
+    )
+    assert not os.path.exists(tmp_path / "wd")  # nothing built, not even the work directory
+
+
+def test_bench_out_folder_is_checked_first(tmp_path, capsys):
+    from unclip_jax.bench import runner
+
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--out", str(tmp_path / "missing" / "x.md")])
+    assert e.value.code == 2
+    assert f"--out {tmp_path / 'missing' / 'x.md'}: the folder {tmp_path / 'missing'} does not exist" in (
+        capsys.readouterr().err
+    )
+
+
+def test_non_finite_weights_are_refused_at_load(nan_model, capsys):
+    folder, size = nan_model
+    with pytest.raises(loading.PipelineLoadError) as err:
+        loading.load_component("prior", folder / "prior", own_folder=True)
+    assert str(err.value) == (
+        f"prior: {folder / 'prior'} holds non-finite weights (params/proj_in/kernel: 1 of {size} values are "
+        "NaN/inf); re-export them from a good checkpoint"
+    )
+    code, err = _run(["sample", "--model", str(folder), "--prompt", "a", "--out", str(folder.parent / "g.png")], capsys)
+    assert code == 2
+    assert err == f"unclip sample: prior: {folder / 'prior'} holds non-finite weights (params/proj_in/kernel: 1 of " + (
+        f"{size} values are NaN/inf); re-export them from a good checkpoint"
+    )
+    assert not (folder.parent / "g.png").exists()
+
+
+@pytest.mark.parametrize(
+    "key, stage", [("image_embeds", "prior"), ("decoder_images", "decoder"), ("super_res_images", "super_res")]
+)
+def test_a_non_finite_stage_output_is_refused_naming_the_stage(key, stage, tmp_path):
+    result = {k: np.zeros((2, 4), np.float32) for k in ("image_embeds", "decoder_images", "super_res_images")}
+    result["images"] = result["super_res_images"]
+    result[key] = np.full((2, 4), np.nan, np.float32)
+    with pytest.raises(FloatingPointError, match=rf"^the {stage} stage produced 8 non-finite values of 8 \({key}\)"):
+        commands._write(result, tmp_path / "g.png", ["a", "b"])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_grid_captions_are_wrapped_not_cut():
+    measure = len  # one unit per character
+    assert images.wrap_label("a photo of an astronaut riding a horse", measure, 12) == [
+        "a photo of",
+        "an astronaut",
+        "riding a...",
+    ]
+    assert images.wrap_label("supercalifragilistic", measure, 8) == ["supercal", "ifragili", "stic"]
+    grid = images.make_grid(np.zeros((2, 64, 64, 3), np.uint8), ["a red cube on a blue table in the sun", "b"])
+    assert grid.shape[0] == 2 + 64 + 3 * 14 + 2  # three label lines under the row
