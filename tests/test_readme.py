@@ -38,8 +38,12 @@ README = ROOT / "README.md"
 BIN = Path(sys.executable).parent  # the venv the tests run in (.venv/bin)
 TEXT = README.read_text()
 
-UNCLIP_ARGPARSE = ("sample", "vary", "interpolate", "textdiff", "evaluate", "convert")
-PYTHON_MODULES = {"unclip_jax.bench": "unclip_jax.bench", "unclip_jax.demo": "unclip_jax.demo.__main__"}
+UNCLIP_ARGPARSE = ("sample", "vary", "interpolate", "textdiff", "evaluate", "convert", "inpaint")
+PYTHON_MODULES = {
+    "unclip_jax.bench": "unclip_jax.bench",
+    "unclip_jax.demo": "unclip_jax.demo.__main__",
+    "unclip_jax.demo.inpaint": "unclip_jax.demo.inpaint",
+}
 # Flags of tools that are not ours (pip, pytest, ruff, gcloud, TensorBoard, pytorch-fid).
 EXTERNAL_FLAGS = {"--no-deps", "--worker", "--command", "--logdir", "--save-stats", "--dist", "--check"}
 
@@ -284,6 +288,11 @@ def known_flags() -> set[str]:
             (_load_script(ROOT / "tools/train_parity.py").main, []),
             (importlib.import_module("unclip_jax.bench").main, []),
             (importlib.import_module("unclip_jax.demo.__main__").main, ["--workdir", "x"]),
+            (importlib.import_module("unclip_jax.demo.inpaint").main, ["--workdir", "x"]),
+            (
+                importlib.import_module("unclip_jax.pipeline.inpaint").main,
+                ["x", "i.png", "--mask", "m", "--prompt", "p"],
+            ),
         ]:
             flags |= set(parse_argparse(entry, argv, mp).parser._option_string_actions)
     finally:
