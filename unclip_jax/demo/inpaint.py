@@ -129,10 +129,13 @@ def measure(
     )
 
 
-def train_inpainting_decoder(workdir: Path, data_folder: Path, steps: int | None = None) -> Path:
+def train_inpainting_decoder(
+    workdir: Path, data_folder: Path, steps: int | None = None, out: Path | None = None
+) -> Path:
     """GLIDE's inpainting fine-tune of the demo decoder: ``<workdir>/decoder/export/ema`` widened by zeros
-    (:func:`unclip_jax.convert.decoder.widen_for_inpainting`) into ``<workdir>/decoder_inpaint_init``, then
-    ``experiments/decoder_inpaint.py:tiny_inpaint`` from it in ``<workdir>/decoder_inpaint`` (resumable).
+    (:func:`unclip_jax.convert.decoder.widen_for_inpainting`) into ``<out>/decoder_inpaint_init``, then
+    ``experiments/decoder_inpaint.py:tiny_inpaint`` from it in ``<out>/decoder_inpaint`` (resumable; ``out``
+    defaults to ``workdir``).
 
     Returns:
         the workdir of the fine-tune.
@@ -145,10 +148,11 @@ def train_inpainting_decoder(workdir: Path, data_folder: Path, steps: int | None
     export = workdir_export(workdir / "decoder")
     if export is None:
         raise ValueError(f"{workdir}/decoder has no export: run make demo first")
-    init = workdir / "decoder_inpaint_init"
+    out = Path(out) if out is not None else workdir
+    init = out / "decoder_inpaint_init"
     if not init.exists():
         widen_for_inpainting(export, init)
-    wd = workdir / "decoder_inpaint"
+    wd = out / "decoder_inpaint"
     argv = [
         "--config=experiments/decoder_inpaint.py:tiny_inpaint",
         f"--workdir={wd}",
@@ -168,8 +172,9 @@ def train_inpainting_decoder(workdir: Path, data_folder: Path, steps: int | None
 
 
 def run(workdir: Path, num: int = 64, finetune_steps: int | None = None, out: Path | None = None) -> dict[str, Any]:
-    """The measurement on a demo workdir (see the module docstring); writes ``<out>/report.json``, ``report.md`` and
-    ``grid.png`` (source with the hole, RePaint, fine-tuned decoder; the first 8 cases) and returns the report."""
+    """The measurement on a demo workdir (see the module docstring); writes the fine-tune, ``report.json``,
+    ``report.md`` and ``grid.png`` (source with the hole, RePaint, fine-tuned decoder; the first 8 cases) to ``out``
+    (default ``<workdir>/inpaint``) and returns the report."""
     from unclip_jax.demo import attributes
     from unclip_jax.pipeline import DEFAULT_SETTINGS
     from unclip_jax.pipeline import images as images_lib
@@ -194,13 +199,15 @@ def run(workdir: Path, num: int = 64, finetune_steps: int | None = None, out: Pa
     classifier = attributes.load_classifier(workdir / "classifier")
     size = int(pipe.component("super_res_first").module.sample_size)
     cases = inpaint_cases(num, size)
+    images_lib.save_png(cases["source"][0], out / "source.png")  # case 0 for `unclip inpaint` (README)
+    images_lib.save_png(np.repeat(cases["mask"][0] * 2.0 - 1.0, 3, axis=-1), out / "mask.png")
     report: dict[str, Any] = dict(num_cases=num, size=size, target=TARGET, prompts=cases["captions"][:8])
 
     repaint = measure(pipe, classifier, cases, method="repaint", settings=settings)
     report["repaint"] = {k: v for k, v in repaint.items() if k != "images"}
     print(f"[inpaint] RePaint: colour {repaint['colour']['accuracy']:.3f}", flush=True)
 
-    wd = train_inpainting_decoder(workdir, workdir / "data" / "embed_train_64", finetune_steps)
+    wd = train_inpainting_decoder(workdir, workdir / "data" / "embed_train_64", finetune_steps, out)
     pipe.components["decoder"], _ = load_component("decoder", wd)
     quarter = max(1, int(settings["decoder"].steps) // 4)
     model_settings = {**settings, "decoder": dataclasses.replace(settings["decoder"], steps=quarter)}
@@ -251,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--finetune-steps", type=int, default=0, help="inpainting fine-tune steps (0: the experiment's)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default <workdir>/inpaint)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="fine-tune and report folder (default <workdir>/inpaint)"
+    )
     args = parser.parse_args(argv)
     report = run(args.workdir, args.num, args.finetune_steps or None, args.out)
     print(format_report(report))
