@@ -9,11 +9,17 @@ same images (``tests/pipeline/test_parity.py``):
    `unclip_jax.pipeline.priors.PriorSampler` (diffusion or autoregressive), the one with the largest z_i . z_t kept.
 3. Decoder (section 2.1): ``UnCLIPTextProj`` + GLIDE U-Net; guidance on the eps channels only (the learned-range
    variance channels come from the conditional half); the unconditional half replaces z_i by the learned CFG
-   embedding and the caption by CLIP(""). Output clamped to [-1, 1].
+   embedding and the caption by CLIP("") (with GLIDE's caption transformer: GLIDE's empty caption tokens).
+   Output clamped to [-1, 1].
 4. Super-resolution (64 -> 256): the low-resolution image is upsampled bicubically with antialiasing
    (`unclip_jax.pipeline.ops.resize`) and concatenated to the noisy image; Karlo's two-model schedule runs
    ``super_res_first`` for all but the last step and ``super_res_last`` for the last one. Optional second upsampler
    (256 -> 1024, paper: DDIM 15 steps).
+
+Inpainting (``Plan.inpaint``): the decoder and upsampler stages sample with RePaint resampling
+(`unclip_jax.diffusion.repaint`) around the source image and mask given as inputs, resized to each stage's size, or the
+decoder is GLIDE's inpainting decoder (the masked image and mask as inputs of both guidance branches); the known pixels
+are the source's at every stage.
 
 Everything after tokenisation is ONE ``jax.jit`` program with the sampling loops (``lax.scan``) inside, static only
 in its :class:`~unclip_jax.pipeline.plan.Plan`; :data:`CASCADE` counts its traces (= compilations).
