@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.layers import axes
-from unclip_jax.models import ar_prior, pca_codec
+from unclip_jax.models import ar_prior, clip, pca_codec
 
 B = 3
 
@@ -194,8 +194,10 @@ def test_variant_table():
     paper = ar_prior.build("paper")
     assert paper.width == 1664 and paper.num_layers == 24 and paper.num_heads == 26 and paper.width // 26 == 64
     assert paper.num_components == 319 and paper.num_buckets == 1024 and paper.embedding_dim == 1024
-    # Latent part of the context (z_t, dot, 319 codes) fits the paper's 384; the caption is the 256-token prefix.
-    assert 2 + paper.num_components <= 384 and paper.seq_len == 256 + 319 + 1
+    # Latent part of the context (z_t, dot, 319 codes) fits the paper's 384; the caption prefix is the paper CLIP
+    # text tower's 77 states, what the cascade hands the prior.
+    assert 2 + paper.num_components <= 384 and paper.seq_len == 77 + 319 + 1
+    assert paper.num_text_tokens == clip.VARIANTS["paper"]["text"]["context_length"]
     n = ar_prior.num_params(paper)
     assert 0.7e9 < n < 1.1e9, n  # table 3: ~1B
     with pytest.raises(ValueError, match="variant"):

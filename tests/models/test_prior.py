@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.models import prior
+from unclip_jax.models import clip, prior
 
 
 def _count(tree) -> int:
@@ -109,6 +109,9 @@ def test_param_counts_of_large_variants():
     assert 0.95e9 < counts["karlo"] < 1.1e9  # "Karlo prior 1B"
     assert 1.1e9 < counts["paper"] < 1.4e9  # width 2048 x 24 blocks ("1B" in table 3)
     assert counts["bench"] < counts["karlo"]
+    # Each large prior reads the caption states of the CLIP text tower it is paired with (the cascade's input).
+    for name in ("karlo", "paper"):
+        assert prior.VARIANTS[name]["num_embeddings"] == clip.VARIANTS[name]["text"]["context_length"]
 
 
 @pytest.mark.torch

@@ -99,12 +99,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         num_layers=24,
         num_heads=26,
     ),
-    # Appendix C / table 3: width 1664, 24 blocks, 26 heads, 319 of 1024 PCA components, 1024 buckets,
-    # caption context 256 (ViT-H/16 CLIP: 1024-dim embeddings, text width 1024).
+    # Appendix C / table 3: width 1664, 24 blocks, 26 heads, 319 of 1024 PCA components, 1024 buckets; the
+    # caption is the paper CLIP text tower's 77 states (ViT-H/16 CLIP: 1024-dim embeddings, text width 1024).
     "paper": dict(
         embedding_dim=1024,
         text_hidden_dim=1024,
-        num_text_tokens=256,
+        num_text_tokens=77,
         num_components=319,
         num_buckets=1024,
         num_dot_buckets=1024,

@@ -53,8 +53,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         num_embeddings=77,
         additional_embeddings=4,
     ),
-    # Appendix C: width 2048, 24 blocks, 1024-dim CLIP embeddings (ViT-H/16), caption context 256.
-    "paper": dict(num_attention_heads=32, attention_head_dim=64, num_layers=24, embedding_dim=1024, num_embeddings=256),
+    # Appendix C: width 2048, 24 blocks, 1024-dim CLIP embeddings (ViT-H/16); the encoded caption is the paper
+    # CLIP text tower's 77 states (clip.VARIANTS["paper"]), the sequence the cascade hands the prior.
+    "paper": dict(num_attention_heads=32, attention_head_dim=64, num_layers=24, embedding_dim=1024, num_embeddings=77),
 }
 
 
