@@ -318,3 +318,25 @@ def test_sigterm_saves_and_flushes_the_metrics_window_in_progress(tmp_path):
     assert [r["step"] for r in rows] == [3]
     assert _ckpt(workdir).all_steps() == [3] and _ckpt(workdir).verify(3) is None
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+
+
+class _FailAt(_SignalAt):
+    """A data iterator whose draw number ``at`` fails (a dying disk)."""
+
+    def __next__(self):
+        self.n += 1
+        if self.n == self.at:
+            raise OSError("input/output error")
+        return next(self.it)
+
+
+def test_an_error_mid_window_still_writes_the_steps_run(tmp_path):
+    config = data.experiment("prior", total_steps=50, log_every=20, **{"checkpoint.every": 2})
+    workdir = str(tmp_path / "error")
+    with pytest.raises(OSError, match="input/output error"):
+        loop.train_and_evaluate(config, workdir, data_iter=_FailAt(loop.make_train_iterator(config), 6, 0))
+    # draw 1 is the peek; steps 1..4 ran (a checkpoint at 2 and 4), the 6th draw failed
+    rows = [r["step"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    assert rows == [4]
+    assert _ckpt(workdir).all_steps() == [2, 4]
+    assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))  # released on the error

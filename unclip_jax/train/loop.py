@@ -389,7 +389,6 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
         preview_batch = jax.jit(lambda b: jax.tree.map(lambda x: x[:n], b), out_shardings=parallel.replicated(mesh))(
             first
         )
-        log.info("previews every %d steps (compiled when the first one is due)", preview_every)
         with parallel.mesh_context(mesh, rules):
             preview_fn = jax.jit(lambda p, e, b, r: task.sample(p, b, r, e), out_shardings=parallel.replicated(mesh))
 
@@ -438,6 +437,8 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
                 if _due(step, log_every) or step == total or stop_now:
                     last = flush_window(step) or last
                 if preview_fn is not None and _due(step, preview_every):
+                    if step - start <= preview_every:
+                        log.info("compiling the preview sampler (the first preview) ...")
                     _preview(preview_fn, state, preview_batch, base_rng, step, workdir, writer, primary)
                 if save_now or stop_now:
                     checkpointer.save(step, state, data_iter, force=True, config=run_config)
@@ -457,6 +458,14 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
             )
             log.info("exported EMA params to %s", export_dir)
     finally:
+        try:  # any other stop (an error, a second Ctrl-C): the steps run since the last row are written too
+            rows = [(s, jax.device_get(mm)) for s, mm in pending]
+            bad = metrics_lib.first_non_finite(rows)
+            to_log += [r for r in rows if bad is None or r[0] < bad[0]]
+            if to_log:
+                flush_window(to_log[-1][0])
+        except Exception as e:  # noqa: BLE001 - never hide the error that stopped the run
+            log.warning("could not write the metrics of the last steps: %s", e)
         checkpointer.close()
         writer.flush()
     return TrainResult(state=state, step=step, preempted=preempted, metrics=last, export_dir=export_dir, signum=signum)
