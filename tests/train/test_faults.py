@@ -177,7 +177,10 @@ def test_checkpoint_without_checksums_restores_and_says_so(run, tmp_path, caplog
     os.remove(os.path.join(workdir, "checkpoints", "6", ckpt_lib.META_FILE))
     step, _ = _restore(run, workdir, caplog)
     assert step == 6
-    assert "checkpoint step 6 has no checksums (saved before they were recorded): unverified" in caplog.messages
+    assert (
+        "checkpoint step 6 has no checksums (saved before they were recorded, or the run stopped before recording "
+        "them): restoring it unverified" in caplog.messages
+    )
 
 
 def test_export_mode_skips_a_damaged_newest_checkpoint(run, tmp_path, caplog):

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -123,6 +124,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending: list[tuple[int, Mapping[str, Any] | None]] = []  # saved, checksums not yet written
+        self._recorder: threading.Thread | None = None  # hashes completed checkpoints beside training
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -154,9 +156,14 @@ class Checkpointer:
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
         started = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
-        if started:
+        if started and jax.process_index() == 0:
             self._pending.append((int(step), config))
         return started
+
+    def poll(self) -> None:
+        """Starts recording the checksums of saves that have completed (cheap; the loop calls it every step)."""
+        if self._pending and not self.manager.is_saving_in_progress():
+            self._record()
 
     def _move_aside(self, step: int) -> None:
         """A damaged checkpoint the run fell back from, about to be written again: kept, never overwritten."""
@@ -170,21 +177,36 @@ class Checkpointer:
         self.manager.reload()
 
     def _finalize(self) -> None:
-        """Waits for the async save; then process 0 records each completed checkpoint's checksums and config."""
+        """Waits for the async save and for the checksums of every completed checkpoint to be written."""
         self.manager.wait_until_finished()
-        pending, self._pending = self._pending, []
-        if jax.process_index() != 0:
+        self._record()
+        if self._recorder is not None:
+            self._recorder.join()
+            self._recorder = None
+
+    def _record(self) -> None:
+        """Process 0 hashes the completed checkpoints in a background thread (one at a time), writing each
+        ``<step>/unclip.json`` atomically; the other processes write nothing (their files are in the same folder)."""
+        if not self._pending:
             return
+        if self._recorder is not None:
+            self._recorder.join()
+        pending, self._pending = self._pending, []
+        self._recorder = threading.Thread(target=self._write_meta, args=(pending,), name="unclip-checksums")
+        self._recorder.start()
+
+    def _write_meta(self, pending: list[tuple[int, Mapping[str, Any] | None]]) -> None:
         for step, config in pending:
             folder = self.step_dir(step)
-            if not folder.exists():  # already rotated out (keep)
-                continue
-            meta = {"format": 1, "step": step, "files": checksums(folder)}
-            if config is not None:
-                meta["config"] = json.loads(json.dumps(dict(config), default=str))
-            tmp = folder / f".{META_FILE}.tmp"
-            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-            os.replace(os.fspath(tmp), os.fspath(folder / META_FILE))
+            try:
+                meta = {"format": 1, "step": step, "files": checksums(folder)}
+                if config is not None:
+                    meta["config"] = json.loads(json.dumps(dict(config), default=str))
+                tmp = folder / f".{META_FILE}.tmp"
+                tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+                os.replace(os.fspath(tmp), os.fspath(folder / META_FILE))
+            except OSError as e:  # rotated out (keep) while hashing
+                log.debug("checkpoint step %d: no checksums recorded (%s)", step, e)
 
     def meta(self, step: int) -> dict[str, Any] | None:
         """``<step>/unclip.json`` (None for a checkpoint written before checksums were recorded).
@@ -275,7 +297,11 @@ class Checkpointer:
             has_sums = problem is None and self._has_meta(step)
             if problem is None:
                 if not has_sums:
-                    log.info("checkpoint step %d has no checksums (saved before they were recorded): unverified", step)
+                    log.info(
+                        "checkpoint step %d has no checksums (saved before they were recorded, or the run stopped "
+                        "before recording them): restoring it unverified",
+                        step,
+                    )
                 saved = _iter_state(data_iter)
                 try:
                     _, state = self.restore(abstract_state, data_iter, step)

@@ -419,6 +419,7 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
                 state, m = compiled(state, batch)
                 step += 1
                 pending.append((step, m))
+                checkpointer.poll()
                 save_now = _due(step, int(ck.every)) or step == total
                 stop_now = (
                     preemption.requested if jax.process_count() == 1 else _due(step, log_every) and preemption.agreed()
