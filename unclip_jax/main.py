@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     _setup_logging()
+    logging.getLogger("unclip_jax.train").info(
+        "%s %s in %s: loading JAX, the data pipeline and the model ...",
+        FLAGS.mode,
+        next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?"),
+        FLAGS.workdir,
+    )
 
     from unclip_jax import parallel
     from unclip_jax.train import lock, validate
