@@ -57,11 +57,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         norm_num_groups=8,
         clip_embeddings_dim=32,
         sample_size=16,
-        # GLIDE caption transformer of text_encoder="glide" (experiments/decoder.py:test_glide).
-        text_ctx=77,
-        xf_width=32,
-        xf_layers=2,
-        xf_heads=2,
     ),
     # The CPU demo (unclip_jax.demo, experiments/decoder.py:tiny): 32x32, block channels (16, 32, 64), attention at
     # 16x16 and 8x8 (the caption reaches the finer level too), fixed variance (3 output channels); pairs with the
@@ -78,10 +73,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         norm_num_groups=8,
         clip_embeddings_dim=64,
         sample_size=32,
-        text_ctx=77,
-        xf_width=64,
-        xf_layers=2,
-        xf_heads=4,
     ),
     # Benchmark size (64x64): block channels (64, 128, 192, 256), attention in the 3 inner levels.
     "bench": dict(
@@ -107,8 +98,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
     # Appendix C: 512 channels, mult 1,2,3,4, 3 res blocks, attention at 32,16,8, 64 channels per head,
     # caption context width 2048, 1024-dim CLIP (ViT-H/16), dropout 0.1 (GLIDE 3.5B class). With
-    # text_encoder="glide" (experiments/decoder.py:paper) the caption transformer of table 3: ctx 256, width 2048,
-    # 24 blocks, 32 heads; the variant alone keeps Karlo's CLIP-caption pathway.
+    # text_encoder="glide" (experiments/decoder.py:paper) it gets the caption transformer of GLIDE_TEXT["paper"].
     "paper": dict(
         model_channels=512,
         channel_mult=(1, 2, 3, 4),
@@ -119,11 +109,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         clip_embeddings_dim=1024,
         dropout=0.1,
         sample_size=64,
-        text_ctx=256,
-        xf_width=2048,
-        xf_layers=24,
-        xf_heads=32,
     ),
+}
+
+# GLIDE's caption transformer per variant, used with text_encoder="glide" (:func:`build`); xf_width = context_dim.
+GLIDE_TEXT: dict[str, dict[str, Any]] = {
+    "test": dict(text_ctx=77, xf_width=32, xf_layers=2, xf_heads=2),  # experiments/decoder.py:test_glide
+    "tiny": dict(text_ctx=77, xf_width=64, xf_layers=2, xf_heads=4),  # experiments/decoder.py:tiny_glide
+    # Table 3: "Text encoder ctx/width/depth/heads 256/2048/24/32" (experiments/decoder.py:paper).
+    "paper": dict(text_ctx=256, xf_width=2048, xf_layers=24, xf_heads=32),
 }
 
 
@@ -423,7 +417,9 @@ def widen_input_conv(params: Any, in_channels: int) -> Any:
 
 
 def build(variant: str, **overrides: Any) -> UnCLIPDecoder:
-    """Builds an :class:`UnCLIPDecoder` (text projection + U-Net) from :data:`VARIANTS` with overrides."""
+    """Builds an :class:`UnCLIPDecoder` (text projection + U-Net) from :data:`VARIANTS` with overrides; with
+    ``text_encoder="glide"`` the variant's caption transformer of :data:`GLIDE_TEXT` comes in under the overrides."""
     if variant not in VARIANTS:
         raise ValueError(f"decoder variant {variant!r}: expected one of {sorted(VARIANTS)}")
-    return UnCLIPDecoder(**{**VARIANTS[variant], **overrides})
+    glide = GLIDE_TEXT.get(variant, {}) if overrides.get("text_encoder") == "glide" else {}
+    return UnCLIPDecoder(**{**VARIANTS[variant], **glide, **overrides})
