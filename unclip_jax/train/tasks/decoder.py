@@ -71,18 +71,20 @@ class DecoderTask:
                 f"config.diffusion.mean_type={diffusion.model_mean_type!r}: the decoder predicts epsilon "
                 "(the paper, Karlo) or v (small models trained briefly, e.g. the CPU demo)"
             )
-        if (module.out_channels == 2 * module.image_channels) != diffusion.learned_variance:
+        image_channels = getattr(module, "image_channels", module.in_channels)
+        if (module.out_channels == 2 * image_channels) != diffusion.learned_variance:
             raise ValueError(
                 f"config.diffusion.var_type={diffusion.model_var_type!r} does not fit the decoder's "
-                f"out_channels={module.out_channels} (learned_range needs 2 * {module.image_channels} image channels)"
+                f"out_channels={module.out_channels} (learned_range needs 2 * {image_channels} image channels)"
             )
         self.module = module
+        self.glide = bool(getattr(module, "glide", False))  # GLIDE's caption transformer reads the caption tokens
         self.drop_image_prob = float(drop_image_prob)
         self.drop_caption_prob = float(drop_caption_prob)
         self.null_caption = null_caption
 
     def _cond(self, batch: base.Batch) -> dict[str, jax.Array]:
-        if self.module.glide:
+        if self.glide:
             base.require(batch, ("image", "image_embeds", "input_ids"), self.name)
             return dict(
                 image_embeds=batch["image_embeds"].astype(jnp.float32),
@@ -132,7 +134,7 @@ class DecoderTask:
         cond = self._cond(batch)
         cond.update(drop_image_embeds=draws["drop_image_embeds"], drop_caption=draws["drop_caption"])
         cond.update(self.extra_inputs(batch, draws))
-        if not self.module.glide:  # GLIDE's empty caption is fixed tokens (models.glide_text.empty_caption)
+        if not self.glide:  # GLIDE's empty caption is fixed tokens (models.glide_text.empty_caption)
             cond["null_caption"] = self._null(cond)
 
         def denoise(x_t, t_model, **kw):
