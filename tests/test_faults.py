@@ -165,3 +165,17 @@ def test_grid_captions_are_wrapped_not_cut():
     assert images.wrap_label("supercalifragilistic", measure, 8) == ["supercal", "ifragili", "stic"]
     grid = images.make_grid(np.zeros((2, 64, 64, 3), np.uint8), ["a red cube on a blue table in the sun", "b"])
     assert grid.shape[0] == 2 + 64 + 3 * 14 + 2  # three label lines under the row
+
+
+def test_leftovers_of_interrupted_exports_are_reported(nan_model, caplog):
+    folder, _ = nan_model
+    tmp = folder / ".decoder.tmp-abc123"
+    tmp.mkdir()
+    try:
+        with caplog.at_level("WARNING", logger="unclip_jax.pipeline"):
+            assert loading.report_leftovers(folder) == [tmp]
+        assert caplog.messages == [
+            f"{tmp}: left by an interrupted or replaced export; nothing reads it (safe to delete)"
+        ]
+    finally:
+        tmp.rmdir()

@@ -34,6 +34,7 @@ subfolder all come from `unclip_jax.stages`; each diffusers / transformers folde
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,8 @@ from unclip_jax.diffusion import GaussianDiffusion, diffusion_from_config
 from unclip_jax.input.tokenizer import EOT, TOKENIZER_KINDS, ClipTokenizer, FolderTokenizer
 from unclip_jax.pipeline import priors
 from unclip_jax.pipeline.cascade import Component, UnclipPipeline
+
+log = logging.getLogger("unclip_jax.pipeline")
 
 COMPONENTS = stages.COMPONENT_NAMES
 TWO_TOWER_CLIP = "clip"  # a model-folder subfolder (transformers CLIPModel) that serves as text and image encoder
@@ -135,6 +138,7 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
     if name not in COMPONENTS:
         raise PipelineLoadError(f"unknown component {name!r}; expected one of {COMPONENTS}")
     path = Path(path)
+    report_leftovers(path)
     searched = []
     for folder in _candidates(name, path, own_folder):
         if folder in searched:
@@ -158,6 +162,26 @@ def load_component(name: str, path: str | os.PathLike, *, own_folder: bool = Fal
         f"{name}: no component found; searched {[str(s) for s in searched]} (expected a training workdir with "
         "export/ema, a native folder (unclip convert import) or a diffusers/transformers folder)"
     )
+
+
+def report_leftovers(folder: Path) -> list[Path]:
+    """Warns about what an interrupted write left beside ``folder`` or inside it: ``.<name>.tmp-*`` (a partial
+    export) and ``.<name>.old-*`` (a replaced one) folders of `unclip_jax.convert.io.staged_folder`, which are
+    never read and may be large. Returns them."""
+    found = []
+    for parent in (folder.parent, folder):
+        if parent.is_dir():
+            found += sorted(
+                p for p in parent.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+            )
+    for p in found:
+        if p not in _REPORTED:
+            _REPORTED.add(p)
+            log.warning("%s: left by an interrupted or replaced export; nothing reads it (safe to delete)", p)
+    return found
+
+
+_REPORTED: set[Path] = set()  # one warning per leftover and process
 
 
 def check_finite(name: str, variables: Mapping[str, Any], folder: Path) -> None:
