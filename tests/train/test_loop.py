@@ -6,6 +6,7 @@ Subprocesses run the real CLI (``python -m unclip_jax.main``) on 8 (or 2, or 2 x
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -96,7 +97,8 @@ def _restore_params(config, workdir, step):
 def straight(tmp_path_factory):
     """20 steps in one go, in this process (8 devices, mesh (8, 1, 1)); previews every 10 steps."""
     workdir = str(tmp_path_factory.mktemp("straight"))
-    config = data.experiment("prior", preview_every=10, **COMMON)
+    # A profiler window over steps 4-5 (unclip_jax.train.profiling).
+    config = data.experiment("prior", preview_every=10, **COMMON, **{"profile.start_step": 3, "profile.num_steps": 2})
     result = loop.train_and_evaluate(config, workdir)
     assert result.step == STEPS and not result.preempted
     return config, workdir, jax.device_get(result.state.params)
@@ -118,6 +120,8 @@ def test_straight_run_writes_metrics_checkpoints_previews_and_export(straight):
     ):
         assert key in rows[-1], key
     assert rows[-1]["perf/flops_per_sec"] > 0
+    assert "perf/mfu" not in rows[-1]  # CPU devices have no published peak
+    assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
     preview = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "preview/cosine_to_target" in r]
     assert [r["step"] for r in preview] == [10, 20]
     assert _steps(workdir) == [10, 20]

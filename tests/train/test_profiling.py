@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.chips import CHIPS
-from unclip_jax.train import profiling
+from unclip_jax.train import metrics, profiling
 from unclip_jax.train.defaults import apply_test, base_config
 
 
@@ -82,3 +82,13 @@ def test_cache_dir_values(monkeypatch, tmp_path):
     assert base_config("decoder").compilation_cache_dir == "default"
     assert apply_test(base_config("decoder")).compilation_cache_dir == ""
     assert base_config("prior").profile.start_step == -1
+
+
+def test_progress_reports_mfu_against_the_peak(monkeypatch):
+    clock = iter([100.0, 102.0, 200.0, 201.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    progress = metrics.Progress(100, 0, 8, flops_per_step=2e12, peak_flops_per_sec=1e13)
+    out = progress.update(4)  # 4 steps in 2 s: 2 steps/s x 2 TFLOP = 4 TFLOP/s of 10
+    assert out["perf/mfu"] == pytest.approx(0.4)
+    assert "MFU 40.0%" in progress.line(4, out)
+    assert "perf/mfu" not in metrics.Progress(100, 0, 8, 2e12).update(1)

@@ -49,7 +49,7 @@ from unclip_jax import parallel, stages
 from unclip_jax.train import checkpoint as ckpt_lib
 from unclip_jax.train import lock as lock_lib
 from unclip_jax.train import metrics as metrics_lib
-from unclip_jax.train import optim, validate
+from unclip_jax.train import optim, profiling, validate
 from unclip_jax.train import state as state_lib
 from unclip_jax.train.tasks import Task, make_task
 
@@ -334,6 +334,9 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
     parallel.batch_size_per_process(int(config.batch_size), mesh)  # validates divisibility
     data_iter = data_iter if data_iter is not None else make_train_iterator(config)
     primary = jax.process_index() == 0
+    cache_dir = profiling.resolve_cache_dir(str(config.compilation_cache_dir))
+    if cache_dir:
+        log.info("XLA compilation cache: %s", profiling.enable_compilation_cache(cache_dir))
     ck = config.checkpoint
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -393,7 +396,11 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
             preview_fn = jax.jit(lambda p, e, b, r: task.sample(p, b, r, e), out_shardings=parallel.replicated(mesh))
 
     log_every = int(config.log_every)
-    progress = metrics_lib.Progress(total, start, int(config.batch_size), flops)
+    peak = profiling.peak_flops_per_sec(list(mesh.devices.flat))
+    progress = metrics_lib.Progress(total, start, int(config.batch_size), flops, peak)
+    window = profiling.ProfileWindow(
+        int(config.profile.start_step), int(config.profile.num_steps), os.path.join(workdir, "profile"), primary
+    )
     pending: list[tuple[int, dict]] = []  # device metrics not yet looked at
     to_log: list[tuple[int, dict]] = []
     last: dict[str, float] = {}
@@ -416,8 +423,10 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
         with _Preemption() as preemption:
             while step < total:
                 batch = parallel.global_batch(next(data_iter), mesh)
+                window.before_step(step)
                 state, m = compiled(state, batch)
                 step += 1
+                window.after_step(step, m)
                 pending.append((step, m))
                 checkpointer.poll()
                 save_now = _due(step, int(ck.every)) or step == total
@@ -467,6 +476,7 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
                 flush_window(to_log[-1][0])
         except Exception as e:  # noqa: BLE001 - never hide the error that stopped the run
             log.warning("could not write the metrics of the last steps: %s", e)
+        window.close()
         checkpointer.close()
         writer.flush()
     return TrainResult(state=state, step=step, preempted=preempted, metrics=last, export_dir=export_dir, signum=signum)

@@ -160,8 +160,15 @@ def mean_metrics(rows: list[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
 class Progress:
     """Steps/s, examples/s, achieved FLOP/s and a one-line progress report with ETA."""
 
-    def __init__(self, total_steps: int, start_step: int, global_batch: int, flops_per_step: float | None):
-        self.total, self.batch, self.flops = total_steps, global_batch, flops_per_step
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        global_batch: int,
+        flops_per_step: float | None,
+        peak_flops_per_sec: float | None = None,
+    ):
+        self.total, self.batch, self.flops, self.peak = total_steps, global_batch, flops_per_step, peak_flops_per_sec
         self._t, self._step = time.perf_counter(), start_step
 
     def update(self, step: int) -> dict[str, float]:
@@ -174,6 +181,8 @@ class Progress:
         out = {"perf/steps_per_sec": sps, "perf/examples_per_sec": sps * self.batch}
         if self.flops:
             out["perf/flops_per_sec"] = sps * self.flops
+            if self.peak:  # model-FLOPs utilisation against the devices' published peak (TPUs)
+                out["perf/mfu"] = sps * self.flops / self.peak
         return out
 
     def line(self, step: int, scalars: Mapping[str, float]) -> str:
@@ -184,6 +193,8 @@ class Progress:
             parts.append(f"{sps:.2f} steps/s")
         if "perf/flops_per_sec" in scalars:
             parts.append(f"{scalars['perf/flops_per_sec'] / 1e9:.1f} GFLOP/s")
+        if "perf/mfu" in scalars:
+            parts.append(f"MFU {100 * scalars['perf/mfu']:.1f}%")
         if math.isfinite(eta):
             parts.append(f"ETA {_hms(eta)}")
         return " | ".join(parts)
