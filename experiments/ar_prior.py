@@ -15,11 +15,12 @@ paper (appendix C table 3: lr 1.6e-4, weight decay 4.0e-2, beta2 0.91, eps 1e-10
 0.999, batch 4096, 1M iterations).
 """
 
-from unclip_jax.train.defaults import apply_table3, apply_test, base_config
+from unclip_jax.train.defaults import apply_table3, apply_test, base_config, sliced
 
 VARIANTS = ("test", "tiny", "karlo", "paper")
 
 
+@sliced("ar_prior")
 def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/ar_prior.py:{arg}: expected one of {VARIANTS}")

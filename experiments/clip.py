@@ -11,11 +11,12 @@ bench, karlo (ViT-L/14 shape), paper (ViT-H/16 shape). Optimiser after CLIP's pa
 weight decay 0.2, cosine schedule).
 """
 
-from unclip_jax.train.defaults import apply_test, base_config
+from unclip_jax.train.defaults import apply_test, base_config, sliced
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
 
+@sliced("clip")
 def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/clip.py:{arg}: expected one of {VARIANTS}")

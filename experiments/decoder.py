@@ -14,12 +14,13 @@ GLIDE variants (:data:`GLIDE_VARIANTS`): ``test_glide`` and ``tiny_glide`` are `
 decoder's own small caption transformer (``text_encoder="glide"``) in place of the frozen CLIP caption states.
 """
 
-from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
+from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config, sliced
 
 GLIDE_VARIANTS = ("test_glide", "tiny_glide")
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper", *GLIDE_VARIANTS)
 
 
+@sliced("decoder")
 def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/decoder.py:{arg}: expected one of {VARIANTS}")

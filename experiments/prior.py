@@ -10,11 +10,12 @@ Variants (``:arg``): test (seconds on CPU, pairs with clip ``test``), tiny (the 
 Karlo prior: CLIP ViT-L/14, the empty caption as null input), paper (appendix C table 3).
 """
 
-from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
+from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config, sliced
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
 
+@sliced("prior")
 def get_config(arg: str = "test"):
     if arg not in VARIANTS:
         raise ValueError(f"experiments/prior.py:{arg}: expected one of {VARIANTS}")

@@ -12,11 +12,12 @@ Variants: test (tiny crops, seconds on CPU), tiny (the CPU demo: 32 -> 128 on 32
 """
 
 from unclip_jax import stages
-from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config
+from unclip_jax.train.defaults import apply_bench, apply_table3, apply_test, base_config, sliced
 
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
 
+@sliced("upsampler")
 def get_config(arg: str = "test"):
     variant, stage2 = (arg[: -len("_1024")], True) if arg.endswith("_1024") else (arg, False)
     if variant not in VARIANTS:

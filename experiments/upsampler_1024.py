@@ -7,9 +7,12 @@ The second upsampler (256 -> 1024, BSR degradation, linear schedule): the same a
 import importlib.util
 import os
 
+from unclip_jax.train.defaults import sliced
+
 VARIANTS = ("test", "tiny", "bench", "karlo", "paper")
 
 
+@sliced("upsampler_1024")
 def get_config(arg: str = "test"):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upsampler.py")
     spec = importlib.util.spec_from_file_location("_unclip_experiments_upsampler", path)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.models import pca_codec
+from unclip_jax.train.defaults import SLICES, TOPOLOGIES
 from unclip_jax.train.tasks import make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,3 +144,30 @@ def test_load_experiment_is_the_config_unclip_train_uses(tmp_path, monkeypatch):
         load_experiment("experiments/prior.py:test", overrides={"optim.lr": "fast"})
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_experiment("experiments/nope.py:test")
+
+
+@pytest.mark.parametrize("slice_name", sorted(SLICES))
+def test_slice_variants_apply_their_settings_and_nothing_else(slice_name):
+    """``paper@<slice>`` is ``paper`` with exactly :data:`SLICES`' fields changed (what `make plan` compiles)."""
+    from unclip_jax.plan import table
+
+    for stage in table.PLAN_STAGES:
+        base = _flat(load(stage).get_config("paper").to_dict())
+        sliced = _flat(load(stage).get_config(f"paper@{slice_name}").to_dict())
+        changed = {k: v for k, v in sliced.items() if base[k] != v}
+        wanted = SLICES[slice_name].get(stage, {})
+        assert changed == {k: v for k, v in wanted.items() if base[k] != v}, (stage, changed)
+        row = next(r for r in table.ROWS if r.stage == stage and r.topology == TOPOLOGIES[slice_name])
+        assert row.experiment == f"experiments/{stage}.py:paper@{slice_name}" and not row.overrides
+
+
+def test_an_unknown_slice_is_named():
+    with pytest.raises(ValueError, match="@v9x-8: unknown TPU slice"):
+        load("decoder").get_config("paper@v9x-8")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -9,8 +9,8 @@ so an interrupted run resumes. ``PLAN.md`` (markdown) and ``data/plan/plan.json`
 whatever rows exist. A big step compiles for many minutes on a small machine: the compiles share the plans'
 persistent XLA cache.
 
-:data:`ROWS` holds, per row, the ``--config.<field>`` settings with which the step fits the slice (what the
-experiment file does not already say for that slice).
+:data:`ROWS` are every stage's ``experiments/<stage>.py:paper@<slice>``: the settings with which a step fits a slice
+are written once, in :data:`unclip_jax.train.defaults.SLICES`, and the table compiles exactly what a user would run.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import time
 from typing import Any
 
 from unclip_jax.plan import report
+from unclip_jax.train.defaults import SLICES, TOPOLOGIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT_DIR = os.path.join(REPO, "data", "plan")
 MARKDOWN = os.path.join(REPO, "PLAN.md")
-V5P_128, V5E_256 = "v5p:4x4x8", "v5e:16x16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,46 +74,11 @@ class ServingRow:
         return " ".join(["unclip plan", f"--cascade={self.variant}", f"--topology={self.topology}", *self.overrides])
 
 
-# Channel counts of the upsamplers (320 x (1, 2, 3, 4); 192 x (1, 1, 2, 2, 4, 4)) divide 64 but not 128: with a
-# wider fsdp axis their conv kernels stay replicated (parallel.fit_spec), so they split 64 ways and data takes the rest.
-UPSAMPLER_MESH = ("--config.mesh.fsdp=64", "--config.mesh.data=-1")
-ROWS: tuple[Row, ...] = (
-    Row("prior", "experiments/prior.py:paper", V5P_128),
-    Row("ar_prior", "experiments/ar_prior.py:paper", V5P_128),
-    Row("upsampler_1024", "experiments/upsampler_1024.py:paper", V5P_128, UPSAMPLER_MESH),
-    Row("upsampler", "experiments/upsampler.py:paper", V5P_128, UPSAMPLER_MESH),
-    Row("clip", "experiments/clip.py:paper", V5P_128, ("--config.model.remat=True",)),
-    # 16 examples per chip: two microbatches of 8, the per-chip batch at which the decoder compiled to 75 GiB of
-    # temporaries on v5p:8x8x4 (issue 17).
-    Row("decoder", "experiments/decoder.py:paper", V5P_128, ("--config.optim.grad_accum_steps=2",)),
-    # The prior compiled to 31 GiB of temporaries at 32 examples per chip on v5p-128: 16 per chip would not leave
-    # 10% of a v5e's 16 GiB, two microbatches of 8 do.
-    Row(
-        "prior",
-        "experiments/prior.py:paper",
-        V5E_256,
-        ("--config.mesh.fsdp=128", "--config.mesh.data=-1", "--config.optim.grad_accum_steps=2"),
-    ),
-    Row(
-        "ar_prior",
-        "experiments/ar_prior.py:paper",
-        V5E_256,
-        ("--config.mesh.fsdp=128", "--config.mesh.data=-1", "--config.model.remat=True"),
-    ),
-    Row("upsampler_1024", "experiments/upsampler_1024.py:paper", V5E_256, UPSAMPLER_MESH),
-    Row("upsampler", "experiments/upsampler.py:paper", V5E_256, UPSAMPLER_MESH),
-    Row(
-        "clip",
-        "experiments/clip.py:paper",
-        V5E_256,
-        ("--config.mesh.fsdp=128", "--config.mesh.data=-1", "--config.model.remat=True"),
-    ),
-    Row(
-        "decoder",
-        "experiments/decoder.py:paper",
-        V5E_256,
-        ("--config.optim.grad_accum_steps=8",),
-    ),
+# Every stage's paper experiment on each slice of `unclip_jax.train.defaults.SLICES`, with the settings written
+# there (``experiments/<stage>.py:paper@<slice>``): the table checks what the experiment files say.
+PLAN_STAGES = ("prior", "ar_prior", "upsampler_1024", "upsampler", "clip", "decoder")
+ROWS: tuple[Row, ...] = tuple(
+    Row(stage, f"experiments/{stage}.py:paper@{name}", TOPOLOGIES[name]) for name in SLICES for stage in PLAN_STAGES
 )
 
 
@@ -139,7 +104,12 @@ def run_row(row: Row | ServingRow, out_dir: str, force: bool = False, compile: b
     """
     path = os.path.join(out_dir, f"{row.name}.json")
     old = _load(path)
-    same = old is not None and old.get("overrides") == list(row.overrides) and not old.get("error")
+    same = (
+        old is not None
+        and old.get("overrides") == list(row.overrides)
+        and old.get("config", getattr(row, "experiment", None)) == getattr(row, "experiment", None)
+        and not old.get("error")
+    )
     if same and not force and (report.compiled(old) or not compile):
         return old
     if same and not compile:

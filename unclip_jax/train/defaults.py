@@ -183,3 +183,55 @@ def apply_table3(c: ml_collections.ConfigDict, column: str) -> ml_collections.Co
     c.log_every = 100
     c.preview_every = 10_000
     return c
+
+
+# TPU slices (Cloud TPU names) -> experiment file -> the ``--config.<field>`` settings with which its ``paper``
+# train step fits the slice's HBM with 10% headroom, as `unclip plan` compiled it (PLAN.md, `make plan`). Chosen
+# with ``--config=experiments/<stage>.py:paper@<slice>``; the experiments' own mesh (fsdp over all chips, the
+# upsamplers' 64-way split) applies where a slice adds nothing.
+SLICES: dict[str, dict[str, dict[str, object]]] = {
+    "v5p-128": {
+        "clip": {"model.remat": True},
+        # 16 examples per chip as two microbatches of 8.
+        "decoder": {"optim.grad_accum_steps": 2},
+    },
+    "v5e-256": {
+        # 16 GiB chips: fsdp 128 x data 2 (the priors' and CLIP's widths do not divide 256), and microbatches.
+        "prior": {"mesh.fsdp": 128, "mesh.data": -1, "optim.grad_accum_steps": 2},
+        "ar_prior": {"mesh.fsdp": 128, "mesh.data": -1},
+        "clip": {"mesh.fsdp": 128, "mesh.data": -1, "model.remat": True},
+        "decoder": {"optim.grad_accum_steps": 8},
+    },
+}
+TOPOLOGIES = {"v5p-128": "v5p:4x4x8", "v5e-256": "v5e:16x16"}  # the slices as `unclip plan --topology` names them
+
+
+def apply_slice(c: ml_collections.ConfigDict, experiment: str, slice_name: str) -> ml_collections.ConfigDict:
+    """:data:`SLICES`' settings of ``experiment`` (``decoder``, ``upsampler_1024``, ...) on ``slice_name``."""
+    if slice_name not in SLICES:
+        raise ValueError(f"@{slice_name}: unknown TPU slice; expected one of {sorted(SLICES)}")
+    for field, value in SLICES[slice_name].get(experiment, {}).items():
+        *path, leaf = field.split(".")
+        node = c
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def sliced(experiment: str):
+    """Decorates an experiment's ``get_config(arg)`` so that ``arg`` may name a slice: ``"paper@v5e-256"`` is
+    ``get_config("paper")`` with :func:`apply_slice`. ``upsampler`` variants ending in ``_1024`` take the
+    ``upsampler_1024`` settings."""
+
+    def wrap(get_config):
+        def get(arg: str = "test"):
+            variant, _, slice_name = arg.partition("@")
+            c = get_config(variant)
+            name = f"{experiment}_1024" if experiment == "upsampler" and variant.endswith("_1024") else experiment
+            return apply_slice(c, name, slice_name) if slice_name else c
+
+        get.__doc__ = get_config.__doc__
+        return get
+
+    return wrap
