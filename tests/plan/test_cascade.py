@@ -71,7 +71,7 @@ def test_a_cascade_variant_some_stage_lacks_is_a_one_line_error(capsys):
 
 def test_make_plan_writes_the_serving_table(cli_cascade, tmp_path):
     _, plan = cli_cascade
-    row = table.ServingRow("test", "v5p:2x2x1", ("--batch=2", "--stop_after=decoder"))
+    row = table.ServingRow("cascade", "test", "v5p:2x2x1", ("--batch=2", "--stop_after=decoder"))
     (tmp_path / f"{row.name}.json").write_text(json.dumps(plan))
     table.write_outputs((), str(tmp_path), str(tmp_path / "PLAN.md"), serving=(row,))
     text = (tmp_path / "PLAN.md").read_text()

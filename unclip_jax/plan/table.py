@@ -34,44 +34,36 @@ MARKDOWN = os.path.join(REPO, "PLAN.md")
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One plan of the table: a stage's experiment on a slice, with the settings that make it fit."""
+    """One plan of the table: a stage's experiment on a slice (``unclip plan --config=...``)."""
 
     stage: str
     experiment: str
     topology: str
     overrides: tuple[str, ...] = ()
+    flag = "--config"
 
     @property
     def name(self) -> str:
         return f"{self.stage}_{self.topology.replace(':', '_')}"
 
     def argv(self, json_path: str) -> list[str]:
-        return [f"--config={self.experiment}", f"--topology={self.topology}", f"--json={json_path}", *self.overrides]
+        return [f"{self.flag}={self.experiment}", f"--topology={self.topology}", f"--json={json_path}", *self.overrides]
 
     @property
     def command(self) -> str:
-        return " ".join(["unclip plan", f"--config={self.experiment}", f"--topology={self.topology}", *self.overrides])
+        return " ".join(["unclip plan", *self.argv("")[:2], *self.overrides])
 
 
 @dataclasses.dataclass(frozen=True)
-class ServingRow:
-    """One serving plan: the ``variant`` cascade on one chip of a slice (``unclip plan --cascade``)."""
+class ServingRow(Row):
+    """One serving plan: the cascade of the ``experiment`` variant on one chip of a slice (``unclip plan
+    --cascade=<variant>``)."""
 
-    variant: str
-    topology: str
-    overrides: tuple[str, ...] = ()
-    stage: str = "cascade"
+    flag = "--cascade"
 
     @property
     def name(self) -> str:
-        return f"cascade_{self.variant}_{self.topology.replace(':', '_')}"
-
-    def argv(self, json_path: str) -> list[str]:
-        return [f"--cascade={self.variant}", f"--topology={self.topology}", f"--json={json_path}", *self.overrides]
-
-    @property
-    def command(self) -> str:
-        return " ".join(["unclip plan", f"--cascade={self.variant}", f"--topology={self.topology}", *self.overrides])
+        return f"cascade_{self.experiment}_{self.topology.replace(':', '_')}"
 
 
 # Every stage's paper experiment on each slice of `unclip_jax.train.defaults.SLICES`, with the settings written
@@ -84,8 +76,8 @@ ROWS: tuple[Row, ...] = tuple(
 
 # Serving: the paper's cascade on one chip, four images per call.
 SERVING: tuple[ServingRow, ...] = (
-    ServingRow("paper", "v5p:2x2x1", ("--batch=4",)),
-    ServingRow("paper", "v5e:2x2", ("--batch=4",)),
+    ServingRow("cascade", "paper", "v5p:2x2x1", ("--batch=4",)),
+    ServingRow("cascade", "paper", "v5e:2x2", ("--batch=4",)),
 )
 
 
@@ -107,7 +99,7 @@ def run_row(row: Row | ServingRow, out_dir: str, force: bool = False, compile: b
     same = (
         old is not None
         and old.get("overrides") == list(row.overrides)
-        and old.get("config", getattr(row, "experiment", None)) == getattr(row, "experiment", None)
+        and old.get("config", row.experiment) == row.experiment
         and not old.get("error")
     )
     if same and not force and (report.compiled(old) or not compile):
@@ -140,7 +132,7 @@ def write_outputs(
     plans, served = [], []
     for row in (*rows, *serving):
         plan = _load(os.path.join(out_dir, f"{row.name}.json"))
-        if plan is not None and (plan.get("error") or report.compiled(plan) or isinstance(row, Row)):
+        if plan is not None and (plan.get("error") or report.compiled(plan) or not isinstance(row, ServingRow)):
             entry = {**plan, "stage": row.stage, "topology": row.topology, "command": row.command}
             (served if isinstance(row, ServingRow) else plans).append(entry)
     with open(os.path.join(out_dir, "plan.json"), "w") as f:
