@@ -110,7 +110,7 @@ def test_train_config_typo_and_out_of_domain_values(tmp_path, capsys):
     code, err = _run([*argv, "--config.total_steps=0", "--config.optim.lr=-0.001"], capsys)
     assert code == 2
     assert err == (
-        "unclip train: error: config.optim.lr=-0.001: expected a number > 0; config.total_steps=0: expected an "
+        "unclip train: error: config.optim.lr=-0.001: expected a number >= 0; config.total_steps=0: expected an "
         "integer >= 1 (UNCLIP_TRACEBACK=1 shows the traceback)"
     )
     assert not os.path.exists(tmp_path / "wd")  # nothing built, not even the work directory

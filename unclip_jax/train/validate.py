@@ -76,7 +76,7 @@ def _field_rules() -> dict[str, Rule]:
         "diffusion.clip_denoised": NONNEG,  # 0: off
         "diffusion.vlb_weight": NONNEG,
         "diffusion.snr_gamma": ("None (off) or a number > 0", lambda v: v is None or (_num(v) and v > 0)),
-        "optim.lr": POS,
+        "optim.lr": NONNEG,  # 0 freezes the params (a run that only moves the EMA or the data position)
         "optim.b1": BETA,
         "optim.b2": BETA,
         "optim.eps": POS,
@@ -113,7 +113,7 @@ NAME_RULES: tuple[tuple[str, Rule], ...] = (
     ("*_examples", NONNEG_INT),
     ("*_every", NONNEG_INT),
     ("*_count", NONNEG_INT),
-    ("*.lr", POS),
+    ("*.lr", NONNEG),
 )
 
 # Free-form fields: names and strings checked where they are used (the registry, the model builder, the mesh presets).
@@ -132,6 +132,8 @@ RESUMABLE = (
     "optim.end_lr_factor",
     "checkpoint.*",
     "export.*",
+    "profile.*",
+    "compilation_cache_dir",
     "mesh.*",
     "distributed.*",
     "data.folder",
