@@ -208,7 +208,7 @@ def run(workdir: Path, num: int = 64, finetune_steps: int | None = None, out: Pa
     print(f"[inpaint] RePaint: colour {repaint['colour']['accuracy']:.3f}", flush=True)
 
     wd = train_inpainting_decoder(workdir, workdir / "data" / "embed_train_64", finetune_steps, out)
-    pipe.components["decoder"], _ = load_component("decoder", wd)
+    pipe.components["decoder"], _ = load_component("decoder", wd, own_folder=True)
     quarter = max(1, int(settings["decoder"].steps) // 4)
     model_settings = {**settings, "decoder": dataclasses.replace(settings["decoder"], steps=quarter)}
     model = measure(pipe, classifier, cases, method="model", settings=model_settings)
