@@ -179,3 +179,23 @@ def test_leftovers_of_interrupted_exports_are_reported(nan_model, caplog):
         ]
     finally:
         tmp.rmdir()
+
+
+def test_no_accelerator_means_no_tpu_probe(tmp_path, monkeypatch):
+    """Without a TPU chip or GPU device node the CLI pins JAX to the CPU (libtpu stays silent); with one it does not."""
+    import glob as glob_lib
+
+    vendor = tmp_path / "vendor"
+    vendor.write_text("0x8086\n")
+    monkeypatch.setattr(glob_lib, "glob", lambda pattern: [str(vendor)] if pattern.endswith("/vendor") else [])
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    cli.quiet_accelerator_probe()
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    vendor.write_text("0x1ae0\n")  # a Google TPU chip on the PCI bus
+    cli.quiet_accelerator_probe()
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    cli.quiet_accelerator_probe()
+    assert os.environ["JAX_PLATFORMS"] == "tpu"

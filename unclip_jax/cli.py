@@ -48,6 +48,27 @@ USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, FloatingPoi
 USER_ERROR_NAMES = ("WorkdirLocked",)
 
 
+def quiet_accelerator_probe() -> None:
+    """On a machine with no accelerator, tells JAX to use the CPU (``JAX_PLATFORMS=cpu``, unless set) so that an
+    installed libtpu does not print its probe ("could not determine TPU accelerator type", "Unable to initialize
+    backend 'tpu'") on every start. No accelerator: no Google PCI device (TPU chips, vendor 0x1ae0, as
+    ``jax._src.hardware_utils`` counts them) and no NVIDIA / AMD device node. Must run before JAX starts a backend."""
+    if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    import glob
+
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == "0x1ae0":
+                    return
+        except OSError:
+            continue
+    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")) or glob.glob("/dev/accel*"):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def _is_user_error(e: BaseException) -> bool:
     return isinstance(e, USER_ERRORS) or type(e).__name__ in USER_ERROR_NAMES
 
@@ -63,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, prefix, _ = COMMANDS[argv[0]]
+    quiet_accelerator_probe()
     for name, level in QUIET_LOGGERS.items():  # e.g. JAX's "Unable to initialize backend 'tpu'" on every CPU start
         logging.getLogger(name).setLevel(level)
     if os.environ.get("UNCLIP_TRACEBACK"):

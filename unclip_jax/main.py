@@ -31,6 +31,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags
 from ml_collections import config_flags
 
+from unclip_jax.cli import quiet_accelerator_probe
+
 
 def make_flags(argv: list[str]) -> flags.FlagValues:
     """A fresh flag set; ml_collections registers the ``--config.<field>`` overrides from ``argv``."""
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     _setup_logging()
+    quiet_accelerator_probe()
     logging.getLogger("unclip_jax.train").info(
         "%s %s in %s: loading JAX, the data pipeline and the model ...",
         FLAGS.mode,

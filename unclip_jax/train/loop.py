@@ -531,6 +531,14 @@ def export_from_checkpoint(config: Any, workdir: str, out_dir: str | None = None
     rules = parallel.logical_rules(config.mesh)
     task = make_task(config)
     tx, _ = optim.make_optimizer(config.optim, int(config.total_steps))
+    if out_dir:  # checked before the restore: a long restore must not end in an unwritable place
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"--export_dir={out_dir}: cannot create {parent} ({e.strerror or e})") from e
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"--export_dir={out_dir}: {parent} is not writable")
     folder = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no checkpoints (is --workdir the work directory of a training run?)")
