@@ -164,7 +164,7 @@ def stage_diversity(ctx: Context) -> dict[str, Any]:
                 if k == 0:
                     shown = min(n, 8)
                     grid_rows.append(demo_stages.upscale(res["decoder_images"][:shown], 64))
-                    grid_labels += [f"{mode} s={scale:g}"] + [""] * (shown - 1)
+                    grid_labels += [f"{mode}, s={scale:g}"] + [""] * (shown - 1)
             table[mode][str(float(scale))] = {
                 "clip_distance": float(np.mean([r["clip_distance"] for r in rows])),
                 "mean_entropy": float(np.mean([r["mean_entropy"] for r in rows])),

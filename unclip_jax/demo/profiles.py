@@ -30,7 +30,7 @@ class Profile:
     grid_per_prompt: int
     sample_settings: dict[str, dict[str, Any]]  # cascade stage -> StageSettings fields (steps, sampler, guidance)
     budget_s: dict[str, float]  # planned seconds per stage (the report compares)
-    diversity_n: int = 16  # samples per prompt, mode and guidance scale (:mod:`unclip_jax.demo.diversity`)
+    diversity_n: int = 8  # samples per prompt, mode and guidance scale (:mod:`unclip_jax.demo.diversity`)
     diversity_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # decoder guidance scales of the diversity study
     curve_n: int = 0  # validation captions per point of the accuracy-vs-steps curves (0: no curve stage)
     curve_points: int = 6  # checkpoints per curve (evenly spread over the kept ones, always the last)
