@@ -199,7 +199,11 @@ class Checkpointer:
         for step, config in pending:
             folder = self.step_dir(step)
             try:
-                meta = {"format": 1, "step": step, "files": checksums(folder)}
+                files = checksums(folder)
+                if not any(k.startswith("state/") for k in files):  # not (or no longer) a complete checkpoint
+                    log.debug("checkpoint step %d: no state files to record", step)
+                    continue
+                meta = {"format": 1, "step": step, "files": files}
                 if config is not None:
                     meta["config"] = json.loads(json.dumps(dict(config), default=str))
                 tmp = folder / f".{META_FILE}.tmp"
