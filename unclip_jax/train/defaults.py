@@ -144,11 +144,11 @@ def apply_test(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def apply_bench(c: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
     """The ``bench`` variant of the diffusion stages: the model's ``bench`` variant at ``batch_size``, 100 steps of a
-    warmed-up cosine schedule, no export. ``make bench`` (:mod:`unclip_jax.bench`) times these networks and
+    cosine schedule after a 50-step warm-up, no export. ``make bench`` (:mod:`unclip_jax.bench`) times these networks and
     settings at the smaller batch it measures both frameworks at, passed as an override."""
     c.model.variant = "bench"
     c.batch_size, c.total_steps, c.log_every = batch_size, 100, 50
-    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 200, "cosine"
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-4, 50, "cosine"
     c.ema.decay, c.ema.warmup = 0.999, True
     c.checkpoint.every = 500
     c.preview_every = 1000
