@@ -110,3 +110,17 @@ def test_export_phase_times_every_format_and_reports_it(tmp_path):
     md = "\n".join(md)
     assert "## Export of the `bench` decoder (decoder:test" in md
     assert all(f"| {name} | " in md for name in FORMATS)
+
+
+def test_report_keeps_dated_sections_of_the_previous_report(tmp_path):
+    from unclip_jax.bench import report
+
+    out = tmp_path / "B.md"
+    out.write_text("# old\n\n## Training steps\n\nold row\n\n## 2026-12-05 levers\n\n| lever | x |\n")
+    machine = {"cpu": "c", "cores": 2, "load_avg_at_start": [0.0, 0.0, 0.0]}
+    rep = {"date": "d", "quick": True, "repeats": 1, "machine": machine, "versions": {"jax": "1"}, "results": {}}
+    rep["matmul"] = {"size": 8, "xla_gflops": 100.0}
+    report.write_report(rep, out)
+    md = out.read_text()
+    assert md.endswith("## 2026-12-05 levers\n\n| lever | x |\n")
+    assert "old row" not in md and md.count("## 2026-12-05 levers") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -189,4 +190,17 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if results.get("export"):
         lines += export_section(results["export"])
     lines += [f"Note: {n}" for n in report.get("notes", [])]
-    out.write_text("\n".join(lines) + "\n")
+    kept = dated_sections(out.read_text()) if out.exists() else ""
+    out.write_text("\n".join(lines) + "\n" + (f"\n{kept}" if kept else ""))
+
+
+def dated_sections(text: str) -> str:
+    """The sections of a previous report whose heading starts with a date (``## 2026-12-05 levers``): hand-written
+    records of one-off measurements, carried over when the report is rewritten."""
+    out, keep = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keep = bool(re.match(r"## \d{4}-\d{2}-\d{2}\b", line))
+        if keep:
+            out.append(line)
+    return "\n".join(out) + "\n" if out else ""

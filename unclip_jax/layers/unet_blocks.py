@@ -25,6 +25,7 @@ attention output projection (and the U-Nets' final conv) start at zero (``zero_m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.layers import axes
+from unclip_jax.layers import norm as norm_lib
+from unclip_jax.layers.attention import ATTENTION_SCOPE
 from unclip_jax.layers.conv import Conv
 from unclip_jax.layers.transformer import dense
 
@@ -50,18 +53,34 @@ def constrain_spatial(x: jnp.ndarray) -> jnp.ndarray:
     return nn.with_logical_constraint(x, SPATIAL)
 
 
-def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm over channels (torch ``nn.GroupNorm`` numerics: two-pass variance, float32 statistics)."""
-    return nn.GroupNorm(
+def group_norm(
+    groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str, silu: bool = False
+) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """GroupNorm over channels, then SiLU when ``silu`` (float32 statistics, torch ``nn.GroupNorm``'s formula);
+    parameters ``<name>/scale``, ``<name>/bias``.
+
+    ``flax.linen.GroupNorm`` differentiated by XLA, with the one-pass variance ``E[x^2] - E[x]^2``
+    (``flax_fast_variance``, the default of :func:`unclip_jax.layers.norm.default_impl`: fewer passes over the
+    activation than torch's two-pass ``mean((x - mean)^2)``; the forward parity with diffusers holds within the
+    tests' 1e-4). ``flax`` selects the two-pass variance, ``custom`` :class:`unclip_jax.layers.norm.GroupNorm`
+    (norm and SiLU in one custom VJP).
+    """
+    impl = norm_lib.current_impl()
+    if impl == "custom":
+        return norm_lib.GroupNorm(
+            num_groups=groups, epsilon=eps, silu=silu, dtype=dtype, param_dtype=param_dtype, name=name
+        )
+    module = nn.GroupNorm(
         num_groups=groups,
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
-        use_fast_variance=False,
+        use_fast_variance=impl == "flax_fast_variance",
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.NORM,)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.NORM,)),
         name=name,
     )
+    return (lambda x: nn.silu(module(x))) if silu else module
 
 
 def conv(
@@ -173,7 +192,7 @@ class ResBlock(nn.Module):
             raise ValueError("ResBlock: up and down are exclusive")
         cin = x.shape[-1]
         cout = self.out_channels or cin
-        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm1")(x))
+        h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm1", silu=True)(x)
         if self.up:
             x, h = upsample_nearest(x), upsample_nearest(h)
         elif self.down:
@@ -182,13 +201,12 @@ class ResBlock(nn.Module):
         t_feat = 2 * cout if self.time_embedding_norm == "scale_shift" else cout
         t = dense(t_feat, axes.EMBED, axes.CONV_OUT, self.dtype, self.param_dtype, "time_emb_proj")(nn.silu(temb))
         t = t[:, None, None, :]
-        norm2 = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm2")
         if self.time_embedding_norm == "scale_shift":
             scale, shift = jnp.split(t, 2, axis=-1)
-            h = norm2(h) * (1 + scale) + shift
+            h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm2")(h)
+            h = nn.silu(h * (1 + scale) + shift)
         else:
-            h = norm2(h + t)
-        h = nn.silu(h)
+            h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm2", silu=True)(h + t)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(cout, self.dtype, self.param_dtype, "conv2", zero_init=True)(h)
         if cin != cout:
@@ -201,10 +219,11 @@ class ResBlock(nn.Module):
 
 def _attend_fwd_impl(q, k, v, keep):
     """Forward of :func:`_added_kv_attend`: (output [B, Lq, H, D], probabilities [B, H, Lq, Lk])."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    logits = jnp.where(keep[:, None, None, :] > 0.5, logits, MASK_BIAS)
-    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v), p
+    with jax.named_scope(ATTENTION_SCOPE):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        logits = jnp.where(keep[:, None, None, :] > 0.5, logits, MASK_BIAS)
+        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v), p
 
 
 @jax.custom_vjp
@@ -225,12 +244,13 @@ def _added_kv_attend_fwd(q, k, v, keep):
 
 def _added_kv_attend_bwd(res, g):
     q, k, v, p, keep = res
-    dv = jnp.einsum("bhqk,bqhd->bkhd", p, g).astype(v.dtype)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(jnp.float32)
-    p32 = p.astype(jnp.float32)
-    ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k).astype(q.dtype)
-    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q).astype(k.dtype)
+    with jax.named_scope(ATTENTION_SCOPE):
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p, g).astype(v.dtype)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(jnp.float32)
+        p32 = p.astype(jnp.float32)
+        ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(q.dtype)
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k).astype(q.dtype)
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q).astype(k.dtype)
     return dq, dk, dv, jnp.zeros_like(keep)
 
 

@@ -233,5 +233,5 @@ class UNetModel(UNetFields):
                 name=f"up_blocks_{i}",
                 **common,
             )(h, res, temb, context, context_mask, deterministic)
-        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, "conv_norm_out")(h))
+        h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, "conv_norm_out", silu=True)(h)
         return conv(self.out_channels, self.dtype, self.param_dtype, "conv_out", zero_init=True)(h)
