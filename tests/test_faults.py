@@ -182,20 +182,122 @@ def test_leftovers_of_interrupted_exports_are_reported(nan_model, caplog):
 
 
 def test_no_accelerator_means_no_tpu_probe(tmp_path, monkeypatch):
-    """Without a TPU chip or GPU device node the CLI pins JAX to the CPU (libtpu stays silent); with one it does not."""
+    """Without a TPU chip or GPU device node JAX is pinned to the CPU (libtpu stays silent); with one it is not. The
+    `unclip` entry point and every program's logging set-up (the data/ scripts, training) use the one check."""
     import glob as glob_lib
+    import logging
+
+    from unclip_jax import logs
 
     vendor = tmp_path / "vendor"
     vendor.write_text("0x8086\n")
     monkeypatch.setattr(glob_lib, "glob", lambda pattern: [str(vendor)] if pattern.endswith("/vendor") else [])
     monkeypatch.setattr(os.path, "exists", lambda p: False)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    cli.quiet_accelerator_probe()
+    logs.quiet_accelerator_probe()
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(logging.getLogger("unclip_jax"), "level", logging.getLogger("unclip_jax").level)
+    logs.setup_logging()  # what data/*.py call first
     assert os.environ["JAX_PLATFORMS"] == "cpu"
     monkeypatch.delenv("JAX_PLATFORMS")
     vendor.write_text("0x1ae0\n")  # a Google TPU chip on the PCI bus
-    cli.quiet_accelerator_probe()
+    logs.quiet_accelerator_probe()
     assert "JAX_PLATFORMS" not in os.environ
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
-    cli.quiet_accelerator_probe()
+    logs.quiet_accelerator_probe()
     assert os.environ["JAX_PLATFORMS"] == "tpu"
+    assert cli.quiet_accelerator_probe is logs.quiet_accelerator_probe  # one implementation
+
+
+# ---------------------------------------------------------------- unclip evaluate / convert: checked before any work
+TB = " (UNCLIP_TRACEBACK=1 shows the traceback)"
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--num-captions", "1", "expected an integer >= 2, got 1"),
+        ("--batch-size", "0", "expected an integer >= 1, got 0"),
+        ("--kid-subsets", "-3", "expected an integer >= 1, got -3"),
+        ("--candidates", "two", "expected an integer >= 1, got 'two'"),
+        ("--inception", "tf", "invalid choice: 'tf' (choose from 'fid_helper', 'pytorch_fid', 'test')"),
+    ],
+)
+def test_evaluate_bad_values_are_usage_errors(flag, value, message, tmp_path, capsys):
+    code, err = _run(["evaluate", "--model", str(tmp_path), flag, value], capsys)
+    assert code == 2 and err.splitlines()[-1] == f"unclip evaluate: error: argument {flag}: {message}"
+
+
+def test_evaluate_checks_inputs_and_outputs_before_any_model_loads(tmp_path, capsys):
+    """The model folder is empty: had anything been loaded first, the error would be about its missing text encoder."""
+    model, blocker = tmp_path / "model", tmp_path / "file"
+    model.mkdir()
+    blocker.write_text("")
+    base = ["evaluate", "--model", str(model), "--out", str(tmp_path / "eval")]
+    assert _run(["evaluate", "--model", str(tmp_path / "none")], capsys) == (
+        2,
+        f"unclip evaluate: --model {tmp_path / 'none'}: no such folder" + TB,
+    )
+    assert _run([*base, "--decoder", str(blocker)], capsys) == (
+        2,
+        f"unclip evaluate: --decoder {blocker}: is a file, expected a folder" + TB,
+    )
+    assert _run([*base, "--clip", str(tmp_path / "clip")], capsys) == (
+        2,
+        f"unclip evaluate: --clip {tmp_path / 'clip'}: no such folder" + TB,
+    )
+    assert _run([*base, "--inception", "pytorch_fid"], capsys) == (
+        2,
+        "unclip evaluate: --inception pytorch_fid needs --inception-weights FILE (pt_inception-2015-12-05-*.pth)" + TB,
+    )
+    assert _run([*base, "--inception-weights", str(model)], capsys) == (
+        2,
+        f"unclip evaluate: --inception-weights {model}: is a folder, expected a file" + TB,
+    )
+    assert _run([*base[:-1], str(blocker)], capsys) == (
+        2,
+        f"unclip evaluate: --out {blocker}: is a file, expected a folder" + TB,
+    )
+    assert _run([*base, "--reference-dir", str(blocker / "ref")], capsys) == (
+        2,
+        f"unclip evaluate: --reference-dir {blocker / 'ref'}: cannot write there ({blocker} is a file, not a folder)"
+        + TB,
+    )
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, err = _run([*base[:-1], str(locked / "eval")], capsys)
+        assert code == 2 and err.startswith(f"unclip evaluate: --out {locked / 'eval'}: cannot write there (")
+    # Good arguments get past the checks: the (empty) model is what stops it.
+    code, err = _run([*base, "--prior", "ar"], capsys)
+    assert code == 2 and err.startswith("unclip evaluate: text_encoder: no component found")
+    assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())
+
+
+def test_convert_checks_the_destination_before_reading(tmp_path, capsys):
+    """The source folder is empty: had it been read first, the error would be its missing config.json (exit 1)."""
+    src, blocker = tmp_path / "src", tmp_path / "file"
+    src.mkdir()
+    blocker.write_text("weights")
+    for direction in ("import", "export"):
+        base = ["convert", direction, "--component", "prior", str(src)]
+        assert _run([*base, str(blocker)], capsys) == (
+            2,
+            f"unclip convert: destination {blocker}: is a file, expected a folder" + TB,
+        )
+        assert _run([*base, str(blocker / "out")], capsys) == (
+            2,
+            f"unclip convert: destination {blocker / 'out'}: cannot write there ({blocker} is a file, not a folder)"
+            + TB,
+        )
+        assert _run([*base, str(tmp_path / "." / "src")], capsys) == (
+            2,
+            f"unclip convert: destination {tmp_path / 'src'}: is the source folder; give another folder (the source "
+            "would be replaced)" + TB,
+        )
+    assert blocker.read_text() == "weights" and not list(src.iterdir())
+    # A good destination gets past the check: reading the empty source is what fails (the converter's exit code 1).
+    code = cli.main(["convert", "import", "--component", "prior", str(src), str(tmp_path / "out")])
+    assert code == 1 and "config.json: missing" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

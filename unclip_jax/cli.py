@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-from unclip_jax.logs import QUIET_LOGGERS
+from unclip_jax.logs import QUIET_LOGGERS, quiet_accelerator_probe
 
 # sub-command -> (module, argv prefix, help). Each module has main(argv) -> int; the prefix is what its
 # own argv starts with (absl wants a program name, the multi-command modules want the command name).
@@ -38,6 +38,11 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "textdiff": ("unclip_jax.pipeline.commands", ("textdiff",), "edit an image along a text diff"),
     "evaluate": ("unclip_jax.evaluate.commands", (), "FID / CLIP score (MS-COCO 30k protocol, sweeps)"),
     "plan": ("unclip_jax.plan.commands", ("unclip plan",), "compile a train step for a TPU slice: memory, FLOPs, days"),
+    "inpaint": (
+        "unclip_jax.pipeline.inpaint",
+        ("unclip inpaint",),
+        "fill the masked region of an image under a caption",
+    ),
 }
 
 
@@ -46,27 +51,6 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
 # FloatingPointError a non-finite stage output or loss; RuntimeError subclasses are listed by name (WorkdirLocked).
 USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, FloatingPointError)
 USER_ERROR_NAMES = ("WorkdirLocked",)
-
-
-def quiet_accelerator_probe() -> None:
-    """On a machine with no accelerator, tells JAX to use the CPU (``JAX_PLATFORMS=cpu``, unless set) so that an
-    installed libtpu does not print its probe ("could not determine TPU accelerator type", "Unable to initialize
-    backend 'tpu'") on every start. No accelerator: no Google PCI device (TPU chips, vendor 0x1ae0, as
-    ``jax._src.hardware_utils`` counts them) and no NVIDIA / AMD device node. Must run before JAX starts a backend."""
-    if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
-        return
-    import glob
-
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() == "0x1ae0":
-                    return
-        except OSError:
-            continue
-    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")) or glob.glob("/dev/accel*"):
-        return
-    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _is_user_error(e: BaseException) -> bool:

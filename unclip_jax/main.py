@@ -31,7 +31,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags
 from ml_collections import config_flags
 
-from unclip_jax.cli import quiet_accelerator_probe
+from unclip_jax.logs import quiet_accelerator_probe
 
 
 def make_flags(argv: list[str]) -> flags.FlagValues:

@@ -21,6 +21,7 @@ from pathlib import Path
 from unclip_jax import stages
 from unclip_jax.convert import formats, io, pipeline, registry
 from unclip_jax.convert.native import load_native, save_native
+from unclip_jax.convert.paths import check_output_folder
 
 # The whole UnCLIPPipeline folder (every network + schedulers + tokenizer files).
 PIPELINE = "pipeline"
@@ -102,8 +103,22 @@ def convert(direction: str, component: str, src: Path, dst: Path, fmt: str = DIF
     raise ValueError(f"direction {direction!r}: expected 'import' or 'export'")
 
 
+def check_destination(src: Path, dst: Path) -> None:
+    """Checked before anything is read: ``dst`` can be written (a folder, created beside its final name and moved
+    into place, :func:`unclip_jax.convert.io.staged_folder`) and is not ``src`` itself (which it would replace).
+
+    Raises:
+      ValueError: naming the path (one line under ``unclip``, exit code 2).
+    """
+    if dst.absolute().resolve() == src.absolute().resolve():
+        raise ValueError(f"destination {dst}: is the source folder; give another folder (the source would be replaced)")
+    check_output_folder(dst, "destination")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Entry point for the parsed ``convert`` arguments; returns a process exit code."""
+    """Entry point for the parsed ``convert`` arguments; returns a process exit code (1: the conversion failed;
+    an unwritable destination raises ValueError before any work)."""
+    check_destination(Path(args.src), Path(args.dst))
     try:
         out = convert(args.direction, args.component, Path(args.src), Path(args.dst), args.format)
     except io.ConversionError as e:

@@ -30,6 +30,7 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``unclip evaluate`` options to ``parser``."""
+    from unclip_jax.pipeline.commands import at_least
     from unclip_jax.pipeline.flags import add_pipeline_arguments, float_list
     from unclip_jax.pipeline.plan import IMAGE_EMBED_SOURCES
 
@@ -41,24 +42,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         stop_after_help="last stage (default super_res: the 256x256 samples)",
     )
     p = parser.add_argument_group("protocol")
-    p.add_argument("--num-captions", type=int, default=30_000, help="N captions from COCO val2014 (one per image)")
-    p.add_argument("--image-size", type=int, default=256, help="reference crop and sample size")
-    p.add_argument("--shard-size", type=int, default=250, help="images per resumable shard")
-    p.add_argument("--batch-size", type=int, default=8, help="captions per generation call per host")
-    p.add_argument("--candidates", type=int, default=2, help="prior candidates per caption (paper 2, Karlo 1)")
+    p.add_argument(
+        "--num-captions", type=at_least(2), default=30_000, help="N captions from COCO val2014 (one per image)"
+    )
+    p.add_argument("--image-size", type=at_least(1), default=256, help="reference crop and sample size")
+    p.add_argument("--shard-size", type=at_least(1), default=250, help="images per resumable shard")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="captions per generation call per host")
+    p.add_argument("--candidates", type=at_least(1), default=2, help="prior candidates per caption (paper 2, Karlo 1)")
     p.add_argument("--image-embeds", choices=IMAGE_EMBED_SOURCES, default="prior")
     p.add_argument("--reference-dir", type=Path, default=None, help="captions + reference statistics cache")
     p.add_argument("--split", default="val2014", help="COCO split (a key of input.sources.COCO_SPLITS)")
     p.add_argument("--tfds-data-dir", default=None, help="tensorflow-datasets data dir of coco_captions/2014")
     p.add_argument("--tfds-decode", action="store_true", help="let tfds decode the JPEGs (mock data)")
-    p.add_argument("--min-size", type=int, default=16, help="smallest accepted image side")
+    p.add_argument("--min-size", type=at_least(1), default=16, help="smallest accepted image side")
     m = parser.add_argument_group("metrics")
     m.add_argument("--inception", choices=("fid_helper", "pytorch_fid", "test"), default="fid_helper")
     m.add_argument("--inception-weights", type=Path, default=None, help="weights file of the Inception variant")
     m.add_argument("--clip", type=Path, default=None, help="transformers CLIPModel folder for the CLIP score")
     m.add_argument("--clip-name", default=None, help="name of the CLIP model in the report")
-    m.add_argument("--kid-subsets", type=int, default=100)
-    m.add_argument("--kid-subset-size", type=int, default=1000)
+    m.add_argument("--kid-subsets", type=at_least(1), default=100)
+    m.add_argument("--kid-subset-size", type=at_least(1), default=1000)
     m.add_argument("--precision-recall", action="store_true", help="also improved precision/recall (slow at 30k)")
     s = parser.add_argument_group("sweep (figure 11)")
     s.add_argument("--sweep-decoder", type=float_list, default=None, help="decoder guidance scales, e.g. 1,2,4,8")
@@ -107,8 +110,38 @@ def _with_guidance(settings: dict[str, Any], point: dict[str, Any]) -> dict[str,
     return out
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before any model loads or measurement starts: the model, CLIP and Inception paths exist,
+    ``--out`` and ``--reference-dir`` can be written, the flags that go together are given together.
+
+    Raises:
+      ValueError: naming the flag and the path (one line under ``unclip``).
+    """
+    from unclip_jax.convert.paths import check_input, check_output_folder
+    from unclip_jax.pipeline.flags import COMPONENT_FLAGS
+
+    if args.model is not None:
+        check_input(args.model, "--model")
+    for comp, flag in COMPONENT_FLAGS.items():
+        path = getattr(args, f"path_{comp}", None)
+        if path is not None and not (comp == "prior" and str(path) in ("ar", "diffusion")):
+            check_input(path, f"--{flag}")
+    if args.clip is not None:
+        check_input(args.clip, "--clip")
+    if args.inception == "pytorch_fid" and args.inception_weights is None:
+        raise ValueError("--inception pytorch_fid needs --inception-weights FILE (pt_inception-2015-12-05-*.pth)")
+    if args.inception_weights is not None:
+        check_input(args.inception_weights, "--inception-weights", kind="file")
+    if args.tfds_data_dir is not None and Path(args.tfds_data_dir).is_file():
+        raise ValueError(f"--tfds-data-dir {args.tfds_data_dir}: is a file, expected a folder")
+    check_output_folder(args.out, "--out")
+    if args.reference_dir is not None:
+        check_output_folder(args.reference_dir, "--reference-dir")
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``unclip evaluate`` (a single evaluation, or a sweep with ``--sweep-decoder``/``--sweep-prior``)."""
+    check_arguments(args)
     from unclip_jax import parallel
 
     parallel.initialize_distributed({"auto": True} if args.distributed_auto else None)
