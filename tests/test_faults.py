@@ -301,3 +301,18 @@ def test_convert_checks_the_destination_before_reading(tmp_path, capsys):
     code = cli.main(["convert", "import", "--component", "prior", str(src), str(tmp_path / "out")])
     assert code == 1 and "config.json: missing" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_json_is_checked_before_the_compile(tmp_path, capsys):
+    """A usable config and topology: had the compile run first, the error would come minutes later, after it."""
+    from unclip_jax.plan import commands as plan_commands
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = ["unclip plan", "--config=experiments/prior.py:test", "--topology=v5p:2x2x1"]
+    assert plan_commands.main([*argv, f"--json={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"unclip plan: --json {tmp_path}: is a folder, expected a file name")
+    assert plan_commands.main([*argv, f"--json={blocker / 'plan.json'}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unclip plan: --json {blocker / 'plan.json'}: cannot write there ({blocker} is a file, not a folder)"
+    )

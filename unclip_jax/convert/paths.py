@@ -53,7 +53,7 @@ def check_output_file(path: str | os.PathLike, flag: str, suffix: str | None = N
     folder can hold new files, an existing file is writable."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a folder; give a file name such as {path / ('out' + (suffix or ''))}")
+        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
     if suffix is not None and path.suffix.lower() != suffix:
         raise ValueError(f"{flag} {path}: expected a {suffix} file")
     _probe(path.absolute().parent, flag, path)

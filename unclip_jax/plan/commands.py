@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
         print(f"{PROG}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    if fv.json:  # checked before the compile (minutes at paper size), so the plan is never lost at the end
+        from unclip_jax.convert.paths import check_output_file
+
+        try:
+            check_output_file(fv.json, "--json")
+        except ValueError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 2
     if fv.cascade and fv.topology:
         return _cascade(fv)
     if fv.config is None or not fv.topology:

@@ -358,6 +358,7 @@ def _train(config: Any, workdir: str, task: Task | None, data_iter: Any, allow_c
         log.info("resumed from %s at step %d", checkpointer.step_dir(start), start)
         if primary:
             metrics_lib.drop_rows_after(os.path.join(workdir, "metrics.jsonl"), start)
+            metrics_lib.drop_events_after(os.path.join(workdir, "tb"), start)
     else:
         log.info("initialising the state (compiling the init function) ...")
         state, shardings, _ = init_state(task, tx, init_rng, first, mesh, rules)

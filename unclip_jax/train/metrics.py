@@ -112,6 +112,39 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def drop_events_after(tb_dir: str | os.PathLike, step: int) -> int:
+    """Removes the events of steps after ``step`` from the TensorBoard event files in ``tb_dir``, as
+    :func:`drop_rows_after` does for ``metrics.jsonl``: a resumed run writes those steps again (in a new event file),
+    and TensorBoard would otherwise show each re-run step twice. A file holding such steps is rewritten beside itself
+    and moved into place; a record truncated by a kill ends the file (TensorBoard's own reader stops there too);
+    files without later steps (the resumed run's own) are not touched. Returns the events dropped."""
+    if not os.path.isdir(tb_dir):
+        return 0
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    dropped = 0
+    for name in sorted(os.listdir(tb_dir)):
+        path = os.path.join(tb_dir, name)
+        if "tfevents" not in name or not os.path.isfile(path):
+            continue
+        records = list(RawEventFileLoader(path).Load())
+        keep = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+        if len(keep) == len(records):
+            continue
+        tmp = os.path.join(tb_dir, f".{name}.tmp-{os.getpid()}")  # not a "*tfevents*" name: TensorBoard skips it
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for r in keep:
+                writer.write(r)
+        os.replace(tmp, path)
+        dropped += len(records) - len(keep)
+    if dropped:
+        log.info("%s: dropped %d events after step %d (the resumed run writes them again)", tb_dir, dropped, step)
+    return dropped
+
+
 def _after(line: str, step: int) -> bool:
     try:
         row = json.loads(line)
