@@ -316,3 +316,23 @@ def test_plan_json_is_checked_before_the_compile(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"unclip plan: --json {blocker / 'plan.json'}: cannot write there ({blocker} is a file, not a folder)"
     )
+
+
+def test_demo_workdirs_are_checked_before_any_stage(tmp_path, capsys):
+    from unclip_jax.demo import __main__ as demo_main
+    from unclip_jax.demo import inpaint as demo_inpaint
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert demo_main.main(["--workdir", str(blocker), "--fast"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m unclip_jax.demo: --workdir {blocker}: is a file, expected a folder"
+    )
+    prog = "python -m unclip_jax.demo.inpaint"
+    assert demo_inpaint.main(["--workdir", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"{prog}: --workdir {tmp_path / 'none'}: no such folder"
+    assert not (tmp_path / "none").exists()  # not even its inpaint/ folder
+    assert demo_inpaint.main(["--workdir", str(tmp_path), "--num", "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"{prog}: --num 0 / --finetune-steps 0: expected >= 1 / >= 0"
+    assert demo_inpaint.main(["--workdir", str(tmp_path), "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err.strip() == f"{prog}: --out {blocker}: is a file, expected a folder"

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--profile={name}: expected one of {sorted(PROFILES)}", file=sys.stderr)
         return 2
     profile = PROFILES[name]
+    from unclip_jax.convert.paths import check_output_folder
+
+    try:  # before any stage runs
+        check_output_folder(args.workdir, "--workdir")
+    except ValueError as e:
+        print(f"{p.prog}: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.workdir, exist_ok=True)
     info = os.path.join(args.workdir, "demo.json")
     if os.path.exists(info):

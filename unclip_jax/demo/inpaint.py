@@ -262,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="fine-tune and report folder (default <workdir>/inpaint)"
     )
     args = parser.parse_args(argv)
+    from unclip_jax.convert.paths import check_input, check_output_folder
+
+    try:  # before any model loads: a missing demo workdir, a bad count, an unwritable --out
+        check_input(args.workdir, "--workdir")
+        if args.num < 1 or args.finetune_steps < 0:
+            raise ValueError(f"--num {args.num} / --finetune-steps {args.finetune_steps}: expected >= 1 / >= 0")
+        check_output_folder(args.out if args.out is not None else args.workdir / "inpaint", "--out")
+    except ValueError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 2
     report = run(args.workdir, args.num, args.finetune_steps or None, args.out)
     print(format_report(report))
     return 0
