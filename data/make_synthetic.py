@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 
+from unclip_jax.convert.paths import check_output_folder
 from unclip_jax.input import precompute, sources, synthetic
 from unclip_jax.logs import setup_logging
 
@@ -29,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png_count", type=int, default=64, help="how many examples go to --png_dir")
     args = p.parse_args(argv)
     setup_logging()
+    try:  # before any example is made
+        if args.num_examples < 1 or args.image_size < 1 or args.shard_size < 1:
+            raise ValueError("--num_examples, --image_size and --shard_size: expected integers >= 1")
+        check_output_folder(args.out, "--out")
+        if args.png_dir:
+            check_output_folder(args.png_dir, "--png_dir")
+    except ValueError as e:
+        p.error(str(e))
     src = sources.SyntheticSource(args.num_examples, seed=args.seed, image_size=args.image_size)
     manifest = precompute.prepare(src, args.out, shard_size=args.shard_size)
     print(f"{args.out}: {manifest.get('num_records')} examples")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from unclip_jax.convert.paths import check_input, check_output_folder
 from unclip_jax.logs import setup_logging
 
 
@@ -30,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden_dtype", default="float32", choices=("float32", "float16"))
     args = p.parse_args(argv)
     setup_logging()
+    try:  # before CLIP loads
+        if args.batch_size < 1 or args.shard_size < 1:
+            raise ValueError("--batch_size and --shard_size: expected integers >= 1")
+        check_input(args.src, "--src")
+        if args.clip_folder:
+            check_input(args.clip_folder, "--clip_folder")
+        check_output_folder(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
 
     import jax
     import jax.numpy as jnp

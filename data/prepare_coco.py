@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from unclip_jax.convert.paths import check_output_folder
 from unclip_jax.input import precompute, sources
 from unclip_jax.logs import setup_logging
 
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard_size", type=int, default=512, help="images per shard")
     args = p.parse_args(argv)
     setup_logging()
+    try:  # before tfds downloads anything
+        if args.image_size < 1 or args.shard_size < 1:
+            raise ValueError("--image_size and --shard_size: expected integers >= 1")
+        check_output_folder(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
     import tensorflow_datasets as tfds
 
     tfds.builder("coco_captions/2014", data_dir=args.data_dir).download_and_prepare()

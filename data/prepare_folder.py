@@ -16,6 +16,7 @@ import glob
 import json
 import os
 
+from unclip_jax.convert.paths import check_output_folder
 from unclip_jax.input import precompute, sources
 from unclip_jax.logs import setup_logging
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     try:
+        if args.image_size < 1 or args.shard_size < 1:
+            raise ValueError("--image_size and --shard_size: expected integers >= 1")
+        check_output_folder(args.out, "--out")
         if args.tars:
             paths = sorted(glob.glob(args.tars))
             if not paths:

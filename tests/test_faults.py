@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -336,3 +337,50 @@ def test_demo_workdirs_are_checked_before_any_stage(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"{prog}: --num 0 / --finetune-steps 0: expected >= 1 / >= 0"
     assert demo_inpaint.main(["--workdir", str(tmp_path), "--out", str(blocker)]) == 2
     assert capsys.readouterr().err.strip() == f"{prog}: --out {blocker}: is a file, expected a folder"
+
+
+def _data_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"data_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("make_synthetic", ["--out", "{file}"], "--out {file}: is a file, expected a folder"),
+        (
+            "make_synthetic",
+            ["--out", "{tmp}/s", "--png_dir", "{file}/png"],
+            "--png_dir {file}/png: cannot write there ({file} is a file, not a folder)",
+        ),  # fmt: skip
+        (
+            "make_synthetic",
+            ["--out", "{tmp}/s", "--num_examples", "0"],
+            "--num_examples, --image_size and --shard_size: expected integers >= 1",
+        ),  # fmt: skip
+        ("precompute_embeddings", ["--src", "{tmp}/none", "--out", "{tmp}/e"], "--src {tmp}/none: no such folder"),
+        ("precompute_embeddings", ["--src", "{tmp}", "--out", "{file}"], "--out {file}: is a file, expected a folder"),
+        ("prepare_coco", ["--out", "{file}"], "--out {file}: is a file, expected a folder"),
+        (
+            "prepare_folder",
+            ["--root", "{tmp}", "--out", "{file}/x"],
+            "--out {file}/x: cannot write there ({file} is a file, not a folder)",
+        ),  # fmt: skip
+    ],
+)
+def test_data_scripts_check_their_paths_before_work(script, argv, message, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    fill = {"tmp": tmp_path, "file": blocker}
+    with pytest.raises(SystemExit) as e:
+        _data_script(script)([a.format(**fill) for a in argv])
+    assert e.value.code == 2
+    prog = os.path.basename(sys.argv[0])  # argparse's program name: the script's, when run as a script
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{prog}: error: {message.format(**fill)}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
