@@ -164,3 +164,26 @@ def test_attention_custom_vjp_equals_autodiff():
     np.testing.assert_allclose(
         np.asarray(ub._added_kv_attend(q, k, v, keep)), np.asarray(ub._attend_fwd_impl(q, k, v, keep)[0])
     )
+
+
+def test_added_kv_attention_layouts_agree_forward_and_gradients():
+    """The heads-major core (the default) and the [B, L, H, D] one compute the same values and gradients."""
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((2, 9, 3, 4), (2, 11, 3, 4), (2, 11, 3, 4)))
+    keep = jnp.asarray(r.random((2, 11)) > 0.3, jnp.float32)
+    w = jnp.asarray(r.standard_normal((2, 9, 3, 4)), jnp.float32)
+    t = (0, 2, 1, 3)
+
+    def f_bqhd(q, k, v):
+        return jnp.sum(ub._added_kv_attend(q, k, v, keep) * w)
+
+    def f_bhqd(q, k, v):
+        return jnp.sum(ub._added_kv_attend_bh(q.transpose(t), k.transpose(t), v.transpose(t), keep).transpose(t) * w)
+
+    np.testing.assert_allclose(f_bqhd(q, k, v), f_bhqd(q, k, v), rtol=1e-6)
+    for a, b in zip(jax.grad(f_bqhd, (0, 1, 2))(q, k, v), jax.grad(f_bhqd, (0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert float(jnp.max(jnp.abs(a))) > 0.1
+    with pytest.raises(ValueError, match="expected one of"):
+        with ub.attention_layout("qkv"):
+            pass

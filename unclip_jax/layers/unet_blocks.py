@@ -25,7 +25,8 @@ attention output projection (and the U-Nets' final conv) start at zero (``zero_m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -257,6 +258,59 @@ def _added_kv_attend_bwd(res, g):
 _added_kv_attend.defvjp(_added_kv_attend_fwd, _added_kv_attend_bwd)
 
 
+def _attend_bh_fwd_impl(q, k, v, keep):
+    """Forward of :func:`_added_kv_attend_bh` (heads-major [B, H, L, D] layout)."""
+    with jax.named_scope(ATTENTION_SCOPE):
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+        logits = jnp.where(keep[:, None, None, :] > 0.5, logits, MASK_BIAS)
+        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, v), p
+
+
+@jax.custom_vjp
+def _added_kv_attend_bh(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
+    """:func:`_added_kv_attend` on heads-major ``q`` [B, H, Lq, D], ``k``/``v`` [B, H, Lk, D]: every contraction
+    a batched matmul with the batch dimensions leading (:data:`ATTENTION_LAYOUTS`)."""
+    return _attend_bh_fwd_impl(q, k, v, keep)[0]
+
+
+def _added_kv_attend_bh_fwd(q, k, v, keep):
+    out, p = _attend_bh_fwd_impl(q, k, v, keep)
+    return out, (q, k, v, p, keep)
+
+
+def _added_kv_attend_bh_bwd(res, g):
+    q, k, v, p, keep = res
+    with jax.named_scope(ATTENTION_SCOPE):
+        dv = jnp.einsum("bhqk,bhqd->bhkd", p, g).astype(v.dtype)
+        dp = jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32)
+        p32 = p.astype(jnp.float32)
+        ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(q.dtype)
+        dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k).astype(q.dtype)
+        dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q).astype(k.dtype)
+    return dq, dk, dv, jnp.zeros_like(keep)
+
+
+_added_kv_attend_bh.defvjp(_added_kv_attend_bh_fwd, _added_kv_attend_bh_bwd)
+
+# Layout of the added-KV attention core: ``bhqd`` (heads-major, the default: every contraction a batched matmul
+# with its batch dimensions leading, as XLA:CPU's dot emitters want them) or ``bqhd`` (the projections' [B, L, H, D]).
+ATTENTION_LAYOUTS = ("bqhd", "bhqd")
+_ATTENTION_LAYOUT = ["bhqd"]
+
+
+@contextlib.contextmanager
+def attention_layout(layout: str) -> Iterator[None]:
+    """Within the block, :class:`AddedKVAttention` traces its core in ``layout`` (A/B benchmarks)."""
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"attention_layout({layout!r}): expected one of {ATTENTION_LAYOUTS}")
+    _ATTENTION_LAYOUT.append(layout)
+    try:
+        yield
+    finally:
+        _ATTENTION_LAYOUT.pop()
+
+
 class AddedKVAttention(nn.Module):
     """GLIDE attention over the image with the context as extra keys/values (diffusers ``AttnAddedKVProcessor``).
 
@@ -311,7 +365,13 @@ class AddedKVAttention(nn.Module):
         keep = jnp.ones((b, k.shape[1]), jnp.float32)
         if context_mask is not None:
             keep = jnp.pad(context_mask.astype(jnp.float32), ((0, 0), (0, hh * ww)), constant_values=1.0)
-        out = _added_kv_attend(q * jnp.asarray(self.head_dim**-0.5, q.dtype), k, v, keep).reshape(b, hh * ww, c)
+        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        if _ATTENTION_LAYOUT[-1] == "bhqd":
+            heads_major = (0, 2, 1, 3)
+            out = _added_kv_attend_bh(*(t.transpose(heads_major) for t in (q, k, v)), keep).transpose(heads_major)
+        else:
+            out = _added_kv_attend(q, k, v, keep)
+        out = out.reshape(b, hh * ww, c)
         out = nn.Dense(
             c,
             dtype=self.dtype,
