@@ -63,7 +63,7 @@ PROFILES: dict[str, Profile] = {
             "embed": 10,
             "prior": 120,
             "decoder": 480,
-            "upsampler": 100,
+            "upsampler": 400,
             "classifier": 55,
             "sample": 110,
             "evaluate": 60,
