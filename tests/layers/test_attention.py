@@ -90,3 +90,27 @@ def test_decode_rejects_multi_token_steps():
     v = dec.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="one position per call"):
         dec.apply(v, x, mutable=["cache"])
+
+
+def test_dot_product_attention_heads_major_equals_the_bqhd_contraction():
+    """Both layouts of the attention core give the same output and gradients (the heads-major one is the default)."""
+    from unclip_jax.layers import attention
+
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((2, 5, 3, 4), (2, 7, 3, 4), (2, 7, 3, 4)))
+    mask = jnp.asarray(r.random((2, 1, 5, 7)) > 0.3)
+
+    def f(q, k, v):
+        return jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask=mask)))
+
+    outs = {}
+    for heads_major in (True, False):
+        attention.HEADS_MAJOR.append(heads_major)
+        try:
+            outs[heads_major] = (f(q, k, v), jax.grad(f, (0, 1, 2))(q, k, v))
+        finally:
+            attention.HEADS_MAJOR.pop()
+    np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=1e-6)
+    for a, b in zip(outs[True][1], outs[False][1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert float(jnp.max(jnp.abs(a))) > 0.05

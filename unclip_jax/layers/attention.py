@@ -35,6 +35,9 @@ Initializer = Callable[..., jax.Array]
 # The name scope of the attention core (q k^T, softmax, p v and their gradients) in the compiled program's op names:
 # what the bench's op-by-op profile counts as attention (:mod:`unclip_jax.bench.profile`).
 ATTENTION_SCOPE = "attention_core"
+# Whether :func:`dot_product_attention` contracts heads-major ([B, H, L, D]: batch dimensions leading in both
+# contractions, as XLA:CPU's dot emitters want them; the default) or in the [B, L, H, D] layout; the last entry rules.
+HEADS_MAJOR = [True]
 
 
 def make_causal_mask(length: int) -> jnp.ndarray:
@@ -90,10 +93,17 @@ def dot_product_attention(
     """
     with jax.named_scope(ATTENTION_SCOPE):
         scale = query.shape[-1] ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+        if HEADS_MAJOR[-1]:
+            t = (0, 2, 1, 3)
+            query, key, value = query.transpose(t), key.transpose(t), value.transpose(t)
+            logits = jnp.einsum("bhqd,bhkd->bhqk", query, key).astype(jnp.float32) * scale
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        if HEADS_MAJOR[-1]:
+            return jnp.einsum("bhqk,bhkd->bhqd", weights, value).transpose(t)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
