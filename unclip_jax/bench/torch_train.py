@@ -6,7 +6,7 @@
   mean), as :mod:`unclip_jax.diffusion` computes it for the decoder.
 - :func:`adamw`: ``torch.optim.AdamW`` with weight decay on tensors with ndim >= 2 only
   (:func:`unclip_jax.train.optim.decay_mask`).
-- :func:`ema_update`: ``ema <- d * ema + (1 - d) * params`` over all tensors in two ``torch._foreach`` calls
+- :func:`ema_update`: ``ema <- d * ema + (1 - d) * params`` in place over every tensor
   (:func:`unclip_jax.train.state.ema_update`), with the ``min(decay, (1 + n) / (10 + n))`` warm-up.
 
 A small copy of the pieces of ``tools/torch_unclip.py`` (the differential training reference) that a bench step
@@ -144,5 +144,5 @@ def ema_update(ema: list[Any], params: list[Any], decay: float) -> None:
     import torch
 
     with torch.no_grad():
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, [p.detach() for p in params], alpha=1.0 - decay)
+        for e, p in zip(ema, params, strict=True):
+            e.mul_(decay).add_(p, alpha=1.0 - decay)
