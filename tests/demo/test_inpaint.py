@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unclip_jax.demo.inpaint import format_report, inpaint_cases
+from unclip_jax.demo.inpaint import format_report, inpaint_cases, main
 from unclip_jax.input import synthetic
 
 
@@ -32,5 +32,14 @@ def test_report_table():
         model={**row, "decoder_steps": 6, "decoder_network_calls": 6},
     )
     text = format_report(report)
+    assert "decoder guidance" not in text  # a report without the scale does not invent one
+    with_scale = format_report({**report, "decoder_guidance": 8.0})
+    assert with_scale.splitlines()[0].endswith("target: colour >= 80%); decoder guidance 8")
     assert "| demo decoder + RePaint | 25 (jumps 5 x 5) | 105 | 0.900 (9/10) | 0.500 | 3.0 |" in text
     assert "| GLIDE inpainting fine-tune | 6 | 6 | 0.900 (9/10)" in text
+
+
+def test_negative_guidance_scale_is_a_usage_error_before_any_model_loads(tmp_path, capsys):
+    assert main(["--workdir", str(tmp_path), "--guidance-scale", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "python -m unclip_jax.demo.inpaint: --guidance-scale -1.0: expected >= 0"
+    assert not (tmp_path / "inpaint").exists()
