@@ -269,8 +269,12 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     assert "Attribute accuracy" in body and "FID" in body and "decoder given the real z_i" in body
     assert "Background smoothness" in body and "Diversity vs decoder guidance" in body
     sm = ev["smoothness"]
-    assert sm["real"]["mean_std"] == 0.0 and sm["generated"]["mean_std"] > 0  # random-ish samples are not flat
-    assert sm["generated"]["ratio"] == sm["generated"]["mean_std"] / max(sm["real"]["mean_std"], sm["floor"])
+    g = sm["generated"]
+    # Random-ish samples are not flat: noise crosses the object threshold (less background is found than in real
+    # images, possibly none: NaN spread) and what background is found is not smooth.
+    assert sm["real"]["mean_std"] == 0.0 and g["background_fraction"] < sm["real"]["background_fraction"]
+    assert np.isnan(g["mean_std"]) or g["mean_std"] > 0
+    np.testing.assert_equal(g["ratio"], g["mean_std"] / max(sm["real"]["mean_std"], sm["floor"]))
     div = runner.read_marker(wd, "diversity")["outputs"]
     fast = PROFILES["fast"]
     assert set(div["table"]) == {"unclip", "caption-only"} and div["n"] == fast.diversity_n

@@ -62,15 +62,13 @@ def test_profile_window_off_and_on_other_processes(tmp_path):
 def test_compilation_cache_stores_a_compiled_program(tmp_path):
     cache = str(tmp_path / "xla")
     before = jax.config.jax_compilation_cache_dir
-    assert not before, "tests run without a persistent cache"
-    try:
-        assert profiling.enable_compilation_cache(cache, min_compile_time_s=0.0) == cache
+    assert not before, "tests run without a persistent cache (a test left one on)"
+    with profiling.compilation_cache(cache, min_compile_time_s=0.0) as used:
+        assert used == cache and jax.config.jax_compilation_cache_dir == cache
         seed = float(np.random.default_rng().uniform())  # a program no earlier test compiled
         jax.jit(lambda x: jnp.cos(x) + seed)(jnp.ones((3, 5))).block_until_ready()
         assert os.listdir(cache), "the compiled program is in the cache"
-    finally:
-        profiling.disable_compilation_cache()
-    assert not jax.config.jax_compilation_cache_dir
+    assert not jax.config.jax_compilation_cache_dir  # the previous setting (none) is back
 
 
 def test_cache_dir_values(monkeypatch, tmp_path):

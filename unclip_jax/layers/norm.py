@@ -11,9 +11,10 @@ candidate against XLA's autodiff of the same forward, selected with :func:`defau
 
 :class:`GroupNorm` has the parameters ``scale`` and ``bias`` of ``flax.linen.GroupNorm`` (same names, shapes,
 initialisers and logical axes), so checkpoints and converters see no difference. :func:`default_impl` is read by
-:func:`unclip_jax.layers.unet_blocks.group_norm`: ``flax_fast_variance`` (the default: ``flax.linen.GroupNorm``
-with the one-pass variance, then ``nn.silu``, differentiated by XLA), ``flax`` (the same with the two-pass
-variance) or ``custom`` (this module), for A/B runs.
+:func:`unclip_jax.layers.unet_blocks.group_norm`: ``flax`` (the default: ``flax.linen.GroupNorm`` with torch's
+two-pass variance, then ``nn.silu``, differentiated by XLA), ``flax_fast_variance`` (the same with the one-pass
+variance ``E[x^2] - E[x]^2``: fewer passes, but its cancellation changes samples with the batch's sharding) or
+``custom`` (this module), for A/B runs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from unclip_jax.layers import axes
 
 Dtype = Any
 IMPLS = ("flax_fast_variance", "flax", "custom")
-_DEFAULT_IMPL = ["flax_fast_variance"]
+_DEFAULT_IMPL = ["flax"]
 
 
 @contextlib.contextmanager
@@ -49,7 +50,7 @@ def default_impl(impl: str) -> Iterator[None]:
 
 
 def current_impl() -> str:
-    """The implementation :func:`default_impl` selects now (``flax_fast_variance`` outside any block)."""
+    """The implementation :func:`default_impl` selects now (``flax`` outside any block)."""
     return _DEFAULT_IMPL[-1]
 
 

@@ -60,11 +60,11 @@ def group_norm(
     """GroupNorm over channels, then SiLU when ``silu`` (float32 statistics, torch ``nn.GroupNorm``'s formula);
     parameters ``<name>/scale``, ``<name>/bias``.
 
-    ``flax.linen.GroupNorm`` differentiated by XLA, with the one-pass variance ``E[x^2] - E[x]^2``
-    (``flax_fast_variance``, the default of :func:`unclip_jax.layers.norm.default_impl`: fewer passes over the
-    activation than torch's two-pass ``mean((x - mean)^2)``; the forward parity with diffusers holds within the
-    tests' 1e-4). ``flax`` selects the two-pass variance, ``custom`` :class:`unclip_jax.layers.norm.GroupNorm`
-    (norm and SiLU in one custom VJP).
+    ``flax.linen.GroupNorm`` differentiated by XLA, with torch's two-pass variance ``mean((x - mean)^2)``
+    (``flax``, the default of :func:`unclip_jax.layers.norm.default_impl`). ``flax_fast_variance`` selects the
+    one-pass ``E[x^2] - E[x]^2`` (fewer passes over the activation, but its cancellation makes a sharded sampling
+    chain drift from the unsharded one), ``custom`` :class:`unclip_jax.layers.norm.GroupNorm` (norm and SiLU in
+    one custom VJP).
     """
     impl = norm_lib.current_impl()
     if impl == "custom":

@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from unclip_jax.plan import report, train_step
 
-    _enable_cache(fv)
     try:
-        plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu, compile=fv.compile)
+        with _cache(fv):
+            plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu, compile=fv.compile)
     except PlanError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -96,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if plan.get("fits", True) and plan["fsdp_check"]["ok"] else 1
 
 
-def _enable_cache(fv: flags.FlagValues) -> None:
+def _cache(fv: flags.FlagValues):
     from unclip_jax.train import profiling
 
-    # Every compile, however quick: a plan is one program, compiled again only when something changed.
-    profiling.enable_compilation_cache(fv.cache_dir or profiling.default_cache_dir("plan_xla"), min_compile_time_s=0.0)
+    # Every compile, however quick: a plan is one program, compiled again only when something changed. The previous
+    # setting comes back afterwards (plans also run inside other programs and the tests).
+    return profiling.compilation_cache(fv.cache_dir or profiling.default_cache_dir("plan_xla"), min_compile_time_s=0.0)
 
 
 def _write_json(path: str | None, plan: dict) -> None:
@@ -113,9 +114,9 @@ def _write_json(path: str | None, plan: dict) -> None:
 def _cascade(fv: flags.FlagValues) -> int:
     from unclip_jax.plan import cascade, report
 
-    _enable_cache(fv)
     try:
-        plan = cascade.plan_cascade(fv.cascade, fv.topology, batch=fv.batch, mfu=fv.mfu, stop_after=fv.stop_after)
+        with _cache(fv):
+            plan = cascade.plan_cascade(fv.cascade, fv.topology, batch=fv.batch, mfu=fv.mfu, stop_after=fv.stop_after)
     except PlanError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

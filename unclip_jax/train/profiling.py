@@ -12,13 +12,14 @@ model-FLOPs utilisation (MaxText's ``profiler`` / ``jax_cache_dir`` options and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from unclip_jax.chips import chip_of_device_kind
 
@@ -55,17 +56,25 @@ def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 1.0) ->
         log.info("XLA compilation cache: %s (JAX_COMPILATION_CACHE_DIR)", current)
         return current
     os.makedirs(cache_dir, exist_ok=True)
-    compilation_cache.set_cache_dir(cache_dir)
+    jax_cache.set_cache_dir(cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
+    jax_cache.reset_cache()
     return cache_dir
 
 
-def disable_compilation_cache() -> None:
-    """Turns JAX's persistent compilation cache off again (tests, and a run whose config says ``""``)."""
-    compilation_cache.set_cache_dir(None)
-    compilation_cache.reset_cache()
+@contextlib.contextmanager
+def compilation_cache(cache_dir: str, min_compile_time_s: float = 1.0):
+    """:func:`enable_compilation_cache` for the ``with`` block, then JAX's previous cache setting again (for
+    commands that also run inside other programs and tests)."""
+    previous = jax.config.jax_compilation_cache_dir
+    previous_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    try:
+        yield enable_compilation_cache(cache_dir, min_compile_time_s)
+    finally:
+        jax_cache.set_cache_dir(previous)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous_time)
+        jax_cache.reset_cache()
 
 
 def peak_flops_per_sec(devices: Sequence[Any]) -> float | None:
