@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from unclip_jax.demo.report import figure_png
 from unclip_jax.demo.runner import Context
 
 
@@ -145,7 +146,6 @@ def stage_curves(ctx: Context) -> dict[str, Any]:
 
 def plot(decoder_rows: list[dict[str, float]], clip_rows: list[dict[str, float]]) -> bytes:
     """PNG bytes: decoder colour / shape accuracy against its steps, CLIP zero-shot accuracy against its steps."""
-    import io
 
     import matplotlib
 
@@ -165,8 +165,4 @@ def plot(decoder_rows: list[dict[str, float]], clip_rows: list[dict[str, float]]
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -22,13 +22,13 @@ Diversity of the N samples of a prompt, at the decoder's output:
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from unclip_jax.demo.report import figure_png
 from unclip_jax.demo.runner import Context
 
 MODES = ("unclip", "caption-only")
@@ -119,11 +119,7 @@ def plot(table: dict[str, dict[str, dict[str, float]]], scales: Sequence[float])
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def stage_diversity(ctx: Context) -> dict[str, Any]:

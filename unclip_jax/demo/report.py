@@ -68,11 +68,18 @@ def loss_plot(rows: list[dict[str, Any]], title: str) -> str | None:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return base64.b64encode(figure_png(fig)).decode("ascii")
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure laid out tight as PNG bytes; the figure is closed (every plot of the demo's report)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def _fmt(v: Any) -> str:
