@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.convert import decoder as cd
+from unclip_jax.layers import unet_blocks
 from unclip_jax.models import decoder, unet
 
 
@@ -194,7 +195,9 @@ def torch_forward(torch, unet, proj, inp, cfg_guidance=False):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", sorted(PARITY))
-def test_matches_diffusers(torch_threads, tmp_path, name):
+def test_matches_diffusers(torch_threads, tmp_path, monkeypatch, name):
+    """Through the blockwise attention core (BLOCK_Q = 8 puts these small images' attention above one block)."""
+    monkeypatch.setattr(unet_blocks, "BLOCK_Q", 8)
     torch = torch_threads
     overrides, shape = PARITY[name]
     m = decoder.build("test", **overrides)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from unclip_jax.layers import axes
 from unclip_jax.layers import norm as norm_lib
 from unclip_jax.layers.attention import ATTENTION_SCOPE
+from unclip_jax.layers.blockwise_attention import blockwise_attention
 from unclip_jax.layers.conv import Conv
 from unclip_jax.layers.transformer import dense
 
@@ -293,10 +294,13 @@ def _added_kv_attend_bh_bwd(res, g):
 
 _added_kv_attend_bh.defvjp(_added_kv_attend_bh_fwd, _added_kv_attend_bh_bwd)
 
-# Layout of the added-KV attention core: ``bhqd`` (heads-major, the default: every contraction a batched matmul
-# with its batch dimensions leading, as XLA:CPU's dot emitters want them) or ``bqhd`` (the projections' [B, L, H, D]).
-ATTENTION_LAYOUTS = ("bqhd", "bhqd")
-_ATTENTION_LAYOUT = ["bhqd"]
+# Layout of the added-KV attention core: ``bhqd`` (heads-major: every contraction a batched matmul with its batch
+# dimensions leading, as XLA:CPU's dot emitters want them), ``bqhd`` (the projections' [B, L, H, D]) or
+# ``blockwise`` (the default: heads-major :func:`blockwise_attention` over blocks of ``BLOCK_Q`` queries wherever
+# there are more queries than one block, i.e. at 32x32 and above; ``bhqd`` below).
+ATTENTION_LAYOUTS = ("bqhd", "bhqd", "blockwise")
+_ATTENTION_LAYOUT = ["blockwise"]
+BLOCK_Q = 128
 
 
 @contextlib.contextmanager
@@ -366,8 +370,12 @@ class AddedKVAttention(nn.Module):
         if context_mask is not None:
             keep = jnp.pad(context_mask.astype(jnp.float32), ((0, 0), (0, hh * ww)), constant_values=1.0)
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
-        if _ATTENTION_LAYOUT[-1] == "bhqd":
-            heads_major = (0, 2, 1, 3)
+        layout, lq = _ATTENTION_LAYOUT[-1], hh * ww
+        heads_major = (0, 2, 1, 3)
+        if layout == "blockwise" and lq > BLOCK_Q and lq % BLOCK_Q == 0:
+            qkv = (t.transpose(heads_major) for t in (q, k, v))
+            out = blockwise_attention(*qkv, keep, BLOCK_Q, MASK_BIAS).transpose(heads_major)
+        elif layout != "bqhd":
             out = _added_kv_attend_bh(*(t.transpose(heads_major) for t in (q, k, v)), keep).transpose(heads_major)
         else:
             out = _added_kv_attend(q, k, v, keep)
