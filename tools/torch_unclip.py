@@ -2,7 +2,9 @@
 
 - :class:`TorchDiffusion`: guided-diffusion's ``GaussianDiffusion`` tables and ``training_losses`` (Ho et al. 2020;
   Nichol & Dhariwal 2021: eps / x0 / v targets, the hybrid loss with learned-range variance and a stop-gradient on
-  the mean, section 3.1). The decoder NLL L_0 uses the exact normal CDF (guided-diffusion: a tanh approximation).
+  the mean, section 3.1; the decoder NLL L_0 with the exact normal CDF), ``make bench``'s PyTorch copy
+  (:class:`unclip_jax.bench.torch_train.TorchDiffusionLoss`), which is written in PyTorch apart from unclip_jax's
+  JAX code, as is everything here.
 - :class:`TorchDecoder`: diffusers ``UNet2DConditionModel`` + ``UnCLIPTextProjModel`` with per-example
   classifier-free-guidance drops (paper section 2.1: z_i -> the learned embedding, caption -> the null caption).
 - :class:`TorchPrior`: diffusers ``PriorTransformer`` on ``(z_i - clip_mean) / clip_std`` predicting x0 (section
@@ -25,101 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from unclip_jax.bench.torch_train import TorchDiffusionLoss, adamw, ema_decay
 
-class TorchDiffusion:
-    """guided-diffusion's ``GaussianDiffusion`` tables (float64 numpy, gathered then cast to float32) and its
-    ``training_losses`` for MSE / hybrid (Ho et al. 2020; Nichol & Dhariwal 2021 section 3.1)."""
-
-    def __init__(self, cfg: Any):
-        if cfg.get("snr_gamma", None) is not None:
-            raise ValueError("train_parity: config.diffusion.snr_gamma is not reproduced on the PyTorch side")
-        steps = int(cfg.steps)
-        if cfg.schedule == "cosine":  # Improved DDPM eq. 17, betas capped at 0.999
-
-            def alpha_bar(t):
-                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-            betas = np.array([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)])
-        elif cfg.schedule == "linear":
-            scale = 1000 / steps
-            betas = np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
-        else:
-            raise ValueError(f"train_parity: schedule {cfg.schedule!r}")
-        self.num_timesteps = steps
-        self.mean_type, self.var_type, self.loss_type = cfg.mean_type, cfg.var_type, cfg.loss_type
-        self.vlb_weight = float(cfg.vlb_weight)
-        ac = np.cumprod(1.0 - betas)
-        ac_prev = np.append(1.0, ac[:-1])
-        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-        self.tables = dict(
-            betas=betas,
-            sqrt_ac=np.sqrt(ac),
-            sqrt_1m_ac=np.sqrt(1.0 - ac),
-            sqrt_recip_ac=np.sqrt(1.0 / ac),
-            sqrt_recipm1_ac=np.sqrt(1.0 / ac - 1),
-            post_log_var=np.log(np.append(post_var[1], post_var[1:])),
-            coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
-            coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
-        )
-
-    def extract(self, name: str, t, ndim: int):
-        out = torch.from_numpy(self.tables[name])[t].float()
-        return out.reshape(out.shape + (1,) * (ndim - 1))
-
-    def training_losses(self, model, x_start, t, noise):
-        """Per-example ``loss`` [B] of ``model(x_t, t)`` (channels on axis 1; learned range: mean part first)."""
-        n = x_start.ndim
-        x_t = self.extract("sqrt_ac", t, n) * x_start + self.extract("sqrt_1m_ac", t, n) * noise
-        out = model(x_t, t)
-        c = x_start.shape[1]
-        var_values = None
-        if self.var_type == "learned_range":
-            out, var_values = out[:, :c], out[:, c:]
-        target = {"epsilon": noise, "x_start": x_start}.get(self.mean_type)
-        if self.mean_type == "v":
-            target = self.extract("sqrt_ac", t, n) * noise - self.extract("sqrt_1m_ac", t, n) * x_start
-        dims = tuple(range(1, n))
-        mse = ((target - out) ** 2).mean(dim=dims)
-        if self.loss_type == "mse":
-            return mse
-        if self.loss_type != "hybrid" or var_values is None or self.mean_type != "epsilon":
-            raise ValueError("train_parity: the hybrid loss is reproduced for epsilon + learned_range only")
-        eps = out.detach()  # the VLB trains only the variance
-        pred_xstart = self.extract("sqrt_recip_ac", t, n) * x_t - self.extract("sqrt_recipm1_ac", t, n) * eps
-        model_mean = self.extract("coef1", t, n) * pred_xstart + self.extract("coef2", t, n) * x_t
-        min_log = self.extract("post_log_var", t, n)
-        max_log = torch.log(self.extract("betas", t, n))
-        frac = (var_values + 1) / 2
-        model_log_var = frac * max_log + (1 - frac) * min_log
-        true_mean = self.extract("coef1", t, n) * x_start + self.extract("coef2", t, n) * x_t
-        true_log_var = min_log
-        kl = 0.5 * (
-            -1.0
-            + model_log_var
-            - true_log_var
-            + torch.exp(true_log_var - model_log_var)
-            + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
-        )
-        kl = kl.mean(dim=dims) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var).mean(dim=dims)
-        vb = torch.where(t == 0, nll / math.log(2.0), kl)
-        return mse + self.vlb_weight * self.num_timesteps * vb
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """guided-diffusion's L_0 likelihood of 256-level data in [-1, 1], with the exact normal CDF."""
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered + 1.0 / 255.0)
-    min_in = inv_stdv * (centered - 1.0 / 255.0)
-    log_cdf_plus = torch.special.log_ndtr(plus_in)
-    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)
-    delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
-    return torch.where(
-        x < -0.999,
-        log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(delta.clamp(min=1e-12))),
-    )
+# guided-diffusion's tables and training_losses: one PyTorch copy for these tools and the bench.
+TorchDiffusion = TorchDiffusionLoss
 
 
 class TorchDecoder:
@@ -222,11 +133,7 @@ class TorchTrainer:
         self.model, self.diffusion = model, diffusion
         o = config.optim
         params = model.params
-        groups = [
-            {"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": float(o.weight_decay)},
-            {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        self.opt = torch.optim.AdamW(groups, lr=float(o.lr), betas=(float(o.b1), float(o.b2)), eps=float(o.eps))
+        self.opt = adamw(list(params.values()), o)
         warmup, total = int(o.warmup_steps), int(config.total_steps)
         decay = int(o.decay_steps) or max(1, total - warmup)
         end = float(o.end_lr_factor)
@@ -264,7 +171,7 @@ class TorchTrainer:
         self.opt.step()
         self.sched.step()
         n = self.step
-        d = np.float32(min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay)
+        d = np.float32(ema_decay(n, self.ema_decay, self.ema_warmup))
         with torch.no_grad():
             for k, p in self.model.params.items():
                 self.ema[k].mul_(float(d)).add_(p, alpha=float(np.float32(1) - d))

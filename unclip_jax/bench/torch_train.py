@@ -1,7 +1,7 @@
 """The training work of our train step, written for PyTorch, so that the bench's diffusers side does the same work.
 
 - :class:`TorchDiffusionLoss`: guided-diffusion's ``GaussianDiffusion`` tables and per-example ``training_losses``
-  for L_simple (epsilon / x0 targets) and the hybrid loss with learned-range variance (Nichol & Dhariwal 2021,
+  for L_simple (epsilon / x0 / v targets) and the hybrid loss with learned-range variance (Nichol & Dhariwal 2021,
   section 3.1: L_simple + lambda L_vlb, the VLB term training only the variance through a stop-gradient on the
   mean), as :mod:`unclip_jax.diffusion` computes it for the decoder.
 - :func:`adamw`: ``torch.optim.AdamW`` with weight decay on tensors with ndim >= 2 only
@@ -9,8 +9,9 @@
 - :func:`ema_update`: ``ema <- d * ema + (1 - d) * params`` in place over every tensor
   (:func:`unclip_jax.train.state.ema_update`), with the ``min(decay, (1 + n) / (10 + n))`` warm-up.
 
-A small copy of the pieces of ``tools/torch_unclip.py`` (the differential training reference) that a bench step
-needs: the package does not import ``tools/``.
+The one PyTorch copy of this training maths, written independently of :mod:`unclip_jax.diffusion` and
+:mod:`unclip_jax.train`: the bench times it, and ``tools/torch_unclip.py`` (the differential training reference of
+``tools/train_parity.py``) trains with it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def betas_for(schedule: str, steps: int) -> np.ndarray:
     if schedule == "linear":
         scale = 1000 / steps
         return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
-    raise ValueError(f"bench torch side: schedule {schedule!r}")
+    raise ValueError(f"PyTorch side: schedule {schedule!r}")
 
 
 class TorchDiffusionLoss:
@@ -41,6 +42,8 @@ class TorchDiffusionLoss:
     def __init__(self, cfg: Any):
         import torch
 
+        if cfg.get("snr_gamma", None) is not None:
+            raise ValueError("PyTorch side: config.diffusion.snr_gamma is not reproduced")
         self.torch = torch
         steps = int(cfg.steps)
         betas = betas_for(cfg.schedule, steps)
@@ -76,13 +79,15 @@ class TorchDiffusionLoss:
         var_values = None
         if self.var_type == "learned_range":
             out, var_values = out[:, :c], out[:, c:]
-        target = {"epsilon": noise, "x_start": x_start}[self.mean_type]
+        target = {"epsilon": noise, "x_start": x_start}.get(self.mean_type)
+        if self.mean_type == "v":  # Salimans & Ho 2022: v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
+            target = self.extract("sqrt_ac", t, n) * noise - self.extract("sqrt_1m_ac", t, n) * x_start
         dims = tuple(range(1, n))
         mse = ((target - out) ** 2).mean(dim=dims)
         if self.loss_type == "mse":
             return mse
         if self.loss_type != "hybrid" or var_values is None or self.mean_type != "epsilon":
-            raise ValueError("bench torch side: the hybrid loss is written for epsilon + learned_range only")
+            raise ValueError("PyTorch side: the hybrid loss is written for epsilon + learned_range only")
         eps = out.detach()  # the VLB trains only the variance
         pred_xstart = self.extract("sqrt_recip_ac", t, n) * x_t - self.extract("sqrt_recipm1_ac", t, n) * eps
         model_mean = self.extract("coef1", t, n) * pred_xstart + self.extract("coef2", t, n) * x_t
