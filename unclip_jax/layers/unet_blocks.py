@@ -219,46 +219,6 @@ class ResBlock(nn.Module):
         return constrain_spatial(out)
 
 
-def _attend_fwd_impl(q, k, v, keep):
-    """Forward of :func:`_added_kv_attend`: (output [B, Lq, H, D], probabilities [B, H, Lq, Lk])."""
-    with jax.named_scope(ATTENTION_SCOPE):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        logits = jnp.where(keep[:, None, None, :] > 0.5, logits, MASK_BIAS)
-        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, v), p
-
-
-@jax.custom_vjp
-def _added_kv_attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
-    """softmax(q k^T, masked) v for pre-scaled ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D], ``keep`` [B, Lk]
-    (1 = attend, 0 = logit replaced by ``MASK_BIAS``); the softmax in float32.
-
-    Custom VJP: the backward keeps only the probabilities [B, H, Lq, Lk] (as torch's autograd does) instead
-    of the two logits-sized buffers per layer that XLA's autodiff of the fused softmax keeps alive.
-    """
-    return _attend_fwd_impl(q, k, v, keep)[0]
-
-
-def _added_kv_attend_fwd(q, k, v, keep):
-    out, p = _attend_fwd_impl(q, k, v, keep)
-    return out, (q, k, v, p, keep)
-
-
-def _added_kv_attend_bwd(res, g):
-    q, k, v, p, keep = res
-    with jax.named_scope(ATTENTION_SCOPE):
-        dv = jnp.einsum("bhqk,bqhd->bkhd", p, g).astype(v.dtype)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(jnp.float32)
-        p32 = p.astype(jnp.float32)
-        ds = (p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))).astype(q.dtype)
-        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k).astype(q.dtype)
-        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q).astype(k.dtype)
-    return dq, dk, dv, jnp.zeros_like(keep)
-
-
-_added_kv_attend.defvjp(_added_kv_attend_fwd, _added_kv_attend_bwd)
-
-
 def _attend_bh_fwd_impl(q, k, v, keep):
     """Forward of :func:`_added_kv_attend_bh` (heads-major [B, H, L, D] layout)."""
     with jax.named_scope(ATTENTION_SCOPE):
@@ -270,8 +230,13 @@ def _attend_bh_fwd_impl(q, k, v, keep):
 
 @jax.custom_vjp
 def _added_kv_attend_bh(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
-    """:func:`_added_kv_attend` on heads-major ``q`` [B, H, Lq, D], ``k``/``v`` [B, H, Lk, D]: every contraction
-    a batched matmul with the batch dimensions leading (:data:`ATTENTION_LAYOUTS`)."""
+    """softmax(q k^T, masked) v for pre-scaled heads-major ``q`` [B, H, Lq, D], ``k``/``v`` [B, H, Lk, D], ``keep``
+    [B, Lk] (1 = attend, 0 = logit replaced by ``MASK_BIAS``); the softmax in float32. Every contraction is a
+    batched matmul with the batch dimensions leading (:data:`ATTENTION_LAYOUTS`).
+
+    Custom VJP: the backward keeps only the probabilities [B, H, Lq, Lk] (as torch's autograd does) instead
+    of the two logits-sized buffers per layer that XLA's autodiff of the fused softmax keeps alive.
+    """
     return _attend_bh_fwd_impl(q, k, v, keep)[0]
 
 
@@ -294,11 +259,11 @@ def _added_kv_attend_bh_bwd(res, g):
 
 _added_kv_attend_bh.defvjp(_added_kv_attend_bh_fwd, _added_kv_attend_bh_bwd)
 
-# Layout of the added-KV attention core: ``bhqd`` (heads-major: every contraction a batched matmul with its batch
-# dimensions leading, as XLA:CPU's dot emitters want them), ``bqhd`` (the projections' [B, L, H, D]) or
-# ``blockwise`` (the default: heads-major :func:`blockwise_attention` over blocks of ``BLOCK_Q`` queries wherever
-# there are more queries than one block, i.e. at 32x32 and above; ``bhqd`` below).
-ATTENTION_LAYOUTS = ("bqhd", "bhqd", "blockwise")
+# The added-KV attention core, both heads-major (every contraction a batched matmul with its batch dimensions
+# leading, as XLA:CPU's dot emitters want them): ``bhqd`` (the whole [B, H, Lq, Lk] probabilities at once) or
+# ``blockwise`` (the default: :func:`blockwise_attention` over blocks of ``BLOCK_Q`` queries wherever there are
+# more queries than one block, i.e. at 32x32 and above; ``bhqd`` below).
+ATTENTION_LAYOUTS = ("bhqd", "blockwise")
 _ATTENTION_LAYOUT = ["blockwise"]
 BLOCK_Q = 128
 
@@ -324,8 +289,9 @@ class AddedKVAttention(nn.Module):
     The context is not normalised here (``cross_attention_norm`` None); padded context
     tokens get the logit -10000 (diffusers adds -10000 to their logit: both give them
     weight exactly 0 in float32, since the 1024+ spatial keys are never masked). ``q`` is
-    scaled before the dot (not the logits) and the core is :func:`_added_kv_attend`, whose
-    custom VJP keeps one probabilities tensor per layer (XLA:CPU autodiff kept two).
+    scaled before the dot (not the logits) and the core is :func:`_added_kv_attend_bh`, whose
+    custom VJP keeps one probabilities tensor per layer (XLA:CPU autodiff kept two), or :func:`blockwise_attention`
+    above one block of queries.
 
     Attributes:
       head_dim: channels per head (diffusers ``attention_head_dim``); heads = C // head_dim.
@@ -370,15 +336,13 @@ class AddedKVAttention(nn.Module):
         if context_mask is not None:
             keep = jnp.pad(context_mask.astype(jnp.float32), ((0, 0), (0, hh * ww)), constant_values=1.0)
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
-        layout, lq = _ATTENTION_LAYOUT[-1], hh * ww
-        heads_major = (0, 2, 1, 3)
-        if layout == "blockwise" and lq > BLOCK_Q and lq % BLOCK_Q == 0:
-            qkv = (t.transpose(heads_major) for t in (q, k, v))
-            out = blockwise_attention(*qkv, keep, BLOCK_Q, MASK_BIAS).transpose(heads_major)
-        elif layout != "bqhd":
-            out = _added_kv_attend_bh(*(t.transpose(heads_major) for t in (q, k, v)), keep).transpose(heads_major)
+        lq, heads_major = hh * ww, (0, 2, 1, 3)
+        q, k, v = (t.transpose(heads_major) for t in (q, k, v))
+        if _ATTENTION_LAYOUT[-1] == "blockwise" and lq > BLOCK_Q and lq % BLOCK_Q == 0:
+            out = blockwise_attention(q, k, v, keep, BLOCK_Q, MASK_BIAS)
         else:
-            out = _added_kv_attend(q, k, v, keep)
+            out = _added_kv_attend_bh(q, k, v, keep)
+        out = out.transpose(heads_major)
         out = out.reshape(b, hh * ww, c)
         out = nn.Dense(
             c,
