@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -56,12 +57,15 @@ def test_plan_of_a_test_variant_compiles_for_a_tpu_slice_with_sane_numbers(cli_p
     assert math.isclose(r["compute_s"], plan["flops_per_chip"] / (chip_spec.bf16_tflops * 1e12))
     assert math.isclose(plan["days_at_mfu"], plan["step_s_at_mfu"] * plan["total_steps"] / 86400)
     assert math.isclose(plan["step_s_at_mfu"], max(r["compute_s"] / 0.4, r["step_s"]))  # never beats the roofline
+    # What the compile needed of this host: more than the JAX runtime alone, less than the machine.
+    assert 0.2 < plan["host_peak_gib"] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def test_report_says_what_fits(cli_plan):
     text = report.format_train(cli_plan[1])
     assert text.startswith("prior:test on v5p:2x2x1: 4 x TPU v5 (v5p, 95 GiB HBM)")
     assert "fits with >= 10% headroom" in text and "fsdp bound" in text and "days for 20 steps" in text
+    assert f"peak host memory {cli_plan[1]['host_peak_gib']:.1f} GiB" in text
 
 
 @pytest.mark.parametrize("experiment", ["decoder", "upsampler", "clip", "ar_prior"])

@@ -33,7 +33,15 @@ from unclip_jax.pipeline.plan import make_plan
 from unclip_jax.pipeline.program import CASCADE
 from unclip_jax.pipeline.settings import STAGES, StageSettings, resolve_settings, traced_values
 from unclip_jax.plan.topology import PlanError, topology_devices
-from unclip_jax.plan.train_step import DEFAULT_MFU, HEADROOM, layout, memory_report, roofline, xla_cost
+from unclip_jax.plan.train_step import (
+    DEFAULT_MFU,
+    HEADROOM,
+    host_peak_gib,
+    layout,
+    memory_report,
+    roofline,
+    xla_cost,
+)
 
 # Cascade component -> the experiment file whose ``<variant>`` trains it. The CLIP task's network is the two-tower
 # CLIP, which the cascade accepts as its text encoder (only the text tower runs; the vision tower's weights are
@@ -250,6 +258,7 @@ def plan_cascade(
         "s_per_image_roofline": total_roof / batch,
         "s_per_image_at_mfu": total_mfu / batch,
         "compile_s": time.perf_counter() - t0,
+        "host_peak_gib": host_peak_gib(),
     }
 
 

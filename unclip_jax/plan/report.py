@@ -34,6 +34,11 @@ def _mesh(plan: dict[str, Any]) -> str:
     return "x".join(str(m[k]) for k in ("data", "fsdp", "tensor"))
 
 
+def _host(plan: dict[str, Any]) -> str:
+    """``, peak host memory N GiB`` where the plan recorded it (rows compiled before it was recorded have none)."""
+    return f", peak host memory {plan['host_peak_gib']:.1f} GiB" if "host_peak_gib" in plan else ""
+
+
 def format_train(plan: dict[str, Any]) -> str:
     """The human-readable report of one train plan."""
     b, c, f = plan["bytes_per_chip"], plan["bytes_total"], plan["fsdp_check"]
@@ -66,7 +71,7 @@ def format_train(plan: dict[str, Any]) -> str:
         f"  roofline step {r['step_s']:.3f} s (compute {r['compute_s']:.3f} s, memory {r['memory_s']:.3f} s); at "
         f"{100 * plan['mfu']:.0f}% MFU {plan['step_s_at_mfu']:.3f} s/step, {plan['days_at_mfu']:.1f} days for "
         f"{plan['total_steps']:,} steps",
-        f"  (compiled in {plan['compile_s']:.0f} s; {ESTIMATE_NOTE})",
+        f"  (compiled in {plan['compile_s']:.0f} s{_host(plan)}; {ESTIMATE_NOTE})",
     ]
     return "\n".join(lines)
 
@@ -134,7 +139,7 @@ def format_cascade(plan: dict[str, Any]) -> str:
     lines += [
         f"  per image: {plan['s_per_image_roofline']:.2f} s at the roofline, {plan['s_per_image_at_mfu']:.2f} s at "
         f"{100 * plan['mfu']:.0f}% MFU",
-        f"  (compiled in {plan['compile_s']:.0f} s; {CASCADE_NOTE})",
+        f"  (compiled in {plan['compile_s']:.0f} s{_host(plan)}; {CASCADE_NOTE})",
     ]
     return "\n".join(lines)
 

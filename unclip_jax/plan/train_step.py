@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Mapping
@@ -315,7 +316,14 @@ def plan_train(
         t0 = time.perf_counter()
         compiled = compile_layout(lay, compiler_options)
         plan.update(describe_compiled(compiled, lay, mfu), compile_s=time.perf_counter() - t0)
+        plan["host_peak_gib"] = host_peak_gib()
     return plan
+
+
+def host_peak_gib() -> float:
+    """This process's peak resident memory in GiB so far (Linux ``ru_maxrss`` is in KiB): what compiling the
+    program needed of the host, which on the paper's largest steps is tens of GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 __all__ = [
