@@ -149,3 +149,16 @@ def test_unet_activations_are_split_over_the_batch_axes_on_every_chip():
     config = load_experiment("experiments/upsampler.py:test", {**FSDP, "batch_size": 40})
     lay = layout(config, "cpu:8", jax.devices()[:8], chip_named("v5p"))
     assert dict(hlo.full_batch_values(compile_layout(lay).as_text(), 40)) == {}
+
+
+def test_a_step_that_does_not_fit_is_the_compilers_verdict_in_one_line_and_in_the_json(tmp_path, capsys):
+    """XLA's TPU compiler refuses a program larger than the HBM (RESOURCE_EXHAUSTED): exit 1, not a traceback."""
+    out = tmp_path / "plan.json"
+    argv = ["unclip plan", "--config=experiments/prior.py:test", "--topology=v5e:2x2", "--config.batch_size=1048576"]
+    assert commands.main([*argv, f"--json={out}", f"--cache_dir={tmp_path / 'xla'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unclip plan: the train step on v5e:2x2 does not fit: XLA's TPU compiler says: ")
+    assert "\n" not in err and "HBM" in err
+    plan = json.loads(out.read_text())
+    assert plan["fits"] is False and plan["error"] == err.removeprefix("unclip plan: ")
+    assert topology.DoesNotFit.check(RuntimeError("INVALID_ARGUMENT: bad shape"), "x") is None  # others propagate

@@ -32,7 +32,7 @@ from unclip_jax.diffusion import diffusion_from_config
 from unclip_jax.pipeline.plan import make_plan
 from unclip_jax.pipeline.program import CASCADE
 from unclip_jax.pipeline.settings import STAGES, StageSettings, resolve_settings, traced_values
-from unclip_jax.plan.topology import PlanError, topology_devices
+from unclip_jax.plan.topology import DoesNotFit, PlanError, topology_devices
 from unclip_jax.plan.train_step import (
     DEFAULT_MFU,
     HEADROOM,
@@ -173,7 +173,13 @@ def compile_cascade(
     )
     variables = {n: components[n].variables for n in names}
     inputs, scales, key = _abstract_inputs(components, batch, device, settings)
-    return CASCADE.lower(plan, variables, inputs, scales, key).compile()
+    try:
+        return CASCADE.lower(plan, variables, inputs, scales, key).compile()
+    except Exception as e:  # XLA's RESOURCE_EXHAUSTED: the compiler's own "does not fit"
+        verdict = DoesNotFit.check(e, f"the cascade at batch {batch} on one {device.device_kind}")
+        if verdict is None:
+            raise
+        raise verdict from None
 
 
 def plan_cascade(

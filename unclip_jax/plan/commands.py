@@ -25,7 +25,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from unclip_jax.plan.topology import PlanError  # noqa: E402
+from unclip_jax.plan.topology import DoesNotFit, PlanError  # noqa: E402
 
 PROG = "unclip plan"
 
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _cache(fv):
             plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu, compile=fv.compile)
+    except DoesNotFit as e:
+        return _does_not_fit(
+            fv, e, {"config": next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")}
+        )
     except PlanError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -111,12 +115,21 @@ def _write_json(path: str | None, plan: dict) -> None:
             json.dump(plan, f, indent=1, default=str)
 
 
+def _does_not_fit(fv: flags.FlagValues, error: PlanError, fields: dict) -> int:
+    """XLA refused the program for the chip's HBM: one line, a JSON that says so (``error``, ``fits`` false), exit 1."""
+    print(f"{PROG}: {error}", file=sys.stderr)
+    _write_json(fv.json, {**fields, "topology": fv.topology, "fits": False, "error": str(error)})
+    return 1
+
+
 def _cascade(fv: flags.FlagValues) -> int:
     from unclip_jax.plan import cascade, report
 
     try:
         with _cache(fv):
             plan = cascade.plan_cascade(fv.cascade, fv.topology, batch=fv.batch, mfu=fv.mfu, stop_after=fv.stop_after)
+    except DoesNotFit as e:
+        return _does_not_fit(fv, e, {"variant": fv.cascade, "batch": fv.batch})
     except PlanError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

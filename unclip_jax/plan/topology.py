@@ -25,6 +25,21 @@ class PlanError(ValueError):
     """A plan input that cannot be honoured; the one-line message says what to do."""
 
 
+class DoesNotFit(PlanError):
+    """XLA's TPU compiler refused the program because it needs more HBM than the chip has: a plan's verdict (the
+    step does not fit), not a bad input. Its one-line message carries what XLA said it needs."""
+
+    @classmethod
+    def check(cls, error: BaseException, what: str) -> DoesNotFit | None:
+        """The :class:`DoesNotFit` of an XLA ``RESOURCE_EXHAUSTED`` compile error for ``what``, else ``None``."""
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text or "memory" not in text.lower():
+            return None
+        detail = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text).strip()
+        detail = detail.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+        return cls(f"{what} does not fit: XLA's TPU compiler says: {detail}")
+
+
 def libtpu_available() -> bool:
     """Whether the TPU compiler can be loaded (``TPU_LIBRARY_PATH`` or the ``libtpu`` package)."""
     path = os.environ.get("TPU_LIBRARY_PATH", "")
