@@ -35,12 +35,3 @@ def torch_threads():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     return torch
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under ``pytest-xdist --dist loadgroup`` (``make test``) every test without an explicit ``xdist_group`` is
-    grouped by its module, so a module's tests run on one worker one after another and its module-scoped fixtures
-    (trained runs, compiled steps) are built once rather than again each time another module's test interleaves."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
