@@ -32,7 +32,7 @@ from unclip_jax.diffusion import diffusion_from_config
 from unclip_jax.pipeline.plan import make_plan
 from unclip_jax.pipeline.program import CASCADE
 from unclip_jax.pipeline.settings import STAGES, StageSettings, resolve_settings, traced_values
-from unclip_jax.plan.topology import DoesNotFit, PlanError, topology_devices
+from unclip_jax.plan.topology import PlanError, compile_within_hbm, topology_devices
 from unclip_jax.plan.train_step import (
     DEFAULT_MFU,
     HEADROOM,
@@ -173,13 +173,10 @@ def compile_cascade(
     )
     variables = {n: components[n].variables for n in names}
     inputs, scales, key = _abstract_inputs(components, batch, device, settings)
-    try:
-        return CASCADE.lower(plan, variables, inputs, scales, key).compile()
-    except Exception as e:  # XLA's RESOURCE_EXHAUSTED: the compiler's own "does not fit"
-        verdict = DoesNotFit.check(e, f"the cascade at batch {batch} on one {device.device_kind}")
-        if verdict is None:
-            raise
-        raise verdict from None
+    return compile_within_hbm(
+        lambda: CASCADE.lower(plan, variables, inputs, scales, key).compile(),
+        f"the cascade at batch {batch} on one {device.device_kind}",
+    )
 
 
 def plan_cascade(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from unclip_jax.chips import CHIPS, Chip, chip_named, chip_of_device_kind
@@ -38,6 +38,17 @@ class DoesNotFit(PlanError):
         detail = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text).strip()
         detail = detail.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
         return cls(f"{what} does not fit: XLA's TPU compiler says: {detail}")
+
+
+def compile_within_hbm(compile_fn: Callable[[], Any], what: str) -> Any:
+    """``compile_fn()``, with XLA's refusal for the chip's HBM raised as :class:`DoesNotFit` about ``what``."""
+    try:
+        return compile_fn()
+    except Exception as e:  # XLA raises RESOURCE_EXHAUSTED as a plain runtime error
+        verdict = DoesNotFit.check(e, what)
+        if verdict is None:
+            raise
+        raise verdict from None
 
 
 def libtpu_available() -> bool:

@@ -38,7 +38,7 @@ import numpy as np
 from unclip_jax import parallel
 from unclip_jax.chips import GIB, Chip
 from unclip_jax.plan import batches
-from unclip_jax.plan.topology import DoesNotFit, PlanError, device_grid_shape, topology_devices
+from unclip_jax.plan.topology import PlanError, compile_within_hbm, device_grid_shape, topology_devices
 
 HEADROOM = 0.10  # fits = used <= (1 - HEADROOM) x HBM
 FSDP_SLACK = 1.10  # per-chip state <= FSDP_SLACK x total / (fsdp x tensor)
@@ -220,13 +220,10 @@ def compile_layout(lay: Layout, compiler_options: Mapping[str, Any] | None = Non
         grad_accum_steps=int(config.optim.grad_accum_steps),
     )
     options = dict(compiler_options) if compiler_options else None
-    try:
-        return loop.compile_train_step(train_step, lay.state, lay.batch, lay.shardings, lay.mesh, lay.rules, options)
-    except Exception as e:  # XLA's RESOURCE_EXHAUSTED: the compiler's own "does not fit"
-        verdict = DoesNotFit.check(e, f"the train step on {lay.topology}")
-        if verdict is None:
-            raise
-        raise verdict from None
+    return compile_within_hbm(
+        lambda: loop.compile_train_step(train_step, lay.state, lay.batch, lay.shardings, lay.mesh, lay.rules, options),
+        f"the train step on {lay.topology}",
+    )
 
 
 def describe_layout(lay: Layout) -> dict[str, Any]:
