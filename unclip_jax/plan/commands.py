@@ -83,17 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from unclip_jax.plan import report, train_step
 
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     try:
         with _cache(fv):
             plan = train_step.plan_train(fv.config, fv.topology, mfu=fv.mfu, compile=fv.compile)
     except DoesNotFit as e:
-        return _does_not_fit(
-            fv, e, {"config": next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")}
-        )
+        return _does_not_fit(fv, e, {"config": config_arg})
     except PlanError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    plan["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    plan["config"] = config_arg
     plan["overrides"] = [a for a in argv if a.startswith("--config.")]
     print(report.format_train(plan))
     _write_json(fv.json, plan)
