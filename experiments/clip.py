@@ -33,7 +33,9 @@ def get_config(arg: str = "test"):
         c.model.variant = "tiny"
         c.model.overrides.projection_dim = 64
         c.model.overrides.text = dict(width=64, layers=2, heads=2, mlp_dim=256, context_length=77)
-        c.model.overrides.vision = dict(image_size=64, patch_size=8, width=64, layers=2, heads=2, mlp_dim=256)
+        c.model.overrides.vision = dict(
+            image_size=64, patch_size=8, stem="patch", width=64, layers=2, heads=2, mlp_dim=256
+        )
         c.data.image_size = 64
         c.batch_size, c.total_steps, c.log_every = 128, 160, 10
         c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 2e-3, 25, 0.05

@@ -120,3 +120,51 @@ def test_karlo_counts_equal_transformers(torch_threads):
         v = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config_from_module(clip.build_vision("karlo"))))
     want = (sum(p.numel() for p in t.parameters()), sum(p.numel() for p in v.parameters()))
     assert _counts("karlo") == want
+
+
+def test_conv_stem(tmp_path):
+    """Xiao et al. 2021's stem: the patch convolution's token grid, its layers as written, native round trip."""
+    from unclip_jax.convert.clip import vision_config_from_module
+    from unclip_jax.convert.native import load_native, save_native
+
+    kw = dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64, projection_dim=16)
+    tower = clip.CLIPVisionModel(stem="conv", **kw)
+    img = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32))
+    variables = tower.init(jax.random.key(0), img)
+    params = nn.unbox(variables)["params"]
+    assert "patch_embedding" not in params
+    kernels = [params["stem"][f"conv_{i}"]["kernel"].shape for i in range(3)]
+    assert kernels == [(3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 32)]
+    assert params["stem"]["proj"]["kernel"].shape == (1, 1, 32, 32)
+    out = tower.apply(variables, img)
+    assert out["last_hidden_state"].shape == (2, 1 + 4 * 4, 32)
+
+    # The stem written out: 3x3 stride-2 convolutions with 'same' padding, GroupNorm (8 groups, eps 1e-6), ReLU,
+    # then the 1x1 projection.
+    def reference(x, p):
+        for i in range(3):
+            k = p[f"conv_{i}"]["kernel"]
+            x = jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            b, h, w, c = x.shape
+            g = np.asarray(x).reshape(b, h, w, 8, c // 8)
+            g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
+            x = np.maximum(g.reshape(b, h, w, c) * p[f"norm_{i}"]["scale"] + p[f"norm_{i}"]["bias"], 0)
+        return np.einsum("bhwc,cd->bhwd", x, p["proj"]["kernel"][0, 0])
+
+    got = clip.ConvStem(8, 32).apply({"params": params["stem"]}, img)
+    np.testing.assert_allclose(np.asarray(got), reference(img, params["stem"]), atol=2e-5)
+
+    folder = save_native(tower, variables, tmp_path / "conv_stem")
+    module, loaded = load_native(folder)
+    assert module.stem == "conv"
+    np.testing.assert_array_equal(
+        np.asarray(module.apply(loaded, img)["image_embeds"]), np.asarray(out["image_embeds"])
+    )
+    with pytest.raises(ValueError, match="stem='conv'.*native format"):
+        vision_config_from_module(tower)
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        clip.CLIPVisionModel(stem="conv", **{**kw, "image_size": 24, "patch_size": 6}).init(
+            jax.random.key(0), jnp.zeros((1, 24, 24, 3))
+        )
+    with pytest.raises(ValueError, match="stem='resnet', expected 'patch' or 'conv'"):
+        clip.CLIPVisionModel(stem="resnet", **kw).init(jax.random.key(0), img)

@@ -185,6 +185,11 @@ def text_config_from_module(m: CLIPTextModel) -> dict[str, Any]:
 
 def vision_config_from_module(m: CLIPVisionModel) -> dict[str, Any]:
     """A ``CLIPVisionModelWithProjection`` config.json reproducing ``m``."""
+    if m.stem != "patch":
+        raise ValueError(
+            f"CLIP vision tower with stem={m.stem!r}: transformers' CLIPVisionModel has only the patch convolution "
+            "(stem='patch'); keep this model in the native format (unclip_jax.convert.native)"
+        )
     return {
         **_tower_config(m, "CLIPVisionModelWithProjection", "clip_vision_model"),
         "image_size": m.image_size,

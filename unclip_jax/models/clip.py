@@ -12,6 +12,11 @@ eps 1e-5), so OpenAI's ViT-L/14 imports bit for bit (``unclip_jax/convert/clip.p
   first occurrence of ``eos_token_id``) -> ``text_projection`` (no bias).
 - Vision: patch convolution (no bias) + class token + learned positions -> ``pre_layrnorm``
   -> transformer -> ``post_layernorm`` of the class token -> ``visual_projection``.
+  ``stem="conv"`` replaces the patch convolution by the convolutional stem of Xiao et al. 2021
+  ("Early Convolutions Help Transformers See Better"): log2(patch_size) 3x3 stride-2 convolutions
+  (GroupNorm, ReLU) and a 1x1 projection to the width. Small ViTs trained briefly see local
+  structure (edges, corners: the shapes of the demo's dataset) through it that a linear patch
+  embedding learns slowly; it has no transformers counterpart (native format only).
 - :class:`CLIP` joins both with a learned ``logit_scale`` (init log(1/0.07)) for
   contrastive training from scratch.
 
@@ -164,11 +169,57 @@ class CLIPTextModel(nn.Module):
         return dict(text_embeds=text_embeds, last_hidden_state=x, pooled_output=pooled)
 
 
+def _conv(features: int, size: int, stride: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+    """A bias-free convolution; ``size == stride`` is a patchify (VALID), otherwise 'same' padding."""
+    return nn.Conv(
+        features,
+        (size, size),
+        strides=(stride, stride),
+        padding="VALID" if size == stride else ((size // 2, size // 2), (size // 2, size // 2)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT)
+        ),
+        name=name,
+    )
+
+
+class ConvStem(nn.Module):
+    """The convolutional stem of Xiao et al. 2021 in place of a ``patch_size`` patchify.
+
+    log2(patch_size) 3x3 stride-2 convolutions (channels doubling up to ``width``), each followed by GroupNorm
+    (the paper's BatchNorm without batch statistics) and ReLU, then a 1x1 projection to ``width``:
+    [B, H, W, C] -> [B, H/p, W/p, width], the token grid of the patch convolution it replaces.
+    """
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        p = self.patch_size
+        depth = p.bit_length() - 1
+        if p < 2 or 1 << depth != p:
+            raise ValueError(f"CLIPVisionModel: stem='conv' needs a power-of-two patch_size >= 2, got {p}")
+        for i in range(depth):
+            features = max(self.width >> (depth - 1 - i), 8)
+            x = _conv(features, 3, 2, self.dtype, self.param_dtype, f"conv_{i}")(x)
+            norm = nn.GroupNorm(min(8, features), dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")
+            x = nn.relu(norm(x))
+        return _conv(self.width, 1, 1, self.dtype, self.param_dtype, "proj")(x)
+
+
 class CLIPVisionModel(nn.Module):
     """CLIP ViT image tower with projection (transformers ``CLIPVisionModelWithProjection``).
 
     Attributes:
       image_size, patch_size, num_channels: input geometry ([B, image_size, image_size, C]).
+      stem: ``"patch"`` (CLIP's patch convolution, transformers' layout) or ``"conv"`` (Xiao et al. 2021's
+        convolutional stem; same token grid, needs a power-of-two ``patch_size``).
       width, layers, heads, mlp_dim: transformer shape.
       projection_dim: size of ``image_embeds``.
       act, layer_norm_eps: as in :class:`CLIPTextModel`.
@@ -177,6 +228,7 @@ class CLIPVisionModel(nn.Module):
     image_size: int = 224
     patch_size: int = 32
     num_channels: int = 3
+    stem: str = "patch"
     width: int = 768
     layers: int = 12
     heads: int = 12
@@ -207,21 +259,13 @@ class CLIPVisionModel(nn.Module):
                 f"[B, {self.image_size}, {self.image_size}, {self.num_channels}] (NHWC)"
             )
         head_dim = _check_heads("CLIPVisionModel", self.width, self.heads)
-        p = self.patch_size
-        x = nn.Conv(
-            self.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(),
-                (axes.KERNEL_H, axes.KERNEL_W, axes.CONV_IN, axes.CONV_OUT),
-            ),
-            name="patch_embedding",
-        )(pixel_values.astype(self.dtype))
+        x = pixel_values.astype(self.dtype)
+        if self.stem == "patch":
+            x = _conv(self.width, self.patch_size, self.patch_size, self.dtype, self.param_dtype, "patch_embedding")(x)
+        elif self.stem == "conv":
+            x = ConvStem(self.patch_size, self.width, self.dtype, self.param_dtype, name="stem")(x)
+        else:
+            raise ValueError(f"CLIPVisionModel: stem={self.stem!r}, expected 'patch' or 'conv'")
         x = x.reshape(b, -1, self.width)
         cls = self.param(
             "class_embedding",
