@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unclip_jax import parallel
-from unclip_jax.input import pipelines, precompute, sources, testing
+from unclip_jax.input import pipelines, precompute, sources, synthetic, testing
 from unclip_jax.input.arrayrecord import ShardReader
 
 N = 40
@@ -184,6 +184,31 @@ def test_clip_stage_over_a_prepared_folder_tokenises(prepared_dir):
     assert (b["pixel_values"] * np.asarray(pipelines.CLIP_STD) + mean).max() <= 1.0 + 1e-5
     with pytest.raises(KeyError, match="embed"):
         _take(pipelines.make_pipeline("prior", prepared_dir, global_batch_size=4), 1)
+
+
+def test_clip_stage_hard_negatives(prepared_dir, embed_dir):
+    """``caption_swaps``: each example's caption with one shape word swapped, tokenised like the caption."""
+    swaps = synthetic.shape_swaps()
+    assert swaps == "circle,square,triangle,cross;circles,squares,triangles,crosses"
+    ds = pipelines.make_pipeline(
+        "clip", prepared_dir, global_batch_size=8, seed=0, caption_swaps=swaps, tokenizer=testing.byte_tokenizer
+    )
+    (b,) = _take(ds, 1)
+    assert b["negative_input_ids"].shape == (8, 77) and b["negative_valid"].shape == (8,)
+    assert b["negative_valid"].all()  # every synthetic caption names a shape
+
+    def text(ids):
+        return bytes(int(t) for t in ids if 0 < t < 256).decode()
+
+    words = set(swaps.replace(";", ",").split(","))
+    for pos, neg in zip(b["input_ids"], b["negative_input_ids"]):
+        a, n = text(pos).split(" "), text(neg).split(" ")
+        changed = [(x, y) for x, y in zip(a, n) if x != y]
+        assert len(a) == len(n) and len(changed) == 1 and set(changed[0]) <= words, (text(pos), text(neg))
+    with pytest.raises(ValueError, match="caption_swaps is for the clip pipeline, not 'prior'"):
+        pipelines.make_pipeline("prior", embed_dir, global_batch_size=4, caption_swaps=swaps)
+    with pytest.raises(ValueError, match="caption_swaps needs the clip pipeline's tokenizer"):
+        pipelines.make_pipeline("clip", prepared_dir, global_batch_size=4, caption_swaps=swaps)
 
 
 def test_global_batch_must_split_over_hosts(embed_dir):

@@ -30,6 +30,7 @@ from unclip_jax.train import loop, optim
 from unclip_jax.train import metrics as metrics_lib
 from unclip_jax.train.config_loading import load_experiment
 from unclip_jax.train.tasks import base, make_task
+from unclip_jax.train.tasks.clip import ClipTask
 from unclip_jax.train.tasks.decoder import DecoderTask
 from unclip_jax.train.tasks.prior import PriorTask
 
@@ -321,6 +322,40 @@ def test_bernoulli_helper_rates():
 
 
 # ----------------------------------------------------------------------------- CLIP loss
+def test_clip_hard_negatives_join_the_image_to_text_softmax():
+    """With ``negative_input_ids``: image i's softmax runs over the B captions and its own swapped caption (where
+    ``negative_valid``); text-to-image is unchanged; no valid negative gives exactly the plain loss."""
+    from unclip_jax.models import clip as clip_lib
+
+    task = ClipTask(clip_lib.build("test"))
+    rng = np.random.default_rng(0)
+    b, length = 4, task.module.text["context_length"]
+    ids = rng.integers(1, 400, size=(2, b, length)).astype(np.int32)
+    ids[:, :, 6] = 49407  # end tokens: the text embedding pools there
+    batch = {"input_ids": ids[0], "pixel_values": rng.normal(size=(b, 32, 32, 3)).astype(np.float32)}
+    params = task.init(jax.random.PRNGKey(0), batch)["params"]
+    valid = np.asarray([True, False, True, True])
+    loss_fn = jax.jit(lambda p, x: task.loss(p, x, jax.random.PRNGKey(0), {}))
+    plain, _ = loss_fn(params, batch)
+    loss, metrics = loss_fn(params, {**batch, "negative_input_ids": ids[1], "negative_valid": valid})
+    none, _ = loss_fn(params, {**batch, "negative_input_ids": ids[1], "negative_valid": np.zeros(b, bool)})
+    np.testing.assert_allclose(float(none), float(plain), rtol=1e-6)
+
+    t, v, s = (np.asarray(x, np.float64) for x in task.embeddings(params, batch))
+    tn, _, _ = (np.asarray(x, np.float64) for x in task.embeddings(params, {**batch, "input_ids": ids[1]}))
+    logits = math.exp(s) * t @ v.T
+    neg = math.exp(s) * np.sum(v * tn, axis=1)
+
+    def ce(rows):  # mean of -log softmax(row)[i] over rows i
+        return float(np.mean([np.log(np.exp(r - r.max()).sum()) + r.max() - r[i] for i, r in enumerate(rows)]))
+
+    i2t = [np.append(logits.T[i], neg[i]) if valid[i] else logits.T[i] for i in range(b)]
+    np.testing.assert_allclose(float(loss), 0.5 * (ce(logits) + ce(i2t)), rtol=1e-5)
+    assert float(loss) > float(plain)  # one more column in three softmaxes
+    want = np.mean([np.diag(logits)[i] > neg[i] for i in range(b) if valid[i]])
+    np.testing.assert_allclose(float(metrics["acc_negative"]), want)
+
+
 @_group("clip")
 def test_clip_loss_is_symmetric_cross_entropy_with_a_learned_temperature():
     """loss = (CE(l, diag) + CE(l^T, diag)) / 2 with l = exp(min(s, log 100)) t @ v^T; d loss / d s != 0 below the

@@ -54,6 +54,13 @@ clip
 ``text_mask``            bool       [B, L]        True on real tokens
 =======================  =========  ============  =====================================
 
+with ``caption_swaps`` (hard negatives, :mod:`unclip_jax.input.negatives`) also
+
+=========================  =========  ============  ===================================
+``negative_input_ids``     int32      [B, L]        the caption with one word swapped
+``negative_valid``         bool       [B]           False where no word could be swapped
+=========================  =========  ============  ===================================
+
 The prior, decoder and upsampler read an "embed" folder; the upsampler and clip also
 read a "prepare" folder (no embeddings; the clip pipeline then tokenises with the
 ``tokenizer`` it is given).
@@ -67,7 +74,7 @@ from collections.abc import Callable
 import numpy as np
 
 from unclip_jax import stages
-from unclip_jax.input import degradations
+from unclip_jax.input import degradations, negatives
 from unclip_jax.input.arrayrecord import ShardReader, decode_record
 from unclip_jax.input.sources import decode_png
 from unclip_jax.input.validate import center_crop_arr
@@ -95,6 +102,8 @@ class PipelineConfig:
       crop_fraction: upsampler crop side as a fraction of target_size (0.25, appendix C).
       low_res_factor: high-res / low-res side ratio (4).
       degradation: "blur" (stage 1) or "bsr" (stage 2).
+      caption_swaps: clip only: word groups for hard-negative captions (:func:`unclip_jax.input.negatives.parse_swaps`
+        spells them); '' for none.
       read_threads: threads decoding records ahead of the batcher.
       read_buffer: records decoded ahead.
       prefetch_batches: batches prepared ahead in a background thread (0: none).
@@ -113,6 +122,7 @@ class PipelineConfig:
     crop_fraction: float = 0.25
     low_res_factor: int = 4
     degradation: str = "blur"
+    caption_swaps: str = ""
     read_threads: int = 4
     read_buffer: int = 64
     prefetch_batches: int = 2
@@ -149,6 +159,11 @@ class _Stage:
                 )
             if cfg.degradation not in degradations.DEGRADATIONS:
                 raise ValueError(f"degradation {cfg.degradation!r}: expected one of {list(degradations.DEGRADATIONS)}")
+        self.swaps = negatives.parse_swaps(cfg.caption_swaps)
+        if self.swaps and cfg.stage != "clip":
+            raise ValueError(f"data.caption_swaps is for the clip pipeline, not {cfg.stage!r}: set it to ''")
+        if self.swaps and tokenizer is None:
+            raise ValueError("data.caption_swaps needs the clip pipeline's tokenizer (hard negatives are new captions)")
 
     def __call__(self, raw: bytes, rng: np.random.Generator) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -179,11 +194,19 @@ class _Stage:
                 ids, mask = ids[0], mask[0]
             else:
                 raise ValueError("clip pipeline over a 'prepare' folder needs a tokenizer (records hold no input_ids)")
-            return {
+            out = {
                 "pixel_values": x.astype(np.float32),
                 "input_ids": np.asarray(ids, np.int32),
                 "text_mask": np.asarray(mask, bool),
             }
+            if self.swaps:
+                if "caption" not in rec:
+                    raise ValueError(f"record {rec.get('id')!r} has no caption to swap words in (data.caption_swaps)")
+                negative = negatives.swap_caption(str(rec["caption"]), self.swaps, rng)
+                neg_ids, _ = self.tokenizer([rec["caption"] if negative is None else negative])
+                out["negative_input_ids"] = np.asarray(neg_ids[0], np.int32)
+                out["negative_valid"] = np.asarray(negative is not None)
+            return out
         raise ValueError(f"stage {cfg.stage!r}: expected one of {STAGES}")
 
 

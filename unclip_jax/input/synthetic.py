@@ -88,6 +88,12 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith(("s", "x")) else "s")
 
 
+def shape_swaps() -> str:
+    """The shape words of the captions as ``data.caption_swaps`` groups (singular; plural): hard-negative captions
+    that differ from the true one only in a shape (:mod:`unclip_jax.input.negatives`)."""
+    return ",".join(SHAPES) + ";" + ",".join(_plural(s) for s in SHAPES)
+
+
 def _sample_scene(rng: np.random.Generator) -> dict:
     """Attributes of one example (integers / floats; see the module table)."""
     bg = int(rng.integers(len(BACKGROUNDS)))

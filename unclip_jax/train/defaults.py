@@ -102,6 +102,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.data.crop_fraction = 0.25
     c.data.low_res_factor = 4
     c.data.degradation = "blur"
+    c.data.caption_swaps = ""  # clip: hard-negative word groups (unclip_jax.input.negatives)
     c.data.read_threads = 4
     c.data.read_buffer = 64
     c.data.prefetch_batches = 2

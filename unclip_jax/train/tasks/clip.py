@@ -6,11 +6,17 @@ with ``unclip convert`` otherwise. Batch::
     pixel_values  [B, S, S, 3]  float, CLIP-normalised (the clip pipeline's field), or
     image         [B, H, W, 3]  uint8 [0, 255] / float [-1, 1] (resized + normalised here)
     input_ids     [B, L]        int CLIP BPE tokens
+    negative_input_ids [B, L]   optional: hard-negative captions (``data.caption_swaps``), with
+    negative_valid     [B]      bool, False where the example has none
 
 logits = exp(min(logit_scale, log 100)) * normalize(z_t) @ normalize(z_i)^T over the
 GLOBAL batch (under ``jit`` with sharded batches XLA gathers the embeddings), loss =
 (CE(logits, diag) + CE(logits^T, diag)) / 2. With gradient accumulation each microbatch
 is its own contrastive batch (negatives come only from the microbatch).
+
+Hard negatives (NegCLIP, Yuksekgonul et al. 2023; :mod:`unclip_jax.input.negatives`): each image's
+own swapped caption joins the image-to-text softmax as one more column, so the image must score its
+caption above the one that differs in a single word; the text-to-image direction is unchanged.
 """
 
 from __future__ import annotations
@@ -62,8 +68,20 @@ class ClipTask:
         t, v, log_scale = self.embeddings(params, batch)
         logits = jnp.exp(log_scale) * t @ v.T
         labels = jnp.arange(logits.shape[0])
+        i2t, extra_metrics = logits.T, {}
+        if "negative_input_ids" in batch:
+            out = self.module.apply(
+                {"params": params}, batch["negative_input_ids"].astype(jnp.int32), method="encode_text"
+            )
+            tn = out["text_embeds"].astype(jnp.float32)
+            tn = tn / jnp.linalg.norm(tn, axis=-1, keepdims=True)
+            valid = batch["negative_valid"].astype(bool)
+            neg = jnp.where(valid, jnp.exp(log_scale) * jnp.sum(v * tn, axis=-1), -1e9)
+            i2t = jnp.concatenate([i2t, neg[:, None]], axis=1)
+            beaten = (jnp.diagonal(logits) > neg) & valid
+            extra_metrics["acc_negative"] = jnp.sum(beaten) / jnp.maximum(jnp.sum(valid), 1)
         l_t2i = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        l_i2t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+        l_i2t = optax.softmax_cross_entropy_with_integer_labels(i2t, labels).mean()
         loss = 0.5 * (l_t2i + l_i2t)
         return loss, {
             "loss": loss,
@@ -72,6 +90,7 @@ class ClipTask:
             "acc_t2i": jnp.mean(jnp.argmax(logits, 1) == labels),
             "acc_i2t": jnp.mean(jnp.argmax(logits, 0) == labels),
             "temperature": jnp.exp(-log_scale),
+            **extra_metrics,
         }
 
     def sample(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> dict[str, Any]:
