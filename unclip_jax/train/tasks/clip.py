@@ -34,6 +34,12 @@ from unclip_jax.train.tasks import base
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
+def _unit(x: jax.Array) -> jax.Array:
+    """float32 rows scaled to unit L2 norm (the cosine similarities' operands)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
 class ClipTask:
     """Contrastive training of :class:`unclip_jax.models.clip.CLIP`."""
 
@@ -57,11 +63,11 @@ class ClipTask:
     def embeddings(self, params: Any, batch: base.Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """L2-normalised (text [B, P], image [B, P]) embeddings and the clipped log temperature."""
         out = self.module.apply({"params": params}, batch["input_ids"].astype(jnp.int32), self._pixels(batch))
-        t = out["text_embeds"].astype(jnp.float32)
-        v = out["image_embeds"].astype(jnp.float32)
-        t = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
-        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-        return t, v, jnp.minimum(out["logit_scale"].astype(jnp.float32), MAX_LOGIT_SCALE)
+        return (
+            _unit(out["text_embeds"]),
+            _unit(out["image_embeds"]),
+            jnp.minimum(out["logit_scale"].astype(jnp.float32), MAX_LOGIT_SCALE),
+        )
 
     def loss(self, params: Any, batch: base.Batch, rng: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
         del rng, extra
@@ -73,8 +79,7 @@ class ClipTask:
             out = self.module.apply(
                 {"params": params}, batch["negative_input_ids"].astype(jnp.int32), method="encode_text"
             )
-            tn = out["text_embeds"].astype(jnp.float32)
-            tn = tn / jnp.linalg.norm(tn, axis=-1, keepdims=True)
+            tn = _unit(out["text_embeds"])
             valid = batch["negative_valid"].astype(bool)
             neg = jnp.where(valid, jnp.exp(log_scale) * jnp.sum(v * tn, axis=-1), -1e9)
             i2t = jnp.concatenate([i2t, neg[:, None]], axis=1)
