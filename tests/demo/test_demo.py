@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax.demo import attributes, report, runner, stages
+from unclip_jax.demo import attributes, curves, report, runner, stages
 from unclip_jax.demo.profiles import PROFILES
 from unclip_jax.input import synthetic
 from unclip_jax.pipeline import images as images_lib
@@ -285,6 +285,10 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     cur = runner.read_marker(wd, "curves")["outputs"]
     assert [r["step"] for r in cur["decoder"]] == [1, 2] and [r["step"] for r in cur["clip"]] == [1, 2]
     assert all(0 <= r["shape"] <= 1 and 0 <= r["colour"] <= 1 for r in cur["decoder"] + cur["clip"])
+    for r in cur["decoder"]:
+        assert 0 <= r["shape_real_z"] <= 1 and 0 <= r["colour_real_z"] <= 1
+        assert sorted(map(int, r["denoising_mse"])) == list(curves.DENOISE_T)
+        assert all(0 < v < 4 for v in r["denoising_mse"].values())  # images and predictions lie in [-1, 1]
     assert (wd / "decoder" / "export" / "ema_1" / "config.json").is_file()
 
 

@@ -8,7 +8,12 @@ keep every one) is exported once to ``<stage>/export/ema_<step>`` (its EMA weigh
 * decoder: the demo's validation captions are turned into image embeddings once by the final prior (the same
   z_i for every point), then each checkpoint's decoder draws them with the profile's sampler settings; the
   attribute classifier scores colour and shape of the decoder outputs (section 2.1's decoder alone, without the
-  upsampler, so the curve isolates the decoder's training);
+  upsampler, so the curve isolates the decoder's training). The same checkpoint also draws the validation
+  images' own z_i with their captions (``*_real_z``: no prior in the way), and its denoising error is measured
+  directly: the mean squared error of its x_0 prediction on the validation images noised to each of
+  :data:`DENOISE_T` (:func:`denoising_mse`; guided-diffusion logs the training loss by timestep quartile for the
+  same reason). A falling error at a noise level says training is still buying quality there; blobby samples
+  from a decoder whose mid-noise error has stopped falling point at capacity instead of compute;
 * CLIP: zero-shot classification (Radford et al. 2021, section 3.1.2) of the one-object validation images among the
   captions ``"a <colour> <shape>"`` of every colour and shape: the fraction whose best caption has the right shape
   (and colour).
@@ -25,6 +30,10 @@ import numpy as np
 
 from unclip_jax.demo.report import figure_png
 from unclip_jax.demo.runner import Context
+
+# Noise levels (of the 1,000-step training chain) of the denoising curve: near-clean detail, mid-noise shape, and
+# the high-noise layout the conditioning alone decides.
+DENOISE_T = (50, 150, 300, 500, 700, 900)
 
 
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
@@ -89,11 +98,39 @@ def clip_zero_shot(model: Any, variables: Any, images_u8: np.ndarray, attrs: dic
     }
 
 
+def denoising_mse(
+    denoise_fn: Any, diffusion: Any, x_start: np.ndarray, key: Any, timesteps: tuple[int, ...] = DENOISE_T
+) -> dict[str, float]:
+    """``{str(t): mean squared error of the x_0 prediction}`` for ``x_start`` ``[B, H, W, C]`` in [-1, 1] noised to
+    each ``t`` of ``timesteps`` with the same Gaussian noise (drawn from ``key``).
+
+    ``denoise_fn(x_t, t)`` is the network's raw output (its mean part is read with the diffusion's parameterisation,
+    epsilon / v / x_start, as the samplers read it); predictions are clipped to [-1, 1] as the samplers clip them.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x0 = jnp.asarray(x_start, jnp.float32)
+    noise = jax.random.normal(key, x0.shape, jnp.float32)
+    out = {}
+    for t in timesteps:
+        tt = jnp.full((x0.shape[0],), t, jnp.int32)
+        x_t = diffusion.q_sample(x0, tt, noise)
+        mean_part, _ = diffusion.split_model_output(denoise_fn(x_t, tt), x_t)
+        pred, _ = diffusion.output_to_xstart_eps(mean_part, x_t, tt)
+        out[str(t)] = float(jnp.mean((jnp.clip(pred, -1.0, 1.0) - x0) ** 2))
+    return out
+
+
 def stage_curves(ctx: Context) -> dict[str, Any]:
     """Decoder attribute accuracy and CLIP zero-shot accuracy at each kept checkpoint (``curve_points`` of them)."""
+    import jax
+    import jax.numpy as jnp
+
     from unclip_jax.convert.native import load_native
     from unclip_jax.demo import attributes
     from unclip_jax.demo import stages as demo_stages
+    from unclip_jax.diffusion.config import diffusion_from_config
     from unclip_jax.pipeline import images as images_lib
     from unclip_jax.pipeline.cascade import Component
 
@@ -108,20 +145,50 @@ def stage_curves(ctx: Context) -> dict[str, Any]:
 
     ctx.command(f"pipe({n} validation captions, stop_after='prior')  # the z_i every decoder point decodes")
     z = pipe(captions, seed=1, settings=settings, stop_after="prior")["image_embeds"]
+    real = val["images"][:n].astype(np.float32) / 127.5 - 1.0
+    z_real = pipe.encode_images(real)
+    text = pipe.encode_texts(captions)
+    x_start = demo_stages.resize_to(real, pipe.decoder_size)
+    cond = dict(  # the decoder's conditioning for the denoising error: each validation image's own z_i and caption
+        image_embeds=jnp.asarray(z_real),
+        text_embeds=jnp.asarray(text["text_embeds"]),
+        text_hidden_states=jnp.asarray(text["last_hidden_state"]),
+        text_mask=jnp.asarray(text["mask"], bool),
+    )
     dec_steps = spread(checkpoint_steps(ctx.path("decoder")), p.curve_points)
     ctx.command(
         f"for step in {dec_steps}: python -m unclip_jax.main --mode=export ... decoder/export/ema_<step>; "
-        "pipe.decode(z_i, captions, stop_after='decoder') with that decoder; attributes.score(...)"
+        "pipe.decode(z_i, captions, stop_after='decoder') with that decoder, for the prior's z_i and the validation "
+        f"images' own; attributes.score(...); curves.denoising_mse(<that decoder>, <validation images>, t in {DENOISE_T})"
     )
+
+    def score(images: np.ndarray) -> dict[str, float]:
+        u8 = images_lib.to_uint8(demo_stages.resize_to(images, attributes.IMAGE_SIZE))
+        acc = attributes.score(attributes.predict(model, variables, u8), attrs, captions)
+        return {k: acc[k]["accuracy"] for k in ("colour", "shape")}
+
     decoder_rows = []
     for step in dec_steps:
-        module, v = load_native(export_step(ctx, "decoder", step))
-        pipe.components["decoder"] = Component(module, dict(v))
-        out = pipe.decode(z, captions=captions, seed=1, settings=settings, stop_after="decoder")
-        u8 = images_lib.to_uint8(demo_stages.resize_to(out["decoder_images"], attributes.IMAGE_SIZE))
-        acc = attributes.score(attributes.predict(model, variables, u8), attrs, captions)
-        decoder_rows.append({"step": step, **{k: acc[k]["accuracy"] for k in ("colour", "shape")}})
-        ctx.log(f"  decoder step {step}: colour {acc['colour']['accuracy']:.3f}, shape {acc['shape']['accuracy']:.3f}")
+        folder = export_step(ctx, "decoder", step)
+        module, v = load_native(folder)
+        v = dict(v)
+        pipe.components["decoder"] = Component(module, v)
+        kw = dict(seed=1, settings=settings, stop_after="decoder")
+        acc = score(pipe.decode(z, captions=captions, **kw)["decoder_images"])
+        acc_real = score(pipe.decode(z_real, captions=captions, **kw)["decoder_images"])
+        with open(folder / "diffusion.json") as f:
+            diffusion = diffusion_from_config(json.load(f), where=f"{folder}/diffusion.json")
+        apply = jax.jit(lambda x_t, t, module=module, v=v: module.apply(v, x_t, t, **cond))
+        mse = denoising_mse(apply, diffusion, x_start, jax.random.PRNGKey(0))
+        decoder_rows.append(
+            {"step": step, **acc, **{f"{k}_real_z": a for k, a in acc_real.items()}, "denoising_mse": mse}
+        )
+        ctx.log(
+            f"  decoder step {step}: colour {acc['colour']:.3f}, shape {acc['shape']:.3f}; given the real z_i colour "
+            f"{acc_real['colour']:.3f}, shape {acc_real['shape']:.3f}; x0 MSE "
+            + " / ".join(f"{mse[str(t)]:.4f}" for t in DENOISE_T)
+            + f" at t = {' / '.join(map(str, DENOISE_T))}"
+        )
 
     clip_steps = spread(checkpoint_steps(ctx.path("clip")), p.curve_points)
     ctx.command(f"for step in {clip_steps}: CLIP zero-shot 'a <colour> <shape>' on the one-object validation images")
@@ -144,25 +211,41 @@ def stage_curves(ctx: Context) -> dict[str, Any]:
     }
 
 
-def plot(decoder_rows: list[dict[str, float]], clip_rows: list[dict[str, float]]) -> bytes:
-    """PNG bytes: decoder colour / shape accuracy against its steps, CLIP zero-shot accuracy against its steps."""
+def plot(decoder_rows: list[dict[str, Any]], clip_rows: list[dict[str, float]]) -> bytes:
+    """PNG bytes: decoder colour / shape accuracy against its steps (prior z_i solid, real z_i dashed where
+    measured), its x_0 MSE per noise level against its steps, CLIP zero-shot accuracy against its steps."""
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axs = plt.subplots(1, 2, figsize=(8.4, 3.0), dpi=100)
+    fig, axs = plt.subplots(1, 3, figsize=(12.6, 3.0), dpi=100)
     for ax, rows, title in (
         (axs[0], decoder_rows, "decoder outputs (classifier accuracy)"),
-        (axs[1], clip_rows, "CLIP zero-shot on one-object images"),
+        (axs[2], clip_rows, "CLIP zero-shot on one-object images"),
     ):
-        for key in ("colour", "shape"):
+        for key, colour in (("colour", "C0"), ("shape", "C1")):
             if rows:
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=key)
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", color=colour, label=key)
+            if any(f"{key}_real_z" in r for r in rows):
+                pts = [(r["step"], r[f"{key}_real_z"]) for r in rows if f"{key}_real_z" in r]
+                ax.plot(*zip(*pts, strict=True), ls="--", marker=".", color=colour, label=f"{key}, real z_i")
         ax.set_ylim(0, 1)
         ax.set_xlabel("training step")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    ax = axs[1]
+    mse_rows = [r for r in decoder_rows if "denoising_mse" in r]
+    for t in sorted({int(t) for r in mse_rows for t in r["denoising_mse"]}):
+        ax.plot(
+            [r["step"] for r in mse_rows], [r["denoising_mse"][str(t)] for r in mse_rows], marker=".", label=f"t={t}"
+        )
+    if mse_rows:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_xlabel("training step")
+    ax.set_title("decoder x0 MSE on validation images, per noise level", fontsize=9)
+    ax.grid(alpha=0.3)
     return figure_png(fig)

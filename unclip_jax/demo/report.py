@@ -137,13 +137,24 @@ def _curves_section(workdir: Path, out: dict[str, Any] | None) -> list[str]:
     parts = [
         "<h2>Accuracy vs training steps</h2>",
         f"<p>Decoder: colour / shape accuracy of decoder outputs for {out['n']} validation captions (the final "
-        "prior's z_i, the same for every checkpoint), per kept checkpoint (EMA weights). CLIP: zero-shot "
-        "'a &lt;colour&gt; &lt;shape&gt;' classification of the one-object validation images.</p>",
+        "prior's z_i, the same for every checkpoint; and the validation images' own z_i, no prior in the way), and "
+        "the mean squared error of its x_0 prediction on the validation images noised to each level t, per kept "
+        "checkpoint (EMA weights). CLIP: zero-shot 'a &lt;colour&gt; &lt;shape&gt;' classification of the one-object "
+        "validation images.</p>",
     ]
     if (workdir / "samples/curves.png").is_file():
         parts.append(_img_tag(_png_b64(workdir / "samples/curves.png"), "accuracy vs steps"))
+    levels = sorted({int(t) for r in out["decoder"] for t in r.get("denoising_mse", {})})
     parts.append(
-        _table(["decoder step", "colour", "shape"], [[r["step"], r["colour"], r["shape"]] for r in out["decoder"]])
+        _table(
+            ["decoder step", "colour", "shape", "colour, real z_i", "shape, real z_i"]
+            + [f"x0 MSE t={t}" for t in levels],
+            [
+                [r["step"], r["colour"], r["shape"], r.get("colour_real_z", ""), r.get("shape_real_z", "")]
+                + [r["denoising_mse"][str(t)] for t in levels]
+                for r in out["decoder"]
+            ],
+        )
     )
     parts.append(
         _table(
