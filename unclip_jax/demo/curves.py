@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from unclip_jax.demo.report import figure_png
 from unclip_jax.demo.runner import Context
+
+if TYPE_CHECKING:
+    from unclip_jax.diffusion.gaussian import GaussianDiffusion
 
 # Noise levels (of the 1,000-step training chain) of the denoising curve: near-clean detail, mid-noise shape, and
 # the high-noise layout the conditioning alone decides.
@@ -99,7 +103,11 @@ def clip_zero_shot(model: Any, variables: Any, images_u8: np.ndarray, attrs: dic
 
 
 def denoising_mse(
-    denoise_fn: Any, diffusion: Any, x_start: np.ndarray, key: Any, timesteps: tuple[int, ...] = DENOISE_T
+    denoise_fn: Callable[[Any, Any], Any],
+    diffusion: GaussianDiffusion,
+    x_start: np.ndarray,
+    key: Any,
+    timesteps: tuple[int, ...] = DENOISE_T,
 ) -> dict[str, float]:
     """``{str(t): mean squared error of the x_0 prediction}`` for ``x_start`` ``[B, H, W, C]`` in [-1, 1] noised to
     each ``t`` of ``timesteps`` with the same Gaussian noise (drawn from ``key``).
