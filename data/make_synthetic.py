@@ -5,7 +5,8 @@ random-access ArrayRecord shards (id, caption, PNG image, ground-truth ``attr/*`
 same "prepare" format as MS-COCO and image folders. ``--image_size 256`` gives the
 upsamplers' data (the decoder pipeline resizes to 64). ``--png_dir`` also writes PNGs
 plus a ``captions.jsonl`` for eyeballing (that folder is itself a valid
-``prepare_folder.py`` input). Resumable: re-run the same command after an interruption.
+``prepare_folder.py`` input). ``--scenes large`` draws larger objects and fewer two-object
+scenes (``synthetic.SCENES``). Resumable: re-run the same command after an interruption.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_examples", type=int, default=20000)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", default="standard", choices=tuple(synthetic.SCENES), help="scene distribution")
     p.add_argument("--shard_size", type=int, default=1024)
     p.add_argument("--png_dir", default=None, help="also write PNG files + captions.jsonl here")
     p.add_argument("--png_count", type=int, default=64, help="how many examples go to --png_dir")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output_folder(args.png_dir, "--png_dir")
     except ValueError as e:
         p.error(str(e))
-    src = sources.SyntheticSource(args.num_examples, seed=args.seed, image_size=args.image_size)
+    src = sources.SyntheticSource(args.num_examples, seed=args.seed, image_size=args.image_size, scenes=args.scenes)
     manifest = precompute.prepare(src, args.out, shard_size=args.shard_size)
     print(f"{args.out}: {manifest.get('num_records')} examples")
     if args.png_dir:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.png_dir, exist_ok=True)
         with open(os.path.join(args.png_dir, "captions.jsonl"), "w") as f:
             for i in range(min(args.png_count, args.num_examples)):
-                ex = synthetic.example(i, args.seed, (args.image_size,))
+                ex = synthetic.example(i, args.seed, (args.image_size,), scenes=args.scenes)
                 name = f"{i:06d}.png"
                 Image.fromarray(ex["image"]).save(os.path.join(args.png_dir, name))
                 f.write(json.dumps({"file_name": name, "caption": ex["caption"]}) + "\n")

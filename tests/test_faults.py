@@ -361,6 +361,11 @@ def _data_script(name: str):
         ),  # fmt: skip
         (
             "make_synthetic",
+            ["--out", "{tmp}/s", "--scenes", "huge"],
+            "argument --scenes: invalid choice: 'huge' (choose from 'standard', 'large')",
+        ),  # fmt: skip
+        (
+            "make_synthetic",
             ["--out", "{tmp}/s", "--num_examples", "0"],
             "--num_examples, --image_size and --shard_size: expected integers >= 1",
         ),  # fmt: skip

@@ -33,10 +33,26 @@ def test_real_backgrounds_are_flat_and_the_estimated_region_lies_in_the_true_one
     est = smoothness.background_mask(images)
     gt = smoothness.ground_truth_mask(attrs, 64)
     assert 0.6 < est.mean() < 0.95
-    assert (est & ~gt).sum() <= 0.05 * est.sum()  # what the estimate calls background is background
-    assert (gt & ~est).sum() <= 0.05 * gt.sum()  # and it misses little of it
     colours = np.asarray([synthetic.BACKGROUNDS[synthetic.BACKGROUND_NAMES[b]] for b in attrs["background"]])
+    # what the estimate calls background is background, and it misses little of the shapes' outer region
+    assert (images[est] == np.repeat(colours, est.reshape(24, -1).sum(1), axis=0)).all()
+    assert (gt & ~est).sum() <= 0.05 * gt.sum()
     np.testing.assert_array_equal(smoothness.background_colour(images), colours)
+
+
+@pytest.mark.parametrize("scenes", ["standard", "large"])
+def test_ground_truth_mask_follows_the_stored_radius(scenes):
+    """The true background holds only background pixels for either scene distribution; data without
+    ``attr/radius`` (written before it was stored; all ``standard``) get the same mask from ``attr/size``."""
+    d = synthetic.generate(24, seed=6, sizes=(64,), canvas=256, scenes=scenes)
+    images, attrs = d["images"][64], d["attributes"]
+    gt = smoothness.ground_truth_mask(attrs, 64, dilate=1)
+    colours = np.asarray([synthetic.BACKGROUNDS[synthetic.BACKGROUND_NAMES[b]] for b in attrs["background"]])
+    assert (images[gt] == np.repeat(colours, gt.reshape(24, -1).sum(1), axis=0)).all()
+    assert 0.4 < gt.mean() < 0.95
+    without = {k: v for k, v in attrs.items() if k != "radius"}
+    same = np.array_equal(smoothness.ground_truth_mask(without, 64, dilate=1), gt)
+    assert same == (scenes == "standard")
 
 
 def test_added_noise_is_measured_and_the_ratio_uses_the_floor(real):

@@ -179,6 +179,13 @@ def test_resume_with_different_settings_is_refused(tmp_path):
         _embed(src, out, testing.byte_tokenizer, shard_size=5)
     with pytest.raises(ValueError, match="seed"):
         _embed(sources.SyntheticSource(10, seed=1, image_size=32), out, testing.byte_tokenizer, shard_size=4)
+    with pytest.raises(ValueError, match="scenes"):  # another scene distribution is another dataset
+        _embed(
+            sources.SyntheticSource(10, seed=0, image_size=32, scenes="large"),
+            out,
+            testing.byte_tokenizer,
+            shard_size=4,
+        )
 
 
 def test_batch_is_sharded_over_the_local_devices():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -12,10 +10,7 @@ from unclip_jax.input import synthetic
 
 @pytest.fixture(scope="module")
 def data():
-    t0 = time.perf_counter()
-    d = synthetic.generate(120, seed=0, sizes=(64, 256))
-    d["seconds"] = time.perf_counter() - t0
-    return d
+    return synthetic.generate(120, seed=0, sizes=(64, 256))
 
 
 def _bytes(d) -> bytes:
@@ -92,6 +87,48 @@ def test_relations_hold_in_the_geometry(data):
         assert ok, (rel, a["center"][i])
 
 
-def test_generation_is_fast(data):
-    # 120 examples at 64 and 256 px; a few thousand at 64 px take seconds.
-    assert data["seconds"] < 15, data["seconds"]
+def test_stored_radius_is_the_scene_distributions_radius_of_the_size(data):
+    a = data["attributes"]
+    want = np.asarray(synthetic.SCENES["standard"].radius, np.float32)[np.maximum(a["size"], 0)]
+    np.testing.assert_array_equal(a["radius"], np.where(a["size"] >= 0, want, -1.0))
+
+
+def _object_pixels(images: np.ndarray, attrs: dict) -> np.ndarray:
+    bg = np.asarray([synthetic.BACKGROUNDS[synthetic.BACKGROUND_NAMES[b]] for b in attrs["background"]])
+    return (np.abs(images.astype(int) - bg[:, None, None, :]).max(-1) > 0).sum((1, 2))
+
+
+def test_large_scenes_draw_larger_objects_and_fewer_pairs_of_objects():
+    """Same seed, other distribution: the radii, the two-object rate and the drawn area follow ``SCENES["large"]``,
+    objects stay inside the image and two objects stay apart along their relation's axis."""
+    std = synthetic.generate(400, seed=3, sizes=(64,))
+    big = synthetic.generate(400, seed=3, sizes=(64,), scenes="large")
+    spec = synthetic.SCENES["large"]
+    a = big["attributes"]
+    n = a["num_objects"]
+    np.testing.assert_array_equal(
+        a["radius"][a["size"] >= 0], np.asarray(spec.radius, np.float32)[a["size"][a["size"] >= 0]]
+    )
+    assert abs((n == 2).mean() - spec.two_object_prob) < 0.07
+    assert abs((std["attributes"]["num_objects"] == 2).mean() - synthetic.SCENES["standard"].two_object_prob) < 0.07
+    # one-object scenes of each size: the drawn area grows with the radius squared (same shapes on average)
+    for k in range(len(synthetic.SIZE_NAMES)):
+        area = {}
+        for name, d in (("standard", std), ("large", big)):
+            one = (d["attributes"]["num_objects"] == 1) & (d["attributes"]["size"][:, 0] == k)
+            area[name] = _object_pixels(d["images"][64][one], {kk: v[one] for kk, v in d["attributes"].items()}).mean()
+        ratio = (spec.radius[k] / synthetic.SCENES["standard"].radius[k]) ** 2
+        assert abs(area["large"] / area["standard"] / ratio - 1) < 0.15, (k, area, ratio)
+    for i in range(len(n)):
+        for k in range(int(n[i])):
+            c, r = a["center"][i, k], a["radius"][i, k]
+            assert (c - r > -0.02).all() and (c + r < 1.02).all(), (i, c, r)
+        if n[i] == 2:
+            axis = 1 if synthetic.RELATIONS[a["relation"][i]] in ("above", "below") else 0
+            gap = abs(a["center"][i, 0, axis] - a["center"][i, 1, axis])
+            assert gap >= spec.near_far[1] - spec.near_far[0] - 4 * synthetic.JITTER, (i, gap)
+
+
+def test_unknown_scene_distribution_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"synthetic scenes 'huge': expected one of \('standard', 'large'\)"):
+        synthetic.example(0, seed=0, scenes="huge")

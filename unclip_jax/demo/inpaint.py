@@ -44,8 +44,9 @@ DECODER_GUIDANCE = 8.0
 JUMP_LENGTH, JUMP_N_SAMPLE = 5, 5
 
 
-def inpaint_cases(num: int, size: int, seed: int = 1) -> dict[str, Any]:
-    """``num`` one-object scenes of the dataset with ``seed`` as inpainting cases at ``size`` pixels.
+def inpaint_cases(num: int, size: int, seed: int = 1, scenes: str = "standard") -> dict[str, Any]:
+    """``num`` one-object scenes of the dataset with ``seed`` (:data:`~unclip_jax.input.synthetic.SCENES`
+    distribution ``scenes``) as inpainting cases at ``size`` pixels.
 
     Returns:
         dict(source float32 [N, S, S, 3] in [-1, 1] (the scene without its object), mask float32 [N, S, S, 1]
@@ -56,14 +57,14 @@ def inpaint_cases(num: int, size: int, seed: int = 1) -> dict[str, Any]:
     sources, masks, fulls, captions, attrs = [], [], [], [], []
     i = 0
     while len(captions) < num:
-        ex = synthetic.example(i, seed, sizes=(size,))
+        ex = synthetic.example(i, seed, sizes=(size,), scenes=scenes)
         i += 1
         if int(ex["attr/num_objects"]) != 1:
             continue
         scene = {k[5:]: v for k, v in ex.items() if k.startswith("attr/")}
         empty = synthetic.render({**scene, "num_objects": 0}, (size,))[size]
         cy, cx = float(scene["center"][0][1]) * size, float(scene["center"][0][0]) * size
-        half = HOLE * synthetic.SIZES[synthetic.SIZE_NAMES[int(scene["size"][0])]] * size
+        half = HOLE * float(scene["radius"][0]) * size
         ys, xs = np.mgrid[0:size, 0:size] + 0.5
         hole = (np.abs(ys - cy) <= half) & (np.abs(xs - cx) <= half)
         sources.append(empty.astype(np.float32) / 127.5 - 1.0)
@@ -214,7 +215,7 @@ def run(
     pipe = load_pipeline(paths=paths, require=tuple(paths))
     classifier = attributes.load_classifier(workdir / "classifier")
     size = int(pipe.component("super_res_first").module.sample_size)
-    cases = inpaint_cases(num, size)
+    cases = inpaint_cases(num, size, scenes=profile.scenes)
     images_lib.save_png(cases["source"][0], out / "source.png")  # case 0 for `unclip inpaint` (README)
     images_lib.save_png(np.repeat(cases["mask"][0] * 2.0 - 1.0, 3, axis=-1), out / "mask.png")
     report: dict[str, Any] = dict(

@@ -60,13 +60,21 @@ def background_mask(
 
 
 def ground_truth_mask(attrs: Mapping[str, np.ndarray], size: int, dilate: int = DILATE) -> np.ndarray:
-    """``[N, size, size]`` bool background of real images from their stored scenes (``attr/center``, ``attr/size``,
-    ``attr/num_objects``): outside each object's circumscribing disc, grown by ``dilate`` pixels."""
+    """``[N, size, size]`` bool background of real images from their stored scenes (``attr/center``,
+    ``attr/radius``, ``attr/num_objects``): outside each object's circumscribing disc (its radius times
+    ``synthetic.CIRCUMSCRIBED``), grown by ``dilate`` pixels.
+
+    Data written before scenes stored their radius (no ``attr/radius``) were all ``standard`` scenes: their radius
+    follows from ``attr/size``.
+    """
     a = {k.removeprefix("attr/"): np.asarray(v) for k, v in attrs.items()}
     n = len(a["num_objects"].reshape(-1))
     centre = a["center"].reshape(n, 2, 2) * size
-    radius = np.asarray([synthetic.SIZES[s] for s in synthetic.SIZE_NAMES])[np.maximum(a["size"].reshape(n, 2), 0)]
-    radius = radius * size + dilate + 0.5
+    if "radius" in a:
+        radius = a["radius"].reshape(n, 2)
+    else:
+        radius = np.asarray(synthetic.SCENES["standard"].radius)[np.maximum(a["size"].reshape(n, 2), 0)]
+    radius = radius * synthetic.CIRCUMSCRIBED * size + dilate + 0.5
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     out = np.ones((n, size, size), bool)
     for k in range(2):

@@ -55,8 +55,12 @@ def stage_data(ctx: Context) -> dict[str, Any]:
     files = []
     for name, n, size, seed in sets:
         out = ctx.path("data", name)
-        ctx.command(f"python data/make_synthetic.py --out {out} --num_examples {n} --image_size {size} --seed {seed}")
-        precompute.prepare(sources.SyntheticSource(n, seed=seed, image_size=size), str(out), shard_size=1024)
+        ctx.command(
+            f"python data/make_synthetic.py --out {out} --num_examples {n} --image_size {size} --seed {seed}"
+            f" --scenes {p.scenes}"
+        )
+        source = sources.SyntheticSource(n, seed=seed, image_size=size, scenes=p.scenes)
+        precompute.prepare(source, str(out), shard_size=1024)
         ctx.log(f"  {name}: {n} examples at {size}x{size}")
         files.append(_rel(ctx, out / "manifest.json"))
     return {"files": files, "sets": {name: n for name, n, _, _ in sets}}

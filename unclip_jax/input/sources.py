@@ -95,22 +95,29 @@ class _ImageChecks:
 
 
 class SyntheticSource(Source):
-    """The captioned-shapes set of :mod:`unclip_jax.input.synthetic` as a source."""
+    """The captioned-shapes set of :mod:`unclip_jax.input.synthetic` as a source (``scenes``: a name of its
+    :data:`~unclip_jax.input.synthetic.SCENES`)."""
 
-    def __init__(self, num_examples: int, seed: int = 0, image_size: int = 64, canvas: int = 512):
+    def __init__(
+        self, num_examples: int, seed: int = 0, image_size: int = 64, canvas: int = 512, scenes: str = "standard"
+    ):
+        synthetic.scenes_named(scenes)  # a bad name fails here, before any example is made
         self.num_examples, self.seed, self.image_size, self.canvas = num_examples, seed, image_size, canvas
-        self.name = f"synthetic(seed={seed})"
+        self.scenes = scenes
+        self.name = f"synthetic(seed={seed})" if scenes == "standard" else f"synthetic(seed={seed}, scenes={scenes})"
 
     def __len__(self) -> int:
         return self.num_examples
 
     def load(self, index: int) -> list[Example]:
-        ex = synthetic.example(index, self.seed, (self.image_size,), self.canvas)
+        ex = synthetic.example(index, self.seed, (self.image_size,), self.canvas, self.scenes)
         del ex[f"image_{self.image_size}"]
         return [ex]
 
     def describe(self) -> dict:
-        return {**super().describe(), "seed": self.seed, "image_size": self.image_size, "canvas": self.canvas}
+        out = {**super().describe(), "seed": self.seed, "image_size": self.image_size, "canvas": self.canvas}
+        # Jobs written before scene distributions existed were all "standard": they resume as they were.
+        return out if self.scenes == "standard" else {**out, "scenes": self.scenes}
 
 
 def _read_caption_rows(path: str) -> list[tuple[str | None, object]]:

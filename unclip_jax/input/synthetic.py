@@ -10,12 +10,16 @@ enough structure for guidance, diversity and attribute binding):
 ==============  =====================================================================
 shape           circle, square, triangle, cross
 colour          red, green, blue, yellow, purple, orange
-size            small, large
+size            small, large (radii set by the scene distribution, :data:`SCENES`)
 background      black, white, gray
 count           one object, or two (a "pair" of identical objects 20% of the time)
 position        one object: center, left, right, top, bottom
 relation        two objects: above, below, left of, right of ("A <rel> B")
 ==============  =====================================================================
+
+How large the objects are and how often a scene has two of them is a :class:`Scenes` distribution, named in
+:data:`SCENES`: ``standard`` (the default) and ``large`` (larger objects, fewer two-object scenes: an easier task
+for a model whose output is 32 pixels wide, where a small object of ``standard`` is 7 pixels across).
 
 Captions: e.g. "a small red circle in the center", "a blue square on a white
 background", "a red circle above a blue square", "a yellow triangle to the left of a
@@ -35,7 +39,8 @@ field                  dtype     shape      meaning
 ``attr/num_objects``   int32     []         1 or 2
 ``attr/shape``         int32     [2]        index into :data:`SHAPES`
 ``attr/colour``        int32     [2]        index into :data:`COLOURS`
-``attr/size``          int32     [2]        index into :data:`SIZES`
+``attr/size``          int32     [2]        index into :data:`SIZE_NAMES`
+``attr/radius``        float32   [2]        object radius as a fraction of the image side
 ``attr/center``        float32   [2, 2]     (x, y) of each object in [0, 1]
 ``attr/background``    int32     []         index into :data:`BACKGROUNDS`
 ``attr/position``      int32     []         index into :data:`POSITIONS` (one object)
@@ -44,6 +49,8 @@ field                  dtype     shape      meaning
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -58,8 +65,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 COLOUR_NAMES = tuple(COLOURS)
-SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
-SIZE_NAMES = tuple(SIZES)
+SIZE_NAMES = ("small", "large")
 BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (128, 128, 128)}
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 POSITIONS = {"center": (0.5, 0.5), "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73)}
@@ -80,8 +86,33 @@ RELATION_PHRASES = {
 }
 INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 PAIR_PROB = 0.2
-TWO_OBJECT_PROB = 0.5
 JITTER = 0.04
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenes:
+    """A distribution of scenes: object radii per size name and how often a scene has two objects.
+
+    ``near_far`` are the two objects' coordinates along the axis of their relation ("above": the first object's
+    y is ``near``, the second's ``far``); they keep two large objects apart.
+    """
+
+    radius: tuple[float, float] = (0.11, 0.19)  # small, large: fraction of the image side
+    two_object_prob: float = 0.5
+    near_far: tuple[float, float] = (0.28, 0.72)
+
+
+SCENES: dict[str, Scenes] = {
+    "standard": Scenes(),
+    "large": Scenes(radius=(0.15, 0.23), two_object_prob=0.3, near_far=(0.25, 0.75)),
+}
+
+
+def scenes_named(name: str) -> Scenes:
+    """The :data:`SCENES` entry ``name``; a clear error for any other name."""
+    if name not in SCENES:
+        raise ValueError(f"synthetic scenes {name!r}: expected one of {tuple(SCENES)}")
+    return SCENES[name]
 
 
 def _plural(shape: str) -> str:
@@ -94,10 +125,10 @@ def shape_swaps() -> str:
     return ",".join(SHAPES) + ";" + ",".join(_plural(s) for s in SHAPES)
 
 
-def _sample_scene(rng: np.random.Generator) -> dict:
+def _sample_scene(rng: np.random.Generator, scenes: Scenes) -> dict:
     """Attributes of one example (integers / floats; see the module table)."""
     bg = int(rng.integers(len(BACKGROUNDS)))
-    n = 2 if rng.random() < TWO_OBJECT_PROB else 1
+    n = 2 if rng.random() < scenes.two_object_prob else 1
     shape = np.full(2, -1, np.int32)
     colour = np.full(2, -1, np.int32)
     size = np.full(2, -1, np.int32)
@@ -118,7 +149,7 @@ def _sample_scene(rng: np.random.Generator) -> dict:
             shape[1], colour[1], size[1] = shape[0], colour[0], size[0]
         elif shape[0] == shape[1] and colour[0] == colour[1]:
             colour[1] = (colour[1] + 1 + rng.integers(len(COLOURS) - 1)) % len(COLOURS)
-        near, far = 0.28, 0.72
+        near, far = scenes.near_far
         free = rng.uniform(0.35, 0.65, 2)
         rel = RELATIONS[relation]
         if rel in ("above", "below"):
@@ -128,11 +159,13 @@ def _sample_scene(rng: np.random.Generator) -> dict:
             xs = (near, far) if rel == "left of" else (far, near)
             center[0], center[1] = (xs[0], free[0]), (xs[1], free[1])
         center[:] += rng.uniform(-JITTER, JITTER, (2, 2))
+    radius = np.where(size >= 0, np.asarray(scenes.radius, np.float32)[np.maximum(size, 0)], -1.0)
     return dict(
         num_objects=np.int32(n),
         shape=shape,
         colour=colour,
         size=size,
+        radius=radius.astype(np.float32),
         center=center.astype(np.float32),
         background=np.int32(bg),
         position=np.int32(position),
@@ -190,16 +223,29 @@ def _caption(rng: np.random.Generator, s: dict) -> str:
     return templates[rng.integers(len(templates))]()
 
 
+# Outlines relative to the centre in units of the object's radius (a circle's radius is 1; y points down).
+SQUARE_HALF = 0.86
+TRIANGLE = ((0.0, -1.0), (-0.95, 0.8), (0.95, 0.8))
+CROSS_HALF_WIDTH = 0.36
+# Every shape lies within this many radii of its centre (the triangle's base corners reach farthest).
+CIRCUMSCRIBED = max(
+    1.0,
+    float(np.hypot(SQUARE_HALF, SQUARE_HALF)),
+    float(np.hypot(1.0, CROSS_HALF_WIDTH)),
+    *(float(np.hypot(x, y)) for x, y in TRIANGLE),
+)
+
+
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
-        h = 0.86 * r
+        h = SQUARE_HALF * r
         draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
     elif shape == "triangle":
-        draw.polygon(((cx, cy - r), (cx - 0.95 * r, cy + 0.8 * r), (cx + 0.95 * r, cy + 0.8 * r)), fill=fill)
+        draw.polygon([(cx + x * r, cy + y * r) for x, y in TRIANGLE], fill=fill)
     elif shape == "cross":
-        t = 0.36 * r
+        t = CROSS_HALF_WIDTH * r
         draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
         draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
     else:
@@ -215,7 +261,7 @@ def render(scene: dict, sizes: tuple[int, ...] = (64,), canvas: int = 512) -> di
     img = Image.new("RGB", (canvas, canvas), BACKGROUNDS[BACKGROUND_NAMES[scene["background"]]])
     draw = ImageDraw.Draw(img)
     for k in range(int(scene["num_objects"])):
-        r = SIZES[SIZE_NAMES[scene["size"][k]]] * canvas
+        r = float(scene["radius"][k]) * canvas
         cx, cy = (scene["center"][k] * canvas).tolist()
         _draw(draw, SHAPES[scene["shape"][k]], cx, cy, r, COLOURS[COLOUR_NAMES[scene["colour"][k]]])
     out = {}
@@ -226,15 +272,16 @@ def render(scene: dict, sizes: tuple[int, ...] = (64,), canvas: int = 512) -> di
     return out
 
 
-def example(index: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512) -> dict:
-    """Example ``index`` of the dataset with ``seed``.
+def example(index: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512, scenes: str = "standard") -> dict:
+    """Example ``index`` of the dataset with ``seed``, drawn from the :data:`SCENES` distribution ``scenes``.
 
     Returns:
       dict(id str, caption str, image uint8 [sizes[0], sizes[0], 3],
       image_<size> for every size, attr/<name> arrays of the module table).
     """
+    spec = scenes_named(scenes)
     rng = np.random.default_rng([seed, index])
-    scene = _sample_scene(rng)
+    scene = _sample_scene(rng, spec)
     caption = _caption(rng, scene)
     images = render(scene, sizes, canvas)
     out: dict = {"id": f"synthetic-{seed}-{index:08d}", "caption": caption, "image": images[sizes[0]]}
@@ -246,14 +293,16 @@ def example(index: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int =
     return out
 
 
-def generate(num_examples: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512) -> dict:
-    """Generates examples ``0 .. num_examples-1`` as stacked arrays.
+def generate(
+    num_examples: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512, scenes: str = "standard"
+) -> dict:
+    """Generates examples ``0 .. num_examples-1`` (of the :data:`SCENES` distribution ``scenes``) as stacked arrays.
 
     Returns:
       dict(ids list[str], captions list[str], images {size: uint8 [N, size, size, 3]},
       attributes {name: [N, ...]}).
     """
-    exs = [example(i, seed, sizes, canvas) for i in range(num_examples)]
+    exs = [example(i, seed, sizes, canvas, scenes) for i in range(num_examples)]
     return dict(
         ids=[e["id"] for e in exs],
         captions=[e["caption"] for e in exs],
