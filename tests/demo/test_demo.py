@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -58,6 +59,23 @@ def test_resume_skips_finished_stages(tmp_path):
     (tmp_path / "b" / "out.txt").unlink()
     runner.run_stages(_ctx(tmp_path), st)
     assert calls == ["a", "b", "c", "b"]
+
+
+def test_resume_with_other_stage_settings_is_refused(tmp_path):
+    """A stage whose result depends on a profile setting (the data's scene distribution) will not resume a workdir
+    made with another value; markers written before settings were recorded resume as before."""
+    calls: list[str] = []
+    st = [dataclasses.replace(_counting_stage("data", calls), settings=lambda p: {"scenes": p.scenes})]
+    runner.run_stages(runner.Context(tmp_path, dataclasses.replace(PROFILES["fast"], scenes="standard")), st)
+    assert json.loads(runner.marker_path(tmp_path, "data").read_text())["settings"] == {"scenes": "standard"}
+    other = runner.Context(tmp_path, dataclasses.replace(PROFILES["fast"], scenes="large"))
+    with pytest.raises(ValueError, match=r"data.json: stage 'data' was made with \{'scenes': 'standard'\}"):
+        runner.run_stages(other, st)
+    marker = json.loads(runner.marker_path(tmp_path, "data").read_text())
+    del marker["settings"]
+    runner.write_marker(tmp_path, "data", marker)
+    runner.run_stages(other, st)
+    assert calls == ["data"]
 
 
 def test_interrupted_stage_is_rerun_and_later_stages_wait(tmp_path):
@@ -244,6 +262,11 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
         assert (wd / m["outputs"]["export"] / "config.json").is_file()
         assert m["outputs"]["steps"] == 2 and math.isfinite(m["outputs"]["final_loss"])
     assert "[decoder] step 2/2" in out  # progress lines of the train loop
+    # the data are the profile's scene distribution, recorded in the data stage's marker
+    scenes = PROFILES["fast"].scenes
+    assert runner.read_marker(wd, "data")["settings"] == {"scenes": scenes}
+    radius = stages.read_set(runner.Context(wd, PROFILES["fast"]), "val_64")["attrs"]["attr/radius"]
+    assert set(np.unique(radius[radius > 0]).tolist()) <= set(np.float32(synthetic.SCENES[scenes].radius).tolist())
     ev = runner.read_marker(wd, "evaluate")["outputs"]
     for k in ("colour", "shape", "size", "count"):
         assert 0 <= ev["attributes_generated"][k]["correct"] <= ev["attributes_generated"][k]["total"]

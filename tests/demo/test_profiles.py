@@ -21,6 +21,7 @@ def test_profile_overrides_load_into_their_experiments(name):
             for part in key.split("."):
                 node = node[part]
             assert node == value, (name, stage, key)
+    synthetic.scenes_named(p.scenes)  # a scene distribution the data stage can draw
 
 
 def test_the_long_profile_trains_the_shape_holding_clip():

@@ -44,11 +44,17 @@ class Context:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One resumable step: ``run(ctx) -> outputs`` (paths relative to the workdir, and numbers)."""
+    """One resumable step: ``run(ctx) -> outputs`` (paths relative to the workdir, and numbers).
+
+    ``settings(profile)`` names what of the profile the stage's result depends on beyond its step counts (e.g. the
+    dataset's scene distribution); it is stored in the done marker, and resuming a workdir whose marker records
+    other settings is an error rather than a silent mix of two runs.
+    """
 
     name: str
     title: str
     run: Callable[[Context], dict[str, Any]]
+    settings: Callable[[Profile], dict[str, Any]] | None = None
 
 
 def marker_path(workdir: str | os.PathLike, name: str) -> Path:
@@ -84,6 +90,12 @@ def run_stages(ctx: Context, stages: list[Stage]) -> dict[str, dict[str, Any]]:
     markers = {}
     for i, st in enumerate(stages, 1):
         done = read_marker(ctx.workdir, st.name)
+        settings = st.settings(ctx.profile) if st.settings else {}
+        if done is not None and done.get("settings", settings) != settings:
+            raise ValueError(
+                f"{marker_path(ctx.workdir, st.name)}: stage {st.name!r} was made with {done['settings']}, profile "
+                f"{ctx.profile.name!r} asks for {settings}: use a new workdir (or delete the marker to redo the stage)"
+            )
         if done is not None:
             ctx.log(f"[{i}/{len(stages)}] {st.title}: done before ({done['seconds']:.0f}s), skipping")
             markers[st.name] = done
@@ -101,6 +113,7 @@ def run_stages(ctx: Context, stages: list[Stage]) -> dict[str, dict[str, Any]]:
             "commands": list(ctx.commands),
             "files": outputs.pop("files", []),
             "outputs": outputs,
+            "settings": settings,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         write_marker(ctx.workdir, st.name, marker)

@@ -433,7 +433,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 def stages() -> list[Stage]:
     """All stages of a demo run, in order (the report is written after them by :mod:`.report`)."""
     return [
-        Stage("data", "generate the built-in captioned-shapes dataset", stage_data),
+        Stage("data", "generate the built-in captioned-shapes dataset", stage_data, lambda p: {"scenes": p.scenes}),
         Stage("clip", "train CLIP (contrastive)", stage_clip),
         Stage("embed", "precompute CLIP embeddings", stage_embed),
         Stage("prior", "train the diffusion prior", stage_prior),
