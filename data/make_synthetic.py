@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_examples", type=int, default=20000)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenes", default="standard", choices=tuple(synthetic.SCENES), help="scene distribution")
+    p.add_argument(
+        "--scenes", default=synthetic.DEFAULT_SCENES, choices=tuple(synthetic.SCENES), help="scene distribution"
+    )
     p.add_argument("--shard_size", type=int, default=1024)
     p.add_argument("--png_dir", default=None, help="also write PNG files + captions.jsonl here")
     p.add_argument("--png_count", type=int, default=64, help="how many examples go to --png_dir")

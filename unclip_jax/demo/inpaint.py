@@ -44,7 +44,7 @@ DECODER_GUIDANCE = 8.0
 JUMP_LENGTH, JUMP_N_SAMPLE = 5, 5
 
 
-def inpaint_cases(num: int, size: int, seed: int = 1, scenes: str = "standard") -> dict[str, Any]:
+def inpaint_cases(num: int, size: int, seed: int = 1, scenes: str = synthetic.DEFAULT_SCENES) -> dict[str, Any]:
     """``num`` one-object scenes of the dataset with ``seed`` (:data:`~unclip_jax.input.synthetic.SCENES`
     distribution ``scenes``) as inpainting cases at ``size`` pixels.
 

@@ -48,7 +48,7 @@ class Profile:
     diversity_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # decoder guidance scales of the diversity study
     curve_n: int = 0  # validation captions per point of the accuracy-vs-steps curves (0: no curve stage)
     curve_points: int = 6  # checkpoints per curve (evenly spread over the kept ones, always the last)
-    scenes: str = "standard"  # the built-in dataset's scene distribution (:data:`unclip_jax.input.synthetic.SCENES`)
+    scenes: str = synthetic.DEFAULT_SCENES  # the built-in dataset's scene distribution (:data:`synthetic.SCENES`)
 
 
 PROFILES: dict[str, Profile] = {

@@ -99,7 +99,12 @@ class SyntheticSource(Source):
     :data:`~unclip_jax.input.synthetic.SCENES`)."""
 
     def __init__(
-        self, num_examples: int, seed: int = 0, image_size: int = 64, canvas: int = 512, scenes: str = "standard"
+        self,
+        num_examples: int,
+        seed: int = 0,
+        image_size: int = 64,
+        canvas: int = 512,
+        scenes: str = synthetic.DEFAULT_SCENES,
     ):
         synthetic.scenes_named(scenes)  # a bad name fails here, before any example is made
         self.num_examples, self.seed, self.image_size, self.canvas = num_examples, seed, image_size, canvas

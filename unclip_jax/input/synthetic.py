@@ -102,6 +102,7 @@ class Scenes:
     near_far: tuple[float, float] = (0.28, 0.72)
 
 
+DEFAULT_SCENES = "standard"
 SCENES: dict[str, Scenes] = {
     "standard": Scenes(),
     "large": Scenes(radius=(0.15, 0.23), two_object_prob=0.3, near_far=(0.25, 0.75)),
@@ -272,7 +273,9 @@ def render(scene: dict, sizes: tuple[int, ...] = (64,), canvas: int = 512) -> di
     return out
 
 
-def example(index: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512, scenes: str = "standard") -> dict:
+def example(
+    index: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512, scenes: str = DEFAULT_SCENES
+) -> dict:
     """Example ``index`` of the dataset with ``seed``, drawn from the :data:`SCENES` distribution ``scenes``.
 
     Returns:
@@ -294,7 +297,7 @@ def example(index: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int =
 
 
 def generate(
-    num_examples: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512, scenes: str = "standard"
+    num_examples: int, seed: int, sizes: tuple[int, ...] = (64,), canvas: int = 512, scenes: str = DEFAULT_SCENES
 ) -> dict:
     """Generates examples ``0 .. num_examples-1`` (of the :data:`SCENES` distribution ``scenes``) as stacked arrays.
 
