@@ -4,13 +4,17 @@ and the report table says both methods with their step counts."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from unclip_jax.demo.inpaint import format_report, inpaint_cases, main
 from unclip_jax.input import synthetic
 
 
-def test_cases_are_empty_scenes_with_the_object_inside_the_hole():
-    c = inpaint_cases(12, 64)
+@pytest.mark.parametrize("scenes", sorted(synthetic.SCENES))
+def test_cases_are_empty_scenes_with_the_object_inside_the_hole(scenes):
+    c = inpaint_cases(12, 64, scenes=scenes)
+    radius = np.float32([synthetic.SCENES[scenes].radius[k] for k in c["attrs"]["attr/size"][:, 0]])
+    np.testing.assert_array_equal(c["attrs"]["attr/radius"][:, 0], radius)  # the cases are of that distribution
     assert c["source"].shape == (12, 64, 64, 3) and c["mask"].shape == (12, 64, 64, 1)
     assert set(np.unique(c["mask"])) == {0.0, 1.0} and np.all(c["attrs"]["attr/num_objects"] == 1)
     full = c["full"].astype(np.float32) / 127.5 - 1.0
