@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unclip_jax.demo import attributes, curves, report, runner, stages
+from unclip_jax.demo import attributes, curves, probe, report, runner, stages
 from unclip_jax.demo.profiles import PROFILES
 from unclip_jax.input import synthetic
 from unclip_jax.pipeline import images as images_lib
@@ -313,6 +313,19 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
         assert sorted(map(int, r["denoising_mse"])) == list(curves.DENOISE_T)
         assert all(0 < v < 4 for v in r["denoising_mse"].values())  # images and predictions lie in [-1, 1]
     assert (wd / "decoder" / "export" / "ema_1" / "config.json").is_file()
+    pr = runner.read_marker(wd, "probe")["outputs"]
+    assert pr["n"] == fast.probe_n and set(pr["r2"]) == set(probe.R2_ATTRIBUTES) and pr["r2_images"] > 0
+    assert all(0 <= v <= 1 for v in pr["r2"].values())
+    assert len(pr["rows"]) == len(probe.PROBE_T) and [r["t0"] for r in pr["rows"]] == sorted(
+        r["t0"] for r in pr["rows"]
+    )
+    for r in pr["rows"]:
+        for side in ("own", "other"):
+            assert set(r[side]) == set(probe.ATTRIBUTES)
+            for k, a in r[side].items():  # both sides scored against the same original images
+                assert 0 <= a["correct"] <= a["total"] == r["own"][k]["total"]
+        assert r["own"]["colour"]["total"] > 0
+    assert "What the decoder reads from z_i" in body
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ class Profile:
     diversity_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # decoder guidance scales of the diversity study
     curve_n: int = 0  # validation captions per point of the accuracy-vs-steps curves (0: no curve stage)
     curve_points: int = 6  # checkpoints per curve (evenly spread over the kept ones, always the last)
+    probe_n: int = 0  # validation images of the final decoder's layout probe (:mod:`unclip_jax.demo.probe`; 0: none)
     scenes: str = synthetic.DEFAULT_SCENES  # the built-in dataset's scene distribution (:data:`synthetic.SCENES`)
 
 
@@ -86,6 +87,7 @@ PROFILES: dict[str, Profile] = {
         },
         curve_n=64,
         curve_points=4,
+        probe_n=64,
     ),
     # Hours on a 2-core CPU: the tiny models, more data, the shape-holding CLIP (:data:`SHAPE_CLIP`) and about 8x
     # the full profile's decoder training.
@@ -116,6 +118,7 @@ PROFILES: dict[str, Profile] = {
         budget_s={},
         curve_n=128,
         curve_points=12,
+        probe_n=128,
     ),
     "fast": Profile(
         name="fast",
@@ -145,5 +148,6 @@ PROFILES: dict[str, Profile] = {
         diversity_n=2,
         diversity_scales=(1.0, 4.0),
         curve_n=4,
+        probe_n=4,
     ),
 }

@@ -165,6 +165,31 @@ def _curves_section(workdir: Path, out: dict[str, Any] | None) -> list[str]:
     return parts
 
 
+def _probe_section(out: dict[str, Any] | None) -> list[str]:
+    """What the decoder reads from its conditioning (:mod:`unclip_jax.demo.probe`): two tables."""
+    if not out or "skipped" in out:
+        return []
+    names = list(out["rows"][0]["own"]) if out["rows"] else []
+    return [
+        "<h2>What the decoder reads from z_i</h2>",
+        f"<p>Share of the CLIP image embeddings' variance that each attribute explains ({out['r2_images']} "
+        "one-object training images; R<sup>2</sup> of the class means). An attribute the decoder is to draw from "
+        "z_i has to be there.</p>",
+        _table(["attribute", "z_i variance explained"], [[k, v] for k, v in out["r2"].items()]),
+        f"<p>Layout probe: {out['n']} validation images noised to t0 and denoised back by the final decoder "
+        f"(DDIM '{out['steps']}', no guidance), given their own z_i and caption or the next image's; the classifier "
+        "scores the result against the original image. With another image's conditioning only what x_t still held "
+        "survives; the difference is what the decoder draws from its conditioning once the layout is given.</p>",
+        _table(
+            ["t0"] + [f"{k}, own" for k in names] + [f"{k}, another's" for k in names],
+            [
+                [r["t0"]] + [r["own"][k]["accuracy"] for k in names] + [r["other"][k]["accuracy"] for k in names]
+                for r in out["rows"]
+            ],
+        ),
+    ]
+
+
 def write_report(workdir: str | Path, stage_names: list[str] | None = None, title: str = "unclip_jax demo") -> Path:
     """Writes ``WORKDIR/report.html`` from what the stages left in ``workdir``; returns its path."""
     from unclip_jax.demo.runner import marker_path
@@ -286,6 +311,7 @@ def write_report(workdir: str | Path, stage_names: list[str] | None = None, titl
         parts.append("<p>Evaluation not run.</p>")
     parts += _diversity_section(workdir, markers.get("diversity", {}).get("outputs"))
     parts += _curves_section(workdir, markers.get("curves", {}).get("outputs"))
+    parts += _probe_section(markers.get("probe", {}).get("outputs"))
     cl = markers.get("classifier", {}).get("outputs")
     if cl:
         parts += [

@@ -444,6 +444,7 @@ def stages() -> list[Stage]:
         Stage("evaluate", "evaluate: attribute accuracy, background smoothness, CLIP score, FID", stage_evaluate),
         Stage("diversity", "diversity vs decoder guidance: unCLIP vs caption-only (figures 8/11)", stage_diversity),
         Stage("curves", "accuracy vs training steps: decoder checkpoints, CLIP zero-shot", stage_curves),
+        Stage("probe", "what the decoder reads from z_i: the layout probe, z_i's attribute variance", stage_probe),
     ]
 
 
@@ -459,3 +460,11 @@ def stage_curves(ctx: Context) -> dict[str, Any]:
     from unclip_jax.demo import curves
 
     return curves.stage_curves(ctx)
+
+
+def stage_probe(ctx: Context) -> dict[str, Any]:
+    if not ctx.profile.probe_n:
+        return {"skipped": f"profile {ctx.profile.name} runs no probe"}
+    from unclip_jax.demo import probe
+
+    return probe.stage_probe(ctx)
