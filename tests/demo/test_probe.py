@@ -60,7 +60,7 @@ def test_denoise_from_returns_x0_for_the_true_noise_and_reads_the_conditioning(i
     """An epsilon network that returns the very noise ``q_sample`` drew brings deterministic DDIM back to x0 exactly,
     but only if the chain is entered at the level the image was noised to; a network that predicts the image from
     its conditioning returns that conditioning's image."""
-    d = respace(diffusion_from_config({"steps": 1000, "mean_type": "epsilon"}), probe.PROBE_STEPS)
+    d = respace(diffusion_from_config({"steps": 1000, "mean_type": "epsilon"}), "50")
     x0 = np.random.default_rng(0).uniform(-0.9, 0.9, (2, 8, 8, 3)).astype(np.float32)
     key = jax.random.PRNGKey(3)
     noise = jax.random.normal(key, x0.shape)  # what denoise_from draws from the same key
@@ -70,7 +70,7 @@ def test_denoise_from_returns_x0_for_the_true_noise_and_reads_the_conditioning(i
     other = probe.denoise_from(d, lambda x_t, t: noise, x0, index, jax.random.PRNGKey(4))
     assert np.abs(np.asarray(other) - x0).max() > 1e-2
 
-    dx = respace(diffusion_from_config({"steps": 1000, "mean_type": "x_start"}), probe.PROBE_STEPS)
+    dx = respace(diffusion_from_config({"steps": 1000, "mean_type": "x_start"}), "50")
     target = np.random.default_rng(1).uniform(-0.9, 0.9, x0.shape).astype(np.float32)
     out = probe.denoise_from(dx, lambda x_t, t, target: target, x0, index, key, cond={"target": target})
     np.testing.assert_allclose(np.asarray(out), target, atol=2e-5)

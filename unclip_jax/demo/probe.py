@@ -31,10 +31,10 @@ from unclip_jax.demo.runner import Context
 if TYPE_CHECKING:
     from unclip_jax.diffusion.gaussian import GaussianDiffusion
 
-# Noise levels (of the 1,000-step training chain) the probe starts from: most of the shape still in x_t, then less
-# and less, up to pure noise (where the probe is plain sampling from the conditioning).
-PROBE_T = (500, 700, 800, 900, 999)
-PROBE_STEPS = "50"  # the DDIM spacing the probe denoises with (space_timesteps spec)
+# Noise levels (of the 1,000-step training chain) the probe starts from: most of the shape still in x_t; the layout
+# (position, size) still there but little of the shape; pure noise (where the probe is plain sampling).
+PROBE_T = (500, 800, 999)
+PROBE_STEPS = "25"  # the DDIM spacing the probe denoises with (space_timesteps spec; the demo samples with 25 too)
 PROBE_EMBED_N = 2_000  # training images (the one-object ones are used) for the embedding's attribute variance
 ATTRIBUTES = ("colour", "shape", "size", "position")  # scored on the probe's outputs
 R2_ATTRIBUTES = ("colour", "shape", "size", "background", "position")  # one-object scene attributes
