@@ -11,11 +11,11 @@ says *where* it is lost, with two measurements on real validation images:
   and caption or **another image's** (the batch rolled by one). The classifier scores the result against the
   original image. With another image's conditioning, what survives is what x_t still held (the layout: position,
   size, at low t0 the shape too); the difference to the own-conditioning row is what the decoder takes from z_i
-  and the caption *once the layout is given*. An attribute that the decoder reads at every t0 (colour, in the demo)
-  is drawn; one that is held by z_i but not read back at high t0 (shape, in the demo) is lost in the decoder.
+  and the caption *once the layout is given*. An attribute the decoder reads back at every t0 is drawn from the
+  conditioning; one that z_i holds but the decoder does not read back at high t0 is lost in the decoder.
 
 This is SDEdit's partial noising (Meng et al. 2022, section 3) used as a probe, in the spirit of the paper's own
-look at what the bipartite latent (z_i, x_T) carries (section 3, figure 3).
+look at what each half of the bipartite latent (z_i, x_T) carries (section 3.1).
 """
 
 from __future__ import annotations
