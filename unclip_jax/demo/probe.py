@@ -20,7 +20,6 @@ look at what each half of the bipartite latent (z_i, x_T) carries (section 3.1).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -112,13 +111,10 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from unclip_jax.convert.native import load_native
     from unclip_jax.demo import attributes
     from unclip_jax.demo import stages as demo_stages
-    from unclip_jax.diffusion.config import diffusion_from_config
     from unclip_jax.diffusion.respace import respace
     from unclip_jax.pipeline import images as images_lib
-    from unclip_jax.pipeline.loading import workdir_export
 
     p = ctx.profile
     pipe = demo_stages.demo_pipeline(ctx)
@@ -144,10 +140,8 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
         text_mask=jnp.asarray(text["mask"], bool),
     )
     other = {k: jnp.roll(v, 1, axis=0) for k, v in own.items()}
-    folder = workdir_export(ctx.path("decoder"))
-    module, variables = load_native(folder)
-    with open(folder / "diffusion.json") as f:
-        diffusion = respace(diffusion_from_config(json.load(f), where=f"{folder}/diffusion.json"), PROBE_STEPS)
+    decoder = pipe.components["decoder"]  # the final decoder and its training chain, as the cascade loaded them
+    diffusion = respace(pipe.diffusions["decoder"], PROBE_STEPS)
     x_start = jnp.asarray(demo_stages.resize_to(real, pipe.decoder_size))
     classifier, cvars = attributes.load_classifier(ctx.path("classifier"))
     ctx.command(
@@ -158,7 +152,7 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     @jax.jit
     def run(x0: Any, cond: dict[str, Any], index: Any) -> Any:
         def fn(x_t: Any, t: Any, **c: Any) -> Any:
-            return module.apply(variables, x_t, t, **c)
+            return decoder.module.apply(decoder.variables, x_t, t, **c)
 
         return denoise_from(diffusion, fn, x0, index, jax.random.PRNGKey(0), cond)
 
