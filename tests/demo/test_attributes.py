@@ -106,3 +106,23 @@ def test_classifier_is_near_perfect_on_real_held_out_images(val, tmp_path):
     as_float = val["images"][64][:8].astype(np.float32) / 127.5 - 1.0
     p2 = attributes.predict(model2, variables2, as_float)
     assert all(np.array_equal(p2[k], pred[k][:8]) for k in attributes.HEADS)
+
+
+def test_confusion_says_which_shape_is_read_instead(val):
+    lab = attributes.canonical_labels(val["attributes"])
+    k = len(synthetic.SHAPES)
+    perfect = attributes.confusion(lab, val["attributes"], val["captions"])
+    s = attributes.score(lab, val["attributes"], val["captions"])
+    assert perfect.shape == (k, k + 1)
+    assert perfect.sum() == np.trace(perfect) == s["shape"]["total"]
+    # every shape read as a circle, and every second object missed: the circle column and the "none" column
+    circles = dict(lab, shape_a=np.zeros_like(lab["shape_a"]), count=np.zeros_like(lab["count"]))
+    circles["shape_b"] = np.full_like(lab["shape_b"], k)
+    c = attributes.confusion(circles, val["attributes"], val["captions"])
+    two = val["attributes"]["num_objects"] == 2
+    assert c.sum() == perfect.sum()
+    assert c[:, k].sum() == int(two.sum())  # the b objects of two-object scenes (every caption names shapes)
+    assert c[:, 1:k].sum() == 0 and c[:, 0].sum() == c.sum() - int(two.sum())
+    assert np.trace(c) / c.sum() == attributes.score(circles, val["attributes"], val["captions"])["shape"]["accuracy"]
+    with pytest.raises(ValueError, match="count"):
+        attributes.confusion(lab, val["attributes"], val["captions"], attribute="count")

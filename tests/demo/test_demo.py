@@ -276,6 +276,12 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     for k in ("colour", "shape", "count"):
         assert oracle[k]["total"] == ev["attributes_generated"][k]["total"]
         assert 0 <= oracle[k]["correct"] <= oracle[k]["total"]
+    # which shape is read for which asked-for shape: its diagonal is the shape accuracy, for every image set
+    for src, acc in (("generated", "attributes_generated"), ("decoder_real_embed", "attributes_decoder_real_embed")):
+        m = np.asarray(ev["shape_confusion"][src])
+        assert m.shape == (len(synthetic.SHAPES), len(synthetic.SHAPES) + 1)
+        assert np.trace(m) == ev[acc]["shape"]["correct"] and m.sum() == ev[acc]["shape"]["total"]
+    assert set(ev["shape_confusion"]) == set(report.SOURCES)
     assert math.isfinite(ev["fid_generated"]) and math.isfinite(ev["clip_score_generated"]["clip_score_raw"])
     with np.load(wd / "samples" / "eval_generated.npz") as z:
         assert z["images"].shape == (PROFILES["fast"].n_eval, 64, 64, 3) and z["images"].dtype == np.uint8
@@ -290,7 +296,9 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     assert "not run" not in body
     assert "python -m unclip_jax.main --config=experiments/decoder.py:test" in body
     assert "Attribute accuracy" in body and "FID" in body and "decoder given the real z_i" in body
-    assert "Background smoothness" in body and "Diversity vs decoder guidance" in body
+    assert (
+        "Background smoothness" in body and "Diversity vs decoder guidance" in body and "Which shape is drawn" in body
+    )
     sm = ev["smoothness"]
     g = sm["generated"]
     # Random-ish samples are not flat: noise crosses the object threshold (less background is found than in real

@@ -437,6 +437,56 @@ def load_classifier(folder: str | os.PathLike) -> tuple[AttributeNet, dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+OBJECT_ATTRIBUTES = ("colour", "shape", "size")  # read per object; the others per image
+
+
+def _scored(
+    predictions: Mapping[str, np.ndarray], attrs: Mapping[str, np.ndarray], captions: Sequence[str]
+) -> tuple[list[tuple[str, int, int]], dict[str, list[bool]]]:
+    """What :func:`score` counts: ``(attribute, true class, predicted class)`` per object attribute a caption names
+    (two objects matched in caption order, or in either order when no relation is said), and the per-image checks."""
+    truth = canonical_labels(attrs)
+    n = len(captions)
+    if any(len(v) != n for v in truth.values()) or any(len(np.asarray(v)) != n for v in predictions.values()):
+        raise ValueError(f"score: {n} captions but predictions/attributes of other lengths")
+    pairs: list[tuple[str, int, int]] = []
+    checks: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES if a not in OBJECT_ATTRIBUTES}
+    p = {k: np.asarray(v) for k, v in predictions.items()}
+    for i, cap in enumerate(captions):
+        two = truth["count"][i] == 1
+        said = mentioned(cap, 2 if two else 1)
+
+        def obj(src, slot, i=i):
+            return tuple(int(src[f"{a}_{slot}"][i]) for a in OBJECT_ATTRIBUTES)
+
+        t_objs = [obj(truth, "a")] + ([obj(truth, "b")] if two else [])
+        p_objs = [obj(p, "a")] + ([obj(p, "b")] if two else [])
+        if two and not said["relation"]:  # "A and B": either order
+            swapped = p_objs[::-1]
+
+            def fit(cands, t_objs=t_objs):
+                return sum((c[0] == t[0]) + (c[1] == t[1]) for c, t in zip(cands, t_objs, strict=True))
+
+            if fit(swapped) > fit(p_objs):
+                p_objs = swapped
+        for j, name in enumerate(OBJECT_ATTRIBUTES):
+            if said[name]:
+                pairs += [(name, t[j], q[j]) for t, q in zip(t_objs, p_objs, strict=True)]
+        image_checks = {
+            "count": p["count"][i] == truth["count"][i],
+            "background": p["background"][i] == truth["background"][i],
+            "position": p["position"][i] == truth["position"][i],
+        }
+        if two:  # arrangement right, and the top / left object is the one the caption puts there
+            image_checks["relation"] = p["arrangement"][i] == truth["arrangement"][i] and (
+                t_objs[0][:2] == t_objs[1][:2] or p_objs[0][:2] == t_objs[0][:2]
+            )
+        for name, ok in image_checks.items():
+            if said[name]:  # "relation" is only said of two objects
+                checks[name].append(bool(ok))
+    return pairs, checks
+
+
 def score(
     predictions: Mapping[str, np.ndarray], attrs: Mapping[str, np.ndarray], captions: Sequence[str]
 ) -> dict[str, dict[str, float]]:
@@ -452,52 +502,37 @@ def score(
       (accuracy is NaN when nothing was scored); colour / shape / size count objects, the
       others images.
     """
-    truth = canonical_labels(attrs)
-    n = len(captions)
-    if any(len(v) != n for v in truth.values()) or any(len(np.asarray(v)) != n for v in predictions.values()):
-        raise ValueError(f"score: {n} captions but predictions/attributes of other lengths")
-    correct = dict.fromkeys(ATTRIBUTES, 0)
-    total = dict.fromkeys(ATTRIBUTES, 0)
-    p = {k: np.asarray(v) for k, v in predictions.items()}
-    for i, cap in enumerate(captions):
-        two = truth["count"][i] == 1
-        said = mentioned(cap, 2 if two else 1)
-
-        def obj(src, slot, i=i):
-            return tuple(int(src[f"{a}_{slot}"][i]) for a in ("colour", "shape", "size"))
-
-        t_objs = [obj(truth, "a")] + ([obj(truth, "b")] if two else [])
-        p_objs = [obj(p, "a")] + ([obj(p, "b")] if two else [])
-        if two and not said["relation"]:  # "A and B": either order
-            swapped = p_objs[::-1]
-
-            def fit(cands, t_objs=t_objs):
-                return sum((c[0] == t[0]) + (c[1] == t[1]) for c, t in zip(cands, t_objs, strict=True))
-
-            if fit(swapped) > fit(p_objs):
-                p_objs = swapped
-        for j, name in enumerate(("colour", "shape", "size")):
-            if said[name]:
-                for t, q in zip(t_objs, p_objs, strict=True):
-                    correct[name] += int(t[j] == q[j])
-                    total[name] += 1
-        checks = {
-            "count": p["count"][i] == truth["count"][i],
-            "background": p["background"][i] == truth["background"][i],
-            "position": p["position"][i] == truth["position"][i],
-        }
-        if two:  # arrangement right, and the top / left object is the one the caption puts there
-            checks["relation"] = p["arrangement"][i] == truth["arrangement"][i] and (
-                t_objs[0][:2] == t_objs[1][:2] or p_objs[0][:2] == t_objs[0][:2]
-            )
-        for name, ok in checks.items():
-            if said[name]:  # "relation" is only said of two objects
-                correct[name] += int(ok)
-                total[name] += 1
+    pairs, checks = _scored(predictions, attrs, captions)
+    outcomes = {a: [t == q for name, t, q in pairs if name == a] for a in OBJECT_ATTRIBUTES} | checks
     return {
-        a: {"correct": correct[a], "total": total[a], "accuracy": correct[a] / total[a] if total[a] else float("nan")}
+        a: {
+            "correct": int(sum(outcomes[a])),
+            "total": len(outcomes[a]),
+            "accuracy": sum(outcomes[a]) / len(outcomes[a]) if outcomes[a] else float("nan"),
+        }
         for a in ATTRIBUTES
     }
+
+
+def confusion(
+    predictions: Mapping[str, np.ndarray],
+    attrs: Mapping[str, np.ndarray],
+    captions: Sequence[str],
+    attribute: str = "shape",
+) -> np.ndarray:
+    """``[K, K + 1]`` counts of the objects :func:`score` scores for an object attribute: row the class the caption
+    asks for (the K classes of ``HEADS[attribute + "_a"]``), column the class the classifier reads, the last column
+    "none" (a second object it did not find; ``HEADS[attribute + "_b"]``). Its trace over its sum is :func:`score`'s
+    accuracy; the off-diagonal says *which* class is drawn instead (a decoder that rounds every square and cross into
+    a blob fills the circle column)."""
+    if attribute not in OBJECT_ATTRIBUTES:
+        raise ValueError(f"confusion: attribute {attribute!r}: expected one of {OBJECT_ATTRIBUTES}")
+    k = len(HEADS[f"{attribute}_a"])
+    counts = np.zeros((k, k + 1), np.int64)
+    for name, t, q in _scored(predictions, attrs, captions)[0]:
+        if name == attribute:
+            counts[t, q] += 1
+    return counts
 
 
 def head_accuracy(predictions: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -165,6 +165,37 @@ def _curves_section(workdir: Path, out: dict[str, Any] | None) -> list[str]:
     return parts
 
 
+# The image sets the evaluate stage reads (its output keys) and their names in the report's tables.
+SOURCES = {
+    "generated": "generated (final)",
+    "decoder": "generated (decoder)",
+    "decoder_real_embed": "decoder given the real z_i",
+    "real": "real",
+}
+
+
+def _confusion_section(ev: dict[str, Any]) -> list[str]:
+    """Which shape the classifier reads for each shape a caption asks for (``attributes.confusion`` per source)."""
+    conf = ev.get("shape_confusion")
+    if not conf:
+        return []
+    from unclip_jax.demo.attributes import HEADS
+
+    asked, read = HEADS["shape_a"], HEADS["shape_b"]
+    rows = [
+        [SOURCES.get(src, src), shape] + list(counts)
+        for src, m in conf.items()
+        for shape, counts in zip(asked, m, strict=True)
+    ]
+    return [
+        "<h3>Which shape is drawn</h3>",
+        "<p>Objects whose caption asks for the row's shape, by the shape the classifier reads ('none': a second "
+        "object it did not find). The diagonal is the shape accuracy above; a column that fills up is the shape the "
+        "model draws in place of the others.</p>",
+        _table(["images", "asked for"] + [f"read {r}" for r in read], rows),
+    ]
+
+
 def _probe_section(out: dict[str, Any] | None) -> list[str]:
     """What the decoder reads from its conditioning (:mod:`unclip_jax.demo.probe`): two tables."""
     if not out or "skipped" in out:
@@ -244,10 +275,9 @@ def write_report(workdir: str | Path, stage_names: list[str] | None = None, titl
             "real z_i' the decoder alone conditioned on each real validation image's own CLIP image embedding "
             "and caption (no prior: what the decoder loses by itself), 'real' the same classifier on the real "
             "validation images with the same captions.</p>",
-            _table(
-                ["attribute", "generated (final)", "generated (decoder)", "decoder given the real z_i", "real"], arows
-            ),
+            _table(["attribute", *SOURCES.values()], arows),
         ]
+        parts += _confusion_section(ev)
         cg, cr = ev["clip_score_generated"], ev["clip_score_real"]
         cd = ev.get("clip_score_decoder") or {}
         parts += [
@@ -291,9 +321,7 @@ def write_report(workdir: str | Path, stage_names: list[str] | None = None, titl
                     sm[key].get("ratio", ""),
                 ]
                 for key, name in (
-                    ("generated", "generated (final)"),
-                    ("decoder", "generated (decoder)"),
-                    ("real", "real"),
+                    *((k, SOURCES[k]) for k in ("generated", "decoder", "real")),
                     ("real_ground_truth_mask", "real, background from the stored scene"),
                 )
                 if key in sm

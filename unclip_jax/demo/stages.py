@@ -374,6 +374,13 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     acc_oracle = (
         None if oracle is None else attributes.score(attributes.predict(model, variables, oracle), attrs, captions)
     )
+    ctx.command("attributes.confusion(classifier(images), validation attributes, captions, 'shape')")
+    read = {"generated": gen, "decoder": dec, "decoder_real_embed": oracle, "real": real}
+    shape_confusion = {
+        k: attributes.confusion(attributes.predict(model, variables, im), attrs, captions, "shape").tolist()
+        for k, im in read.items()
+        if im is not None
+    }
     for name, acc in (
         ("generated (final)", acc_gen),
         ("generated (decoder)", acc_dec),
@@ -426,6 +433,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         "fid_num_images": n,
         "fid_reference_images": int(len(ref)),
         "smoothness": smooth,
+        "shape_confusion": shape_confusion,
         "profile": p.name,
     }
 
