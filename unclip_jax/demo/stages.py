@@ -368,27 +368,13 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 
     ctx.command(f"attributes.score(classifier(generated {n}), validation attributes) vs the same on real images")
     model, variables = attributes.load_classifier(ctx.path("classifier"))
-    acc_gen = attributes.score(attributes.predict(model, variables, gen), attrs, captions)
-    acc_dec = attributes.score(attributes.predict(model, variables, dec), attrs, captions)
-    acc_real = attributes.score(attributes.predict(model, variables, real), attrs, captions)
-    acc_oracle = (
-        None if oracle is None else attributes.score(attributes.predict(model, variables, oracle), attrs, captions)
-    )
-    ctx.command("attributes.confusion(classifier(images), validation attributes, captions, 'shape')")
     read = {"generated": gen, "decoder": dec, "decoder_real_embed": oracle, "real": real}
-    shape_confusion = {
-        k: attributes.confusion(attributes.predict(model, variables, im), attrs, captions, "shape").tolist()
-        for k, im in read.items()
-        if im is not None
-    }
-    for name, acc in (
-        ("generated (final)", acc_gen),
-        ("generated (decoder)", acc_dec),
-        ("decoder given the real z_i", acc_oracle),
-        ("real", acc_real),
-    ):
-        if acc is not None:
-            ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
+    preds = {k: attributes.predict(model, variables, im) for k, im in read.items() if im is not None}
+    scores = {k: attributes.score(pr, attrs, captions) for k, pr in preds.items()}
+    for name, acc in scores.items():
+        ctx.log(f"  {name}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc.items()))
+    ctx.command("attributes.confusion(the same predictions, validation attributes, captions, 'shape')")
+    shape_confusion = {k: attributes.confusion(pr, attrs, captions, "shape").tolist() for k, pr in preds.items()}
 
     ctx.command(f"clip_score.clip_score(demo CLIP image embeds of {n} generated / real images, caption embeds)")
     clip_model, clip_vars = load_clip(ctx)
@@ -421,10 +407,10 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     fid_real = fid.fid_from_features(f_real, f_ref)
     ctx.log(f"  FID generated {fid_gen:.1f} vs real-image floor {fid_real:.1f} ({n} vs {len(ref)} images)")
     return {
-        "attributes_generated": acc_gen,
-        "attributes_decoder": acc_dec,
-        "attributes_decoder_real_embed": acc_oracle,
-        "attributes_real": acc_real,
+        "attributes_generated": scores["generated"],
+        "attributes_decoder": scores["decoder"],
+        "attributes_decoder_real_embed": scores.get("decoder_real_embed"),
+        "attributes_real": scores["real"],
         "clip_score_generated": cs_gen,
         "clip_score_decoder": cs_dec,
         "clip_score_real": cs_real,
