@@ -407,10 +407,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     fid_real = fid.fid_from_features(f_real, f_ref)
     ctx.log(f"  FID generated {fid_gen:.1f} vs real-image floor {fid_real:.1f} ({n} vs {len(ref)} images)")
     return {
-        "attributes_generated": scores["generated"],
-        "attributes_decoder": scores["decoder"],
-        "attributes_decoder_real_embed": scores.get("decoder_real_embed"),
-        "attributes_real": scores["real"],
+        **{f"attributes_{k}": scores.get(k) for k in read},  # None where an image set is missing
         "clip_score_generated": cs_gen,
         "clip_score_decoder": cs_dec,
         "clip_score_real": cs_real,
