@@ -91,7 +91,8 @@ PROFILES: dict[str, Profile] = {
     ),
     # Hours on a 2-core CPU: the tiny models, more data, the shape-holding CLIP (:data:`SHAPE_CLIP`) and 20x the
     # full profile's decoder steps: the decoder's shape accuracy leaves chance only after ~160,000 examples and is
-    # still rising at 320,000 (the README's decoder curve), so it trains on 512,000 (32,000 steps of 16).
+    # still rising at 320,000 (the README's decoder curve), so it trains 32,000 steps (512,000 examples at the ``tiny``
+    # decoder's batch).
     "long": Profile(
         name="long",
         scenes="large",
