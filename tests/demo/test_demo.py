@@ -324,6 +324,8 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
     pr = runner.read_marker(wd, "probe")["outputs"]
     assert pr["n"] == fast.probe_n and set(pr["r2"]) == set(probe.R2_ATTRIBUTES) and pr["r2_images"] > 0
     assert all(0 <= v <= 1 for v in pr["r2"].values())
+    assert set(pr["z_probe"]) == set(probe.R2_ATTRIBUTES) and pr["z_probe_images"] > 0
+    assert all(set(v) == {"real", "prior"} and all(0 <= a <= 1 for a in v.values()) for v in pr["z_probe"].values())
     assert len(pr["rows"]) == len(probe.PROBE_T) and [r["t0"] for r in pr["rows"]] == sorted(
         r["t0"] for r in pr["rows"]
     )
@@ -333,7 +335,7 @@ def test_fast_run_goes_through_every_stage_and_writes_the_report(fast_run):
             for k, a in r[side].items():  # both sides scored against the same original images
                 assert 0 <= a["correct"] <= a["total"] == r["own"][k]["total"]
         assert r["own"]["colour"]["total"] > 0
-    assert "What the decoder reads from z_i" in body
+    assert "What the decoder reads from z_i" in body and "linear probe, prior's z_i" in body
 
 
 @pytest.mark.slow

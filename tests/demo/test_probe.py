@@ -28,6 +28,31 @@ def test_attribute_r2_closed_form():
         probe.attribute_r2(z, np.array([0, 1, 1]))
 
 
+def test_linear_probe_reads_directions_that_carry_the_label_and_not_lengths():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=400)
+    centres = 3.0 * np.eye(16)[:4]  # class k along axis k
+    z = centres[labels] + 0.3 * rng.standard_normal((400, 16))
+    w = probe.fit_linear_probe(z[:300], labels[:300])
+    assert w.shape == (17, 4)  # 16 dimensions + bias, 4 classes
+    assert probe.probe_accuracy(w, z[300:], labels[300:]) == 1.0
+    # each row scaled by its own factor (a guided prior's longer z_i) reads the same
+    scaled = z[300:] * rng.uniform(0.5, 3.0, (100, 1))
+    assert probe.probe_accuracy(w, scaled, labels[300:]) == 1.0
+    # a label z does not carry reads near chance on held-out embeddings
+    other = rng.integers(4, size=400)
+    w_other = probe.fit_linear_probe(z[:300], other[:300])
+    assert probe.probe_accuracy(w_other, z[300:], other[300:]) < 0.45
+    # the probe's class order follows the labels: every prediction of a swapped label set is swapped
+    swapped = np.array([1, 0, 2, 3])[labels]
+    w_swapped = probe.fit_linear_probe(z[:300], swapped[:300])
+    assert probe.probe_accuracy(w_swapped, z[300:], swapped[300:]) == 1.0
+    with pytest.raises(ValueError, match="3 labels for 4 embeddings"):
+        probe.fit_linear_probe(z[:4], labels[:3])
+    with pytest.raises(ValueError, match="3 labels for 4 embeddings"):
+        probe.probe_accuracy(w, z[:4], labels[:3])
+
+
 def test_one_object_labels_keeps_the_first_object_of_one_object_scenes():
     attrs = {
         "attr/num_objects": np.array([1, 2, 1]),

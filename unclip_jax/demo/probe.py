@@ -1,11 +1,15 @@
 """What the decoder reads from its conditioning: the layout probe and the embedding's attribute variance.
 
 The accuracy curves (:mod:`unclip_jax.demo.curves`) say *that* a decoder's samples miss an attribute; this module
-says *where* it is lost, with two measurements on real validation images:
+says *where* it is lost, with three measurements on real validation images:
 
 * **what z_i holds** (:func:`attribute_r2`): the fraction of the CLIP image embeddings' variance that each
   attribute's class means explain (one-object training images). An attribute the decoder is to draw from z_i must
   be there; an attribute carrying a small fraction is a weak signal for a small decoder to learn from.
+* **what the prior's z_i holds** (:func:`fit_linear_probe`): a linear probe fitted on those training z_i reads
+  each attribute from the validation images' own z_i and from the prior's z_i for their captions (the profile's
+  sampler settings). What the probe reads from real z_i but not from the prior's is lost in the prior, before the
+  decoder sees it; the prior's guidance is one such loss.
 * **the layout probe** (:func:`denoise_from`): each validation image is noised to a level t0 of the training chain
   and denoised back (deterministic DDIM, the conditional model only) by the decoder given either **its own** z_i
   and caption or **another image's** (the batch rolled by one). The classifier scores the result against the
@@ -52,6 +56,35 @@ def attribute_r2(z: np.ndarray, labels: np.ndarray) -> float:
     total = np.sum((z - z.mean(0)) ** 2)
     within = sum(np.sum((z[labels == c] - z[labels == c].mean(0)) ** 2) for c in np.unique(labels))
     return float(1.0 - within / total) if total > 0 else 0.0
+
+
+def fit_linear_probe(z: np.ndarray, labels: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """Weights ``[D + 1, K]`` of a linear probe from ``z`` ``[N, D]`` to ``labels`` ``[N]`` (K = max label + 1).
+
+    Ridge regression onto one-hot targets (closed form, deterministic) on the *unit-normalised* embeddings with a
+    bias column: the probe reads the direction of z, which the prior's guidance changes less than its length (a
+    guided z_i is longer than a real one), so one probe fitted on real images' z_i reads the prior's too.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(z):
+        raise ValueError(f"fit_linear_probe: {len(labels)} labels for {len(z)} embeddings")
+    x = _with_bias(z)
+    targets = np.eye(int(labels.max()) + 1)[labels]
+    return np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ targets)
+
+
+def probe_accuracy(weights: np.ndarray, z: np.ndarray, labels: np.ndarray) -> float:
+    """Share of ``z`` ``[N, D]`` whose :func:`fit_linear_probe` class is ``labels`` ``[N]``."""
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(z):
+        raise ValueError(f"probe_accuracy: {len(labels)} labels for {len(z)} embeddings")
+    return float(np.mean(np.argmax(_with_bias(z) @ weights, axis=1) == labels))
+
+
+def _with_bias(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return np.concatenate([z, np.ones((len(z), 1))], axis=1)
 
 
 def one_object_labels(attrs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -128,6 +161,26 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     ctx.log("  z_i variance explained: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()))
 
     val = demo_stages.read_set(ctx, "val_64")
+    val_one, val_labels = one_object_labels(val["attrs"])
+    val_captions = [c for c, keep in zip(val["captions"], val_one) if keep]
+    ctx.command(
+        f"probe.fit_linear_probe(<one-object train z_i>) read on <{len(val_captions)} one-object val_64 images>' "
+        "own z_i and on pipe(<their captions>, seed=0, settings=<the profile's>, stop_after='prior')"
+    )
+    read = {
+        "real": np.asarray(pipe.encode_images(val["images"][val_one].astype(np.float32) / 127.5 - 1.0)),
+        "prior": np.asarray(
+            pipe(val_captions, seed=0, settings=demo_stages.sample_settings(ctx), stop_after="prior")["image_embeds"]
+        ),
+    }
+    z_probe = {
+        name: {src: probe_accuracy(fit_linear_probe(z, lab), zs, val_labels[name]) for src, zs in read.items()}
+        for name, lab in labels.items()
+    }
+    ctx.log(
+        "  linear probe on z_i, real / prior's: "
+        + ", ".join(f"{k} {v['real']:.3f} / {v['prior']:.3f}" for k, v in z_probe.items())
+    )
     n = min(p.probe_n, len(val["captions"]))
     captions = val["captions"][:n]
     attrs = {k: v[:n] for k, v in val["attrs"].items()}
@@ -172,4 +225,12 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
             + "; another image's "
             + ", ".join(f"{k} {row['other'][k]['accuracy']:.3f}" for k in ATTRIBUTES)
         )
-    return {"r2": r2, "r2_images": int(one.sum()), "rows": rows, "n": n, "steps": PROBE_STEPS}
+    return {
+        "r2": r2,
+        "r2_images": int(one.sum()),
+        "z_probe": z_probe,
+        "z_probe_images": len(val_captions),
+        "rows": rows,
+        "n": n,
+        "steps": PROBE_STEPS,
+    }
