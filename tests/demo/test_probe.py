@@ -99,3 +99,24 @@ def test_denoise_from_returns_x0_for_the_true_noise_and_reads_the_conditioning(i
     target = np.random.default_rng(1).uniform(-0.9, 0.9, x0.shape).astype(np.float32)
     out = probe.denoise_from(dx, lambda x_t, t, target: target, x0, index, key, cond={"target": target})
     np.testing.assert_allclose(np.asarray(out), target, atol=2e-5)
+
+
+def test_report_shows_the_prior_probe_and_reads_markers_written_before_it(tmp_path):
+    from unclip_jax.demo import report, runner
+
+    acc = {"correct": 1, "total": 2, "accuracy": 0.5}
+    old = {
+        "r2": {"shape": 0.37},
+        "r2_images": 10,
+        "rows": [{"t0": 500, "own": {"shape": acc}, "other": {"shape": acc}}],
+    }
+    old |= {"n": 2, "steps": "25"}
+    marker = {"name": "probe", "title": "probe", "seconds": 1.0, "commands": [], "finished": "2026-12-06 20:00:00"}
+    runner.write_marker(tmp_path, "probe", marker | {"outputs": old})
+    body = report.write_report(tmp_path, ["probe"]).read_text()
+    assert "z_i variance explained" in body and "linear probe" not in body
+    new = old | {"z_probe": {"shape": {"real": 0.93, "prior": 0.74}}, "z_probe_images": 134}
+    runner.write_marker(tmp_path, "probe", marker | {"outputs": new})
+    body = report.write_report(tmp_path, ["probe"]).read_text()
+    assert "linear probe, prior&#x27;s z_i" in body and "134 one-object validation images" in body
+    assert "0.93" in body and "0.74" in body

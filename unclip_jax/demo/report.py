@@ -201,16 +201,24 @@ def _probe_section(out: dict[str, Any] | None) -> list[str]:
     if not out or "skipped" in out:
         return []
     names = list(out["rows"][0]["own"]) if out["rows"] else []
+    probed = out.get("z_probe", {})  # absent from the markers of runs made before the probe read the prior's z_i
     return [
         "<h2>What the decoder reads from z_i</h2>",
         f"<p>Share of the CLIP image embeddings' variance that each attribute explains ({out['r2_images']} "
         "one-object training images; R<sup>2</sup> of the class means). An attribute the decoder is to draw from "
-        "z_i has to be there. A linear probe fitted on those embeddings then reads each attribute from the "
-        f"z_i of {out['z_probe_images']} one-object validation images and from the prior's z_i for their captions: "
-        "what it reads from the real but not from the prior's is lost before the decoder.</p>",
+        "z_i has to be there."
+        + (
+            " A linear probe fitted on those embeddings then reads each attribute from the z_i of "
+            f"{out['z_probe_images']} one-object validation images and from the prior's z_i for their captions: "
+            "what it reads from the real but not from the prior's is lost before the decoder."
+            if probed
+            else ""
+        )
+        + "</p>",
         _table(
-            ["attribute", "z_i variance explained", "linear probe, real z_i", "linear probe, prior's z_i"],
-            [[k, v, out["z_probe"][k]["real"], out["z_probe"][k]["prior"]] for k, v in out["r2"].items()],
+            ["attribute", "z_i variance explained"]
+            + (["linear probe, real z_i", "linear probe, prior's z_i"] if probed else []),
+            [[k, v] + ([probed[k]["real"], probed[k]["prior"]] if probed else []) for k, v in out["r2"].items()],
         ),
         f"<p>Layout probe: {out['n']} validation images noised to t0 and denoised back by the final decoder "
         f"(DDIM '{out['steps']}', no guidance), given their own z_i and caption or the next image's; the classifier "
