@@ -262,7 +262,7 @@ _added_kv_attend_bh.defvjp(_added_kv_attend_bh_fwd, _added_kv_attend_bh_bwd)
 # The added-KV attention core, both heads-major (every contraction a batched matmul with its batch dimensions
 # leading, as XLA:CPU's dot emitters want them): ``bhqd`` (the whole [B, H, Lq, Lk] probabilities at once) or
 # ``blockwise`` (the default: :func:`blockwise_attention` over blocks of ``BLOCK_Q`` queries wherever there are
-# more queries than one block, i.e. at 32x32 and above; ``bhqd`` below).
+# more queries than one block, i.e. on 16x16 feature maps and above; ``bhqd`` below).
 ATTENTION_LAYOUTS = ("bhqd", "blockwise")
 _ATTENTION_LAYOUT = ["blockwise"]
 BLOCK_Q = 128
