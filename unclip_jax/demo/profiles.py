@@ -112,7 +112,7 @@ PROFILES: dict[str, Profile] = {
         classifier_train=6_000,
         n_eval=128,
         grid_per_prompt=4,
-        # The prior unguided: with the shape-holding CLIP its guided embeddings (scale 4, the full profile's) lose
+        # The prior unguided: with the shape-holding CLIP its guided embeddings (at the full profile's scale) lose
         # shape that its unguided ones keep, and decode grainier (README demo section, "The prior's guidance").
         sample_settings={
             "prior": dict(steps=25, guidance_scale=1.0),
