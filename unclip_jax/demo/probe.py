@@ -155,27 +155,32 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     train = demo_stages.read_set(ctx, "train_64", PROBE_EMBED_N)
     one, labels = one_object_labels(train["attrs"])
     ctx.command(f"pipe.encode_images(<{int(one.sum())} one-object train_64 images>); probe.attribute_r2 per attribute")
-    real = train["images"][one].astype(np.float32) / 127.5 - 1.0
-    z = np.concatenate([np.asarray(pipe.encode_images(real[i : i + 256])) for i in range(0, len(real), 256)])
+
+    def encode(images_u8: np.ndarray) -> np.ndarray:  # CLIP image embeddings, 256 images at a time
+        real = images_u8.astype(np.float32) / 127.5 - 1.0
+        return np.concatenate([np.asarray(pipe.encode_images(real[i : i + 256])) for i in range(0, len(real), 256)])
+
+    z = encode(train["images"][one])
     r2 = {name: attribute_r2(z, lab) for name, lab in labels.items()}
     ctx.log("  z_i variance explained: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()))
 
     val = demo_stages.read_set(ctx, "val_64")
     val_one, val_labels = one_object_labels(val["attrs"])
+    z_val = encode(val["images"])  # once: the probe reads the one-object ones, the layout probe the first n
     val_captions = [c for c, keep in zip(val["captions"], val_one) if keep]
     ctx.command(
         f"probe.fit_linear_probe(<one-object train z_i>) read on <{len(val_captions)} one-object val_64 images>' "
         "own z_i and on pipe(<their captions>, seed=0, settings=<the profile's>, stop_after='prior')"
     )
     read = {
-        "real": np.asarray(pipe.encode_images(val["images"][val_one].astype(np.float32) / 127.5 - 1.0)),
+        "real": z_val[val_one],
         "prior": np.asarray(
             pipe(val_captions, seed=0, settings=demo_stages.sample_settings(ctx), stop_after="prior")["image_embeds"]
         ),
     }
+    weights = {name: fit_linear_probe(z, lab) for name, lab in labels.items()}  # one probe per attribute
     z_probe = {
-        name: {src: probe_accuracy(fit_linear_probe(z, lab), zs, val_labels[name]) for src, zs in read.items()}
-        for name, lab in labels.items()
+        name: {src: probe_accuracy(w, zs, val_labels[name]) for src, zs in read.items()} for name, w in weights.items()
     }
     ctx.log(
         "  linear probe on z_i, real / prior's: "
@@ -187,7 +192,7 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     real = val["images"][:n].astype(np.float32) / 127.5 - 1.0
     text = pipe.encode_texts(captions)
     own = dict(
-        image_embeds=jnp.asarray(pipe.encode_images(real)),
+        image_embeds=jnp.asarray(z_val[:n]),
         text_embeds=jnp.asarray(text["text_embeds"]),
         text_hidden_states=jnp.asarray(text["last_hidden_state"]),
         text_mask=jnp.asarray(text["mask"], bool),
