@@ -411,3 +411,24 @@ def test_clip_loss_is_symmetric_cross_entropy_with_a_learned_temperature():
             assert abs(float(grad)) > 1e-4, float(grad)
         else:
             assert float(grad) == 0.0
+
+
+@pytest.mark.parametrize(
+    "spec, field, size",
+    [
+        ("experiments/decoder.py:test", "data.image_size", 8),
+        ("experiments/decoder_inpaint.py:test_inpaint", "data.image_size", 8),
+        ("experiments/upsampler.py:test", "data.target_size", 64),
+    ],
+)
+def test_the_network_samples_at_the_size_its_task_trains_at(spec, field, size):
+    """The exported network's ``sample_size`` (what the cascade samples at) follows the data size of the run, not the
+    variant's table: a decoder trained at 8x8 must not be sampled at its variant's 16."""
+    default = make_task(load_experiment(spec)).module.sample_size
+    assert default != size
+    assert make_task(load_experiment(spec, {field: size})).module.sample_size == size
+    # An explicit model override still wins (a network sampled at another size than its crops, on purpose).
+    over = load_experiment(spec, {field: size})
+    with over.unlocked():
+        over.model.overrides.sample_size = 2 * size
+    assert make_task(over).module.sample_size == 2 * size

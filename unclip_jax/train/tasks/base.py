@@ -68,13 +68,21 @@ def dtype_of(name: str, field: str) -> Any:
     return DTYPES[name]
 
 
-def model_kwargs(model_cfg: Any) -> dict[str, Any]:
-    """``dtype`` / ``param_dtype`` / ``remat`` and the free-form ``overrides`` of ``config.model``."""
-    kw = dict(
+def model_kwargs(model_cfg: Any, sample_size: int | None = None) -> dict[str, Any]:
+    """``dtype`` / ``param_dtype`` / ``remat`` and the free-form ``overrides`` of ``config.model``.
+
+    ``sample_size``: the side the task trains its images at (the decoder's ``data.image_size``, the upsampler's
+    ``data.target_size``). The network's ``sample_size`` is the size the exported model is sampled at, so it is
+    taken from the data rather than from the variant's table: a decoder trained with ``--config.data.image_size=16``
+    then samples at 16.
+    """
+    kw: dict[str, Any] = dict(
         dtype=dtype_of(model_cfg.dtype, "config.model.dtype"),
         param_dtype=dtype_of(model_cfg.param_dtype, "config.model.param_dtype"),
         remat=bool(model_cfg.remat),
     )
+    if sample_size is not None:
+        kw["sample_size"] = int(sample_size)
     kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_cfg.overrides).items()})
     return kw
 

@@ -163,7 +163,7 @@ def make_decoder_task(config: Any) -> DecoderTask:
     """The task of ``config`` (``experiments/decoder.py``): model ``config.model.variant``, ``config.diffusion``, the
     two classifier-free guidance dropouts and the null caption."""
     return DecoderTask(
-        decoder_lib.build(config.model.variant, **base.model_kwargs(config.model)),
+        decoder_lib.build(config.model.variant, **base.model_kwargs(config.model, config.data.image_size)),
         config.diffusion,
         drop_image_prob=config.task.drop_image_prob,
         drop_caption_prob=config.task.drop_caption_prob,

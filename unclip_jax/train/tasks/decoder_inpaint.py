@@ -113,7 +113,10 @@ class DecoderInpaintTask(DecoderTask):
 def make_decoder_inpaint_task(config: Any) -> DecoderInpaintTask:
     """The task of ``experiments/decoder_inpaint.py``: the decoder variant with ``in_channels`` 7 (the widened input
     convolution), ``config.diffusion`` and the decoder's classifier-free-guidance dropouts."""
-    kwargs = {"in_channels": 3 + decoder_lib.INPAINT_CHANNELS, **base.model_kwargs(config.model)}
+    kwargs = {
+        "in_channels": 3 + decoder_lib.INPAINT_CHANNELS,
+        **base.model_kwargs(config.model, config.data.image_size),
+    }
     return DecoderInpaintTask(
         decoder_lib.build(config.model.variant, **kwargs),
         config.diffusion,

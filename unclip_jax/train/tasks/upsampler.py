@@ -89,4 +89,5 @@ class UpsamplerTask:
 
 def make_upsampler_task(config: Any) -> UpsamplerTask:
     """The task of ``config`` (``experiments/upsampler.py``): model ``config.model.variant`` and ``config.diffusion``."""
-    return UpsamplerTask(upsampler_lib.build(config.model.variant, **base.model_kwargs(config.model)), config.diffusion)
+    module = upsampler_lib.build(config.model.variant, **base.model_kwargs(config.model, config.data.target_size))
+    return UpsamplerTask(module, config.diffusion)
