@@ -97,7 +97,7 @@ PROFILES: dict[str, Profile] = {
     # one level lower than the full profile's: the decoder draws 16x16 (:data:`LONG_DECODER_SIZE`) and the upsampler
     # takes it x4 to the data's 64x64. The decoder's shape accuracy turns only after ~160,000 examples and is still
     # rising at 320,000 (the README's decoder curve, measured at 16x16), and a 16x16 step costs a third of a 32x32
-    # one, so the decoder sees 384,000 examples in about the time 32x32 would take for 130,000.
+    # one, so the decoder sees 512,000 examples in about the time 32x32 would take for 170,000.
     "long": Profile(
         name="long",
         scenes="large",
@@ -111,7 +111,7 @@ PROFILES: dict[str, Profile] = {
             "prior": {"total_steps": 3_000, "checkpoint.every": 500},
             "decoder": {
                 "data.image_size": LONG_DECODER_SIZE,
-                "total_steps": 24_000,
+                "total_steps": 32_000,
                 "checkpoint.every": 1_000,
                 "checkpoint.keep": 0,
             },
