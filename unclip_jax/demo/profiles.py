@@ -1,12 +1,12 @@
 """The demo's profiles: what one run does (dataset sizes, experiment variants, step counts, sampler steps).
 
 Every profile draws the built-in dataset's ``large`` scenes (:data:`unclip_jax.input.synthetic.SCENES`): at the
-32x32 the demo decoder draws, a small object of the ``standard`` scenes is 7 pixels across, and with the same
+32x32 the ``make demo`` decoder draws, a small object of the ``standard`` scenes is 7 pixels across, and with the same
 training the decoder got its colour right far less often there (README demo section).
 
 ``full`` is ``make demo``: the ``tiny`` experiments with step counts that fit a 20-minute budget on a 2-core CPU;
-``long`` is ``make demo PROFILE=long``: the same models trained for hours (resumable; every CLIP and decoder
-checkpoint kept for the accuracy-vs-steps curves of :mod:`unclip_jax.demo.curves`); ``fast`` is ``--fast``: the
+``long`` is ``make demo PROFILE=long``: the same models trained for hours, its cascade one level lower (a 16x16
+decoder, upsampled x4 to 64x64; resumable; every CLIP and decoder checkpoint kept for the accuracy-vs-steps curves of :mod:`unclip_jax.demo.curves`); ``fast`` is ``--fast``: the
 ``test`` experiments, a few steps each (an end-to-end smoke run).
 """
 
