@@ -6,8 +6,9 @@ training the decoder got its colour right far less often there (README demo sect
 
 ``full`` is ``make demo``: the ``tiny`` experiments with step counts that fit a 20-minute budget on a 2-core CPU;
 ``long`` is ``make demo PROFILE=long``: the same models trained for hours, its cascade one level lower (a 16x16
-decoder, upsampled x4 to 64x64; resumable; every CLIP and decoder checkpoint kept for the accuracy-vs-steps curves of :mod:`unclip_jax.demo.curves`); ``fast`` is ``--fast``: the
-``test`` experiments, a few steps each (an end-to-end smoke run).
+decoder, upsampled x4 to 64x64; resumable; every CLIP and decoder checkpoint kept for the accuracy-vs-steps curves
+of :mod:`unclip_jax.demo.curves`); ``fast`` is ``--fast``: the ``test`` experiments, a few steps each (an
+end-to-end smoke run).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class Profile:
     scenes: str = synthetic.DEFAULT_SCENES  # the built-in dataset's scene distribution (:data:`synthetic.SCENES`)
 
 
-# The long profile's decoder output side: the 16x16 bench's shape curve (README demo section) at a third of the
-# 32x32 step's cost.
+# The long profile's decoder output side: the 16x16 bench's shape curve (README demo section) at about a fifth of
+# the 32x32 step's cost.
 LONG_DECODER_SIZE = 16
 
 PROFILES: dict[str, Profile] = {
@@ -96,8 +97,8 @@ PROFILES: dict[str, Profile] = {
     # Hours on a 2-core CPU: the tiny models, more data, the shape-holding CLIP (:data:`SHAPE_CLIP`), and a cascade
     # one level lower than the full profile's: the decoder draws 16x16 (:data:`LONG_DECODER_SIZE`) and the upsampler
     # takes it x4 to the data's 64x64. The decoder's shape accuracy turns only after ~160,000 examples and is still
-    # rising at 320,000 (the README's decoder curve, measured at 16x16), and a 16x16 step costs a third of a 32x32
-    # one, so the decoder sees 512,000 examples in about the time 32x32 would take for 170,000.
+    # rising at 320,000 (the README's decoder curve, measured at 16x16), and a 16x16 step costs about a fifth of a
+    # 32x32 one, so the decoder sees 512,000 examples in about the time 32x32 takes for 100,000.
     "long": Profile(
         name="long",
         scenes="large",
