@@ -153,7 +153,7 @@ def stage_curves(ctx: Context) -> dict[str, Any]:
 
     ctx.command(f"pipe({n} validation captions, stop_after='prior')  # the z_i every decoder point decodes")
     z = pipe(captions, seed=1, settings=settings, stop_after="prior")["image_embeds"]
-    real = val["images"][:n].astype(np.float32) / 127.5 - 1.0
+    real = images_lib.from_uint8(val["images"][:n])
     z_real = pipe.encode_images(real)
     text = pipe.encode_texts(captions)
     x_start = demo_stages.resize_to(real, pipe.decoder_size)

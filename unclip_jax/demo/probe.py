@@ -157,7 +157,7 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     ctx.command(f"pipe.encode_images(<{int(one.sum())} one-object train_64 images>); probe.attribute_r2 per attribute")
 
     def encode(images_u8: np.ndarray) -> np.ndarray:  # CLIP image embeddings, 256 images at a time
-        real = images_u8.astype(np.float32) / 127.5 - 1.0
+        real = images_lib.from_uint8(images_u8)
         return np.concatenate([np.asarray(pipe.encode_images(real[i : i + 256])) for i in range(0, len(real), 256)])
 
     z = encode(train["images"][one])
@@ -189,7 +189,7 @@ def stage_probe(ctx: Context) -> dict[str, Any]:
     n = min(p.probe_n, len(val["captions"]))
     captions = val["captions"][:n]
     attrs = {k: v[:n] for k, v in val["attrs"].items()}
-    real = val["images"][:n].astype(np.float32) / 127.5 - 1.0
+    real = images_lib.from_uint8(val["images"][:n])
     text = pipe.encode_texts(captions)
     own = dict(
         image_embeds=jnp.asarray(z_val[:n]),

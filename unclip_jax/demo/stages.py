@@ -280,7 +280,7 @@ def stage_sample(ctx: Context) -> dict[str, Any]:
     ctx.log(f"  prompt grid: {len(labels)} images in {grid_s:.1f}s")
 
     val = read_set(ctx, "val_64", max(p.n_eval, 2))
-    real = val["images"].astype(np.float32) / 127.5 - 1.0
+    real = images_lib.from_uint8(val["images"])
     inputs = resize_to(real[:2], size)
     ctx.command("manipulations.variations(pipe, <validation image 0 / 1>, num=4, eta=1.0)")
     var_rows = []
